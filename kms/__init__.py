@@ -1,0 +1,54 @@
+"""KMS: a key management service for one organisation's internal services."""
+import logging
+import os
+from datetime import timedelta
+
+from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from kms import db, errors, observability
+from kms.config import Settings, load_settings
+from kms.runtime import Kms
+
+log = logging.getLogger("kms")
+
+
+def create_app(env=None, *, settings: Settings | None = None) -> Flask:
+    """Build the app: validate settings, migrate the schema, check secrets against the stored
+    data, open the connection pool and register the routes. Nothing happens at import time.
+
+    `env` is a mapping of environment variables (default: os.environ).
+    """
+    settings = settings or load_settings(env)
+    app = Flask(__name__)
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        API_TITLE="KMS",
+        API_VERSION="1.0",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        JWT_SECRET_KEY=settings.jwt_secret,
+        JWT_ALGORITHM="HS256",
+        JWT_DECODE_ALGORITHMS=["HS256"],
+        JWT_TOKEN_LOCATION=["headers"],
+        JWT_ACCESS_TOKEN_EXPIRES=timedelta(milliseconds=settings.jwt_ttl_ms),
+        JWT_IDENTITY_CLAIM="sub",
+    )
+    if settings.trusted_proxy_hops:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops, x_proto=settings.trusted_proxy_hops)
+
+    kms = Kms.start(settings)
+    app.extensions["kms"] = kms
+
+    observability.init_app(app, kms.metrics)
+    errors.register_error_handlers(app)
+    app.teardown_appcontext(db.close_db)
+
+    from kms.api import register_api
+    register_api(app)
+
+    from kms.cli import kms_cli
+    app.cli.add_command(kms_cli)
+    log.info("kms ready", extra={"pid": os.getpid(), "dbPool": kms.pool.size})
+    return app

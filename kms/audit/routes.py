@@ -1,0 +1,13 @@
+from kms import web
+from kms.audit import service
+from schemas.audit import AuditList, AuditQuery
+
+bp = web.Blueprint("audit", __name__, url_prefix="/audit", description="The audit trail (admin)")
+
+
+@bp.route("", methods=["GET"])
+@bp.arguments(AuditQuery, location="query")
+@bp.response(200, AuditList)
+def list_events(query):
+    """Events after a sequence number, oldest first."""
+    return {"events": service.list_events(web.context(), query["after"], query["limit"])}

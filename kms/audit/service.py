@@ -1,0 +1,160 @@
+"""The audit trail: record events, seal them into a keyed hash chain, verify the chain.
+
+Each event gets a keyed MAC over its content when it is written (in the caller's transaction, so
+no change commits without its record and a rolled-back change leaves none). A single sealer later
+gives sealed events consecutive chain positions and chains their MACs; appends never wait on it.
+No secret and no raw key reference is ever written here: keys are named by their HMAC.
+"""
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import psycopg2.extras
+
+from kms import crypto, db
+from kms.auth.access import require_admin
+from kms.context import Context
+
+GENESIS = b"\x00" * 32
+SEAL_BATCH = 2000
+
+
+def record(cur, ctx: Context, action: str, outcome: str = "success", *, target: str | None = None,
+           version: int | None = None, actor: str | None = None, durable: bool = True):
+    """Write an event in the caller's transaction. `durable=False` lets that transaction commit
+    without waiting for the disk flush (for reads, whose record matters less than their speed);
+    it stays atomic either way."""
+    event = {
+        "event_id": uuid.uuid4(),
+        "at": datetime.now(timezone.utc),
+        "actor": actor or ctx.actor,
+        "action": action,
+        "target": target,
+        "version": version,
+        "outcome": outcome,
+        "request_id": ctx.request_id,
+        "source_ip": ctx.source_ip,
+    }
+    event["row_mac"] = row_mac(ctx.kms.audit_key, event)
+    statement = db.sql.insert_audit_event
+    if not durable:
+        statement = db.sql.relax_commit_durability + ";\n" + statement  # one round trip for both
+    cur.execute(statement, event)
+
+
+def record_alone(ctx: Context, action: str, outcome: str, **fields):
+    """Record an event in a transaction of its own: for refusals, whose work is rolled back."""
+    with db.transaction(ctx.conn) as cur:
+        record(cur, ctx, action, outcome, **fields)
+
+
+def _text(value) -> bytes:
+    if value is None:
+        return b"\x00"
+    if isinstance(value, datetime):
+        value = value.astimezone(timezone.utc).isoformat()
+    return str(value).encode()
+
+
+def row_mac(key: bytes, event: dict) -> bytes:
+    return crypto.keyed_hash(key, b"kms-audit-row-v1", *(
+        _text(event[name]) for name in
+        ("event_id", "at", "actor", "action", "target", "version", "outcome", "request_id", "source_ip")))
+
+
+def chain_hash(key: bytes, previous: bytes, position: int, mac: bytes) -> bytes:
+    return crypto.keyed_hash(key, b"kms-audit-chain-v1", previous, position.to_bytes(8, "big"), mac)
+
+
+EVENT_COLUMNS = ("seq", "event_id", "at", "actor", "action", "target", "version", "outcome", "request_id",
+                 "source_ip", "row_mac")
+
+
+def seal_pending(conn, key: bytes, *, wait: bool = False) -> int:
+    """Seal every unsealed event into the chain; returns how many. One sealer at a time: without
+    `wait`, a caller that finds another sealer at work returns 0 at once."""
+    sealed = 0
+    while True:
+        with db.transaction(conn) as cur:
+            cur.execute(db.sql.lock_audit_sealer if wait else db.sql.try_lock_audit_sealer)
+            if not wait and not cur.fetchone()[0]:
+                return sealed
+            cur.execute(db.sql.audit_chain_head)
+            head = cur.fetchone()
+            position, previous = (head[0], bytes(head[1])) if head else (0, GENESIS)
+            cur.execute(db.sql.unsealed_audit_events, {"limit": SEAL_BATCH})
+            rows = cur.fetchall()
+            updates = []
+            for row in rows:
+                position += 1
+                previous = chain_hash(key, previous, position, bytes(row[10]))
+                updates.append({"seq": row[0], "chain_pos": position, "chain_hash": previous})
+            psycopg2.extras.execute_batch(cur, db.sql.seal_audit_event, updates, page_size=500)
+        sealed += len(rows)
+        if len(rows) < SEAL_BATCH:
+            return sealed
+
+
+@dataclass
+class VerifyResult:
+    checked: int
+    problem: str | None = None
+    seq: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def verify_chain(conn, key: bytes) -> VerifyResult:
+    """Seal what is pending, then walk the chain from its start; stop at the first bad row."""
+    seal_pending(conn, key, wait=True)
+    expected_position, previous, checked = 1, GENESIS, 0
+    while True:
+        with db.transaction(conn) as cur:
+            cur.execute(db.sql.sealed_audit_chain, {"after_pos": expected_position - 1, "limit": 5000})
+            rows = cur.fetchall()
+        if not rows:
+            return VerifyResult(checked)
+        for row in rows:
+            event = dict(zip(EVENT_COLUMNS, row))
+            position, stored_hash = row[11], bytes(row[12])
+            if position != expected_position:
+                return VerifyResult(checked, f"chain position {expected_position} is missing (row deleted?)",
+                                    event["seq"])
+            if row_mac(key, event) != bytes(event["row_mac"]):
+                return VerifyResult(checked, "row content does not match its MAC (altered or inserted out of band)",
+                                    event["seq"])
+            if chain_hash(key, previous, position, bytes(event["row_mac"])) != stored_hash:
+                return VerifyResult(checked, "chain hash does not match (row altered or reordered)", event["seq"])
+            previous, expected_position, checked = stored_hash, expected_position + 1, checked + 1
+
+
+def public_event(row) -> dict:
+    seq, at, actor, action, target, version, outcome, request_id, source_ip = row
+    return {"seq": seq, "at": at, "actor": actor, "action": action, "target": target, "version": version,
+            "outcome": outcome, "requestId": str(request_id) if request_id else None, "sourceIp": source_ip}
+
+
+def list_events(ctx: Context, after: int, limit: int) -> list[dict]:
+    with db.transaction(ctx.conn) as cur:
+        require_admin(cur, ctx)
+        cur.execute(db.sql.audit_events_after, {"after": after, "limit": limit})
+        return [public_event(row) for row in cur.fetchall()]
+
+
+def export_events(conn, after: int = 0, page: int = 5000):
+    """Every event after `after`, oldest first, with its chain position, for `audit export`."""
+    while True:
+        with db.transaction(conn) as cur:
+            cur.execute(db.sql.audit_export_page, {"after": after, "limit": page})
+            rows = cur.fetchall()
+        for row in rows:
+            event = public_event(row[:9])
+            event["at"] = row[1].astimezone(timezone.utc).isoformat()
+            event["chainPos"] = row[9]
+            event["chainHash"] = bytes(row[10]).hex() if row[10] is not None else None
+            yield event
+            after = row[0]
+        if len(rows) < page:
+            return

@@ -1,0 +1,186 @@
+"""Signup tokens, signup, login, logout and the per-request token check."""
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from kms import crypto, db
+from kms.audit.service import record, record_alone
+from kms.auth.access import authenticate, require_admin
+from kms.context import Context
+from kms.errors import Conflict, Throttled, Unauthorized
+
+log = logging.getLogger("kms.auth")
+
+LOGIN_FAILED = "Invalid client name or password."
+SIGNUP_TOKEN_REFUSED = "The signup token is invalid, expired or already used; ask an admin for a new one."
+SIGNUP_TOKEN_PREFIX = "kms_st_"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A session just opened; the web layer turns it into a signed JWT."""
+    client_id: uuid.UUID
+    role: str
+    jti: uuid.UUID
+    expires_at: datetime
+    ttl_ms: int
+
+
+def hash_clientname(kms, clientname: str) -> bytes:
+    return crypto.keyed_hash(kms.settings.username_secret, b"kms-clientname-v1", clientname.lower().encode())
+
+
+def hash_signup_token(kms, token: str) -> bytes:
+    return crypto.keyed_hash(kms.settings.signup_secret, b"kms-signup-token-v1", token.encode())
+
+
+def issue_signup_token(ctx: Context, clientname: str, ttl_ms: int, role: str | None = None) -> tuple[str, datetime]:
+    """Issue a one-time signup token bound to `clientname`. From the API the caller must be an
+    admin; from the CLI, host access is the authority."""
+    kms = ctx.kms
+    token = SIGNUP_TOKEN_PREFIX + crypto.b64url(os.urandom(32)).rstrip("=")
+    token_id = uuid.uuid4()
+    expires_at = datetime.now(timezone.utc) + timedelta(milliseconds=ttl_ms)
+    with db.transaction(ctx.conn) as cur:
+        if ctx.origin != "cli":
+            require_admin(cur, ctx)
+        name_hash = hash_clientname(kms, clientname)
+        cur.execute(db.sql.client_exists, {"name_hash": name_hash})
+        if cur.fetchone():
+            raise Conflict("A client with that name already exists.", code="client_exists")
+        cur.execute(db.sql.insert_signup_token, {
+            "id": token_id, "token_hash": hash_signup_token(kms, token), "name_hash": name_hash,
+            "name_enc": kms.keyring.encrypt_field(clientname, b"signup-name", token_id.bytes),
+            "role": role or kms.settings.default_role, "expires_at": expires_at, "issued_by": ctx.actor,
+        })
+        record(cur, ctx, "signup_token.issue", target=str(token_id))
+    return token, expires_at
+
+
+def _open_session(cur, kms, client_id: uuid.UUID, role: str) -> Grant:
+    ttl_ms = kms.settings.jwt_ttl_ms
+    grant = Grant(client_id=client_id, role=role, jti=uuid.uuid4(), ttl_ms=ttl_ms,
+                  expires_at=datetime.now(timezone.utc) + timedelta(milliseconds=ttl_ms))
+    cur.execute(db.sql.insert_session, {"jti": grant.jti, "client_id": client_id, "expires_at": grant.expires_at})
+    return grant
+
+
+def signup(ctx: Context, token: str, password: str) -> Grant:
+    """Register the client a signup token was issued for. The token is consumed atomically: of
+    many parallel signups with one token exactly one succeeds. A refused signup leaves it unused."""
+    kms = ctx.kms
+    token_hash = hash_signup_token(kms, token)
+    with db.transaction(ctx.conn) as cur:  # cheap check first: a bad token costs no hashing
+        cur.execute(db.sql.find_usable_signup_token, {"token_hash": token_hash})
+        usable = cur.fetchone() is not None
+    if not usable:
+        record_alone(ctx, "signup", "denied")
+        raise Unauthorized(SIGNUP_TOKEN_REFUSED, code="invalid_signup_token")
+    password_hash = kms.passwords.hash(password)
+    client_id = uuid.uuid4()
+    with db.transaction(ctx.conn) as cur:
+        cur.execute(db.sql.consume_signup_token, {"token_hash": token_hash})
+        row = cur.fetchone()
+        if row is None:
+            raise Unauthorized(SIGNUP_TOKEN_REFUSED, code="invalid_signup_token")
+        token_id, name_hash, name_enc, role = row
+        clientname = kms.keyring.decrypt_field(bytes(name_enc), b"signup-name", token_id.bytes)
+        cur.execute(db.sql.insert_client, {
+            "id": client_id, "name_hash": bytes(name_hash),
+            "name_enc": kms.keyring.encrypt_field(clientname, b"client-name", client_id.bytes),
+            "password_hash": password_hash, "role": role,
+        })
+        if cur.fetchone() is None:
+            raise Conflict("A client with that name already exists.", code="client_exists")
+        record(cur, ctx, "signup_token.use", target=str(token_id))
+        record(cur, ctx, "client.signup", target=str(client_id), actor=str(client_id))
+        return _open_session(cur, kms, client_id, role)
+
+
+def _check_throttle(cur, ctx: Context, client_subject: str):
+    settings = ctx.kms.settings
+    cur.execute(db.sql.login_failures_in_window, {
+        "window": timedelta(milliseconds=settings.login_failure_window_ms),
+        "client": client_subject, "address": ctx.source_ip or "unknown"})
+    limits = {"client": settings.login_max_failures_per_client, "address": settings.login_max_failures_per_address}
+    for scope, failures, seconds_left in cur.fetchall():
+        if failures >= limits[scope]:
+            return seconds_left
+    return None
+
+
+def login(ctx: Context, clientname: str, password: str) -> Grant:
+    """Unknown client, wrong password and disabled client get the same answer in about the same
+    time: an unknown client's password is checked against a dummy hash."""
+    kms = ctx.kms
+    name_hash = hash_clientname(kms, clientname)
+    subject = name_hash.hex()
+    with db.transaction(ctx.conn) as cur:
+        retry_after = _check_throttle(cur, ctx, subject)
+        if retry_after is not None:
+            record(cur, ctx, "login", "throttled")
+        cur.execute(db.sql.client_for_login, {"name_hash": name_hash})
+        row = cur.fetchone()
+    if retry_after is not None:
+        raise Throttled(retry_after, "Too many failed logins; wait before trying again.")
+    client_id, password_hash, role, status = row if row else (None, None, None, None)
+    password_ok = kms.passwords.verify(password, password_hash)
+    with db.transaction(ctx.conn) as cur:
+        if not (password_ok and status == "active"):
+            cur.execute(db.sql.insert_login_failure, {"client": subject, "address": ctx.source_ip or "unknown"})
+            record(cur, ctx, "login", "denied", target=str(client_id) if client_id else None)
+            failed = True
+        else:
+            cur.execute(db.sql.clear_client_login_failures, {"client": subject})
+            cur.execute(db.sql.record_login, {"client_id": client_id})
+            grant = _open_session(cur, kms, client_id, role)
+            record(cur, ctx, "login", target=str(client_id), actor=str(client_id))
+            failed = False
+    if failed:
+        raise Unauthorized(LOGIN_FAILED, code="invalid_credentials")
+    return grant
+
+
+def logout(ctx: Context):
+    with db.transaction(ctx.conn) as cur:
+        authenticate(cur, ctx)
+        cur.execute(db.sql.revoke_session, {"jti": ctx.claims.jti})
+        record(cur, ctx, "logout", target=str(ctx.claims.client_id))
+
+
+def create_client(ctx: Context, clientname: str, password: str, role: str) -> uuid.UUID:
+    """Create a client directly (CLI and first-admin bootstrap); None if the name is taken."""
+    kms = ctx.kms
+    password_hash = kms.passwords.hash(password)
+    client_id = uuid.uuid4()
+    with db.transaction(ctx.conn) as cur:
+        cur.execute(db.sql.insert_client, {
+            "id": client_id, "name_hash": hash_clientname(kms, clientname),
+            "name_enc": kms.keyring.encrypt_field(clientname, b"client-name", client_id.bytes),
+            "password_hash": password_hash, "role": role,
+        })
+        if cur.fetchone() is None:
+            return None
+        record(cur, ctx, "client.create", target=str(client_id))
+    return client_id
+
+
+def ensure_master_admin(kms):
+    """Create the first admin from MASTER_ADMIN_* when no active admin exists. Restarts find the
+    admin in place and do nothing."""
+    settings = kms.settings
+    if not settings.master_admin_username:
+        return
+    with kms.pool.connection() as conn:
+        with db.transaction(conn) as cur:
+            cur.execute(db.sql.active_admin_exists)
+            if cur.fetchone()[0]:
+                return
+        ctx = Context(kms=kms, conn=conn, origin="cli")
+        created = create_client(ctx, settings.master_admin_username, settings.master_admin_password, "admin")
+        if created is None:
+            log.warning("MASTER_ADMIN_USERNAME names an existing client that is not an active admin; not changed")
+        else:
+            log.info("created the first admin from MASTER_ADMIN_USERNAME", extra={"clientId": str(created)})

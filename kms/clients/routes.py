@@ -1,0 +1,47 @@
+from kms import web
+from kms.clients import service
+from schemas.clients import ClientList, ClientPath, RoleRequest
+
+bp = web.Blueprint("clients", __name__, url_prefix="/clients", description="Client management (admin)")
+
+_path = ClientPath()
+
+
+def _id(client_id: str):
+    return web.parse_path(_path, id=client_id)["id"]
+
+
+@bp.route("", methods=["GET"])
+@bp.response(200, ClientList)
+def list_clients():
+    """Every client, without password hashes."""
+    return {"clients": service.list_clients(web.context())}
+
+
+@bp.route("/<client_id>/role", methods=["POST"])
+@bp.arguments(RoleRequest)
+@bp.response(204)
+def set_role(body, client_id):
+    """Change a client's role; its tokens stop working at once."""
+    service.set_role(web.context(), _id(client_id), body["role"])
+
+
+@bp.route("/<client_id>/actions/disable", methods=["POST"])
+@bp.response(204)
+def disable(client_id):
+    """Disable a client; its tokens stop working at once."""
+    service.set_enabled(web.context(), _id(client_id), False)
+
+
+@bp.route("/<client_id>/actions/enable", methods=["POST"])
+@bp.response(204)
+def enable(client_id):
+    """Enable a disabled client."""
+    service.set_enabled(web.context(), _id(client_id), True)
+
+
+@bp.route("/<client_id>", methods=["DELETE"])
+@bp.response(204)
+def delete(client_id):
+    """Delete a client: its tokens stop working and its keys are scheduled for deletion."""
+    service.delete_client(web.context(), _id(client_id))

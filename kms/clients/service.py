@@ -1,0 +1,96 @@
+"""Client management (admin): list, change role, disable, enable, delete.
+
+Every change that reduces a client's rights revokes its sessions in the same transaction, so its
+tokens stop working at once. The last active admin cannot be demoted, disabled or deleted.
+"""
+import uuid
+from datetime import timedelta
+
+from kms import crypto, db
+from kms.audit.service import record
+from kms.auth.access import require_admin
+from kms.context import Context
+from kms.errors import Conflict, NotFound, StoredDataCorrupt
+
+NO_SUCH_CLIENT = "No client with that id."
+LAST_ADMIN = "This is the last active admin; promote another client first."
+
+
+def list_clients(ctx: Context) -> list[dict]:
+    with db.transaction(ctx.conn) as cur:
+        require_admin(cur, ctx)
+        cur.execute(db.sql.list_clients)
+        rows = cur.fetchall()
+    clients = []
+    for client_id, name_enc, role, status, created_at, last_login_at in rows:
+        try:
+            name = ctx.kms.keyring.decrypt_field(bytes(name_enc), b"client-name", client_id.bytes)
+        except crypto.IntegrityError:
+            raise StoredDataCorrupt() from None
+        clients.append({"id": client_id, "clientname": name, "role": role, "status": status,
+                        "createdAt": created_at, "lastLoginAt": last_login_at})
+    return clients
+
+
+def _lock_target(cur, ctx: Context, client_id: uuid.UUID) -> tuple[str, str, bool]:
+    """Lock the active admins (always in the same order, so concurrent changes queue rather than
+    deadlock), then the target. Returns its role, status and whether it is the last active admin."""
+    require_admin(cur, ctx)
+    cur.execute(db.sql.lock_active_admins)
+    admins = [row[0] for row in cur.fetchall()]
+    cur.execute(db.sql.lock_client, {"client_id": client_id})
+    row = cur.fetchone()
+    if row is None:
+        raise NotFound(NO_SUCH_CLIENT)
+    role, status = row
+    return role, status, admins == [client_id]
+
+
+def set_role(ctx: Context, client_id: uuid.UUID, role: str):
+    with db.transaction(ctx.conn) as cur:
+        current, _, last_admin = _lock_target(cur, ctx, client_id)
+        if current == role:
+            return
+        if last_admin:
+            raise Conflict(LAST_ADMIN, code="last_admin")
+        cur.execute(db.sql.set_client_role, {"client_id": client_id, "role": role})
+        cur.execute(db.sql.revoke_client_sessions, {"client_id": client_id})
+        record(cur, ctx, "client.role_change", target=str(client_id))
+
+
+def set_enabled(ctx: Context, client_id: uuid.UUID, enabled: bool):
+    status = "active" if enabled else "disabled"
+    with db.transaction(ctx.conn) as cur:
+        _, current, last_admin = _lock_target(cur, ctx, client_id)
+        if current == status:
+            return
+        if not enabled:
+            if last_admin:
+                raise Conflict(LAST_ADMIN, code="last_admin")
+            cur.execute(db.sql.revoke_client_sessions, {"client_id": client_id})
+        cur.execute(db.sql.set_client_status, {"client_id": client_id, "status": status})
+        record(cur, ctx, "client.enable" if enabled else "client.disable", target=str(client_id))
+
+
+def delete_client(ctx: Context, client_id: uuid.UUID):
+    """Revoke its tokens, free its name, schedule its keys for deletion."""
+    wait = timedelta(milliseconds=ctx.kms.settings.key_deletion_wait_ms)
+    with db.transaction(ctx.conn) as cur:
+        _, _, last_admin = _lock_target(cur, ctx, client_id)
+        if last_admin:
+            raise Conflict(LAST_ADMIN, code="last_admin")
+        cur.execute(db.sql.revoke_client_sessions, {"client_id": client_id})
+        cur.execute(db.sql.delete_client, {"client_id": client_id})
+        cur.execute(db.sql.schedule_client_keys_deletion, {"client_id": client_id, "wait": wait})
+        record(cur, ctx, "client.delete", target=str(client_id))
+
+
+def purge_stale_records(ctx: Context):
+    """Housekeeping for the cron job: expired sessions, old login failures and signup tokens,
+    deleted clients whose keys are gone."""
+    window = timedelta(milliseconds=ctx.kms.settings.login_failure_window_ms)
+    with db.transaction(ctx.conn) as cur:
+        cur.execute(db.sql.purge_expired_sessions)
+        cur.execute(db.sql.purge_old_login_failures, {"window": window})
+        cur.execute(db.sql.purge_old_signup_tokens)
+        cur.execute(db.sql.purge_deleted_clients)

@@ -1,0 +1,179 @@
+"""Environment -> typed, validated settings.
+
+Settings are read once, at start-up. A missing or malformed value raises ConfigError, whose
+message names the variable and the problem but never echoes the value: these are secrets.
+"""
+import base64
+import binascii
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+from urllib.parse import quote
+
+import click
+
+from kms.auth.passwords import password_problem
+
+KEY_BYTES = 32
+DAY_MS = 24 * 60 * 60 * 1000
+
+
+class ConfigError(click.ClickException):
+    """Printed by the CLI as one line: `Error: KEK: must decode to 32 bytes`."""
+
+    def __init__(self, variable: str, problem: str):
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    jwt_secret: bytes
+    db_secret: bytes
+    signup_secret: bytes
+    key_ref_secret: bytes
+    username_secret: bytes
+    keks: dict  # KEK version -> 32-byte key
+    kek_active: int
+    server_host: str = "127.0.0.1"
+    server_port: int = 8080
+    server_threads: int = 8
+    env: str = "production"
+    log_level: str = "INFO"
+    jwt_ttl_ms: int = 15 * 60 * 1000
+    master_admin_username: str | None = None
+    master_admin_password: str | None = field(default=None, repr=False)
+    default_role: str = "client"
+    key_deletion_wait_ms: int = 7 * DAY_MS
+    login_max_failures_per_client: int = 5
+    login_max_failures_per_address: int = 50
+    login_failure_window_ms: int = 15 * 60 * 1000
+    trusted_proxy_hops: int = 0
+    max_body_bytes: int = 64 * 1024
+    audit_seal_interval_ms: int = 2000
+    dek_cache_ms: int = 5 * 60 * 1000
+
+    def __repr__(self):  # never print secrets, even by accident
+        return f"Settings(env={self.env!r}, server={self.server_host}:{self.server_port})"
+
+
+def decode_key(variable: str, value: str | None) -> bytes:
+    """Decode a 32-byte base64url key (padding optional)."""
+    if value is None or value.strip() == "":
+        raise ConfigError(variable, "is not set; generate one with `flask --app app kms gen-secret`")
+    text = value.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", text):
+        raise ConfigError(variable, "must be base64url (RFC 4648): characters A-Z a-z 0-9 - _")
+    text = text.rstrip("=")
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise ConfigError(variable, "is not valid base64url (RFC 4648)") from None
+    if len(raw) != KEY_BYTES:
+        raise ConfigError(variable, f"must decode to {KEY_BYTES} bytes")
+    return raw
+
+
+def _int(env: Mapping, variable: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+    value = env.get(variable)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise ConfigError(variable, "must be a whole number") from None
+    if number < minimum or (maximum is not None and number > maximum):
+        upper = f" and at most {maximum}" if maximum is not None else ""
+        raise ConfigError(variable, f"must be at least {minimum}{upper}")
+    return number
+
+
+def _database_url(env: Mapping) -> str:
+    url = (env.get("DATABASE_URL") or "").strip()
+    if url:
+        if not url.startswith(("postgres://", "postgresql://")):
+            raise ConfigError("DATABASE_URL", "must be a postgresql:// URL")
+        return url
+    host = (env.get("DB_HOST") or "").strip()
+    if not host:
+        raise ConfigError("DATABASE_URL", "is not set (nor DB_HOST)")
+    port = _int(env, "DB_PORT", 5432, minimum=1, maximum=65535)
+    name = (env.get("DB_NAME") or "kms").strip()
+    user = (env.get("DB_USER") or "kms").strip()
+    password = env.get("DB_PASSWORD") or ""
+    sslmode = (env.get("DB_SSLMODE") or "prefer").strip()
+    if sslmode not in {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}:
+        raise ConfigError("DB_SSLMODE", "must be one of disable, allow, prefer, require, verify-ca, verify-full")
+    credentials = quote(user, safe="") + (":" + quote(password, safe="") if password else "")
+    return f"postgresql://{credentials}@{host}:{port}/{quote(name, safe='')}?sslmode={sslmode}"
+
+
+def _keks(env: Mapping) -> tuple[dict, int]:
+    keks = {1: decode_key("KEK", env.get("KEK"))}
+    for variable, value in env.items():
+        match = re.fullmatch(r"KEK_(\d+)", variable)
+        if match and variable != "KEK_ACTIVE":
+            version = int(match.group(1))
+            if version < 2:
+                raise ConfigError(variable, "KEK versions start at KEK_2 (KEK is version 1)")
+            keks[version] = decode_key(variable, value)
+    active = _int(env, "KEK_ACTIVE", max(keks), minimum=1)
+    if active not in keks:
+        raise ConfigError("KEK_ACTIVE", "names a KEK version that is not configured")
+    return keks, active
+
+
+def load_settings(env: Mapping | None = None) -> Settings:
+    env = os.environ if env is None else env
+    keks, kek_active = _keks(env)
+    admin_user = (env.get("MASTER_ADMIN_USERNAME") or "").strip() or None
+    admin_password = env.get("MASTER_ADMIN_PASSWORD") or None
+    if bool(admin_user) != bool(admin_password):
+        missing = "MASTER_ADMIN_PASSWORD" if admin_user else "MASTER_ADMIN_USERNAME"
+        raise ConfigError(missing, "must be set together with the other MASTER_ADMIN_* variable")
+    if admin_user and not re.fullmatch(r"[A-Za-z0-9-]{4,64}", admin_user):
+        raise ConfigError("MASTER_ADMIN_USERNAME", "must be 4-64 characters of A-Z a-z 0-9 -")
+    if admin_password and (problem := password_problem(admin_password)):
+        raise ConfigError("MASTER_ADMIN_PASSWORD", problem)
+    role = (env.get("DEFAULT_ROLE") or "client").strip()
+    if role not in {"client", "admin"}:
+        raise ConfigError("DEFAULT_ROLE", "must be client or admin")
+    level = (env.get("LOG_LEVEL") or "INFO").strip().upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError("LOG_LEVEL", "must be DEBUG, INFO, WARNING or ERROR")
+    threads = _int(env, "SERVER_THREADS", 8, minimum=1, maximum=256)
+    return Settings(
+        database_url=_database_url(env),
+        jwt_secret=decode_key("JWT_SECRET", env.get("JWT_SECRET")),
+        db_secret=decode_key("DB_SECRET", env.get("DB_SECRET")),
+        signup_secret=decode_key("SIGNUP_SECRET", env.get("SIGNUP_SECRET")),
+        key_ref_secret=decode_key("KEY_REF_SECRET", env.get("KEY_REF_SECRET")),
+        username_secret=decode_key("USERNAME_SECRET", env.get("USERNAME_SECRET")),
+        keks=keks,
+        kek_active=kek_active,
+        server_host=(env.get("SERVER_HOST") or "127.0.0.1").strip(),
+        server_port=_int(env, "SERVER_PORT", 8080, minimum=1, maximum=65535),
+        server_threads=threads,
+        env=(env.get("ENV") or "production").strip(),
+        log_level=level,
+        jwt_ttl_ms=_int(env, "JWT_TTL", 15 * 60 * 1000, minimum=1000, maximum=DAY_MS),
+        master_admin_username=admin_user,
+        master_admin_password=admin_password,
+        default_role=role,
+        key_deletion_wait_ms=_int(env, "KEY_DELETION_WAIT", 7 * DAY_MS),
+        login_max_failures_per_client=_int(env, "LOGIN_MAX_FAILURES_PER_CLIENT", 5, minimum=1),
+        login_max_failures_per_address=_int(env, "LOGIN_MAX_FAILURES_PER_ADDRESS", 50, minimum=1),
+        login_failure_window_ms=_int(env, "LOGIN_FAILURE_WINDOW", 15 * 60 * 1000, minimum=1000),
+        trusted_proxy_hops=_int(env, "TRUSTED_PROXY_HOPS", 0, maximum=5),
+        max_body_bytes=_int(env, "MAX_BODY_BYTES", 64 * 1024, minimum=1024),
+        audit_seal_interval_ms=_int(env, "AUDIT_SEAL_INTERVAL", 2000),
+    )
+
+
+def generate_secret() -> str:
+    return base64.urlsafe_b64encode(os.urandom(KEY_BYTES)).rstrip(b"=").decode()
+
+
+SECRET_VARIABLES = ("JWT_SECRET", "KEK", "DB_SECRET", "SIGNUP_SECRET", "KEY_REF_SECRET", "USERNAME_SECRET")

@@ -1,0 +1,38 @@
+"""What a service call needs to know about who asks and from where; built by the web or CLI layer."""
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    """The verified claims of a bearer token; still to be checked against its session row."""
+    client_id: uuid.UUID
+    jti: uuid.UUID
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated client, as its database row says."""
+    id: uuid.UUID
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass(frozen=True)
+class Context:
+    kms: Any  # kms.runtime.Kms
+    conn: Any
+    request_id: str | None = None
+    source_ip: str | None = None
+    claims: TokenClaims | None = None
+    origin: str = "api"  # "api" or "cli"
+
+    @property
+    def actor(self) -> str:
+        if self.origin == "cli":
+            return "cli"
+        return str(self.claims.client_id) if self.claims else "anonymous"

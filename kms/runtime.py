@@ -1,0 +1,75 @@
+"""What a running KMS holds: settings, keys, the connection pool, metrics, the hashing limiter."""
+import logging
+from dataclasses import dataclass
+
+from kms import crypto, db
+from kms.auth.passwords import PasswordHasher
+from kms.config import ConfigError, Settings
+from kms.observability import Metrics
+
+log = logging.getLogger("kms")
+
+
+class StartupError(ConfigError):
+    """The settings are well-formed but do not fit the stored data."""
+
+
+@dataclass
+class Kms:
+    settings: Settings
+    keyring: crypto.Keyring
+    pool: db.ConnectionPool
+    metrics: Metrics
+    passwords: PasswordHasher
+    audit_key: bytes
+
+    @classmethod
+    def start(cls, settings: Settings) -> "Kms":
+        db.migrate(settings.database_url)
+        kms = cls(
+            settings=settings,
+            keyring=crypto.Keyring(settings.keks, settings.kek_active, settings.db_secret),
+            pool=db.ConnectionPool(settings.database_url, size=settings.server_threads),
+            metrics=Metrics(),
+            passwords=PasswordHasher(),
+            # Its own key, derived from DB_SECRET: someone with database access alone cannot
+            # recompute the audit chain.
+            audit_key=crypto.keyed_hash(settings.db_secret, b"kms-audit-chain-v1"),
+        )
+        with kms.pool.connection() as conn:
+            check_secrets(conn, settings)
+        from kms.auth.service import ensure_master_admin
+        ensure_master_admin(kms)
+        kms.pool.warm()
+        return kms
+
+    def close(self):
+        self.pool.close()
+
+
+def _configured_secrets(settings: Settings) -> dict:
+    secrets = {"DB_SECRET": settings.db_secret, "KEY_REF_SECRET": settings.key_ref_secret,
+               "USERNAME_SECRET": settings.username_secret, "SIGNUP_SECRET": settings.signup_secret}
+    for version, key in settings.keks.items():
+        secrets["KEK" if version == 1 else f"KEK_{version}"] = key
+    return secrets
+
+
+def check_secrets(conn, settings: Settings):
+    """Refuse to start when a secret differs from the one the stored data was written with,
+    or when stored keys are wrapped under a KEK version that is not configured."""
+    configured = _configured_secrets(settings)
+    with db.transaction(conn) as cur:
+        for name, key in configured.items():
+            cur.execute(db.sql.remember_secret_check, {"name": name, "check_value": crypto.key_check_value(key)})
+        cur.execute(db.sql.secret_checks)
+        stored = {name: bytes(value) for name, value in cur.fetchall()}
+        cur.execute(db.sql.kek_versions_in_use)
+        kek_versions_in_use = [row[0] for row in cur.fetchall()]
+    for name, key in configured.items():
+        if stored[name] != crypto.key_check_value(key):
+            raise StartupError(name, "does not match the key the stored data was written with")
+    for version in kek_versions_in_use:
+        if version not in settings.keks:
+            name = "KEK" if version == 1 else f"KEK_{version}"
+            raise StartupError(name, "is not set, but stored keys are wrapped with it")

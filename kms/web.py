@@ -1,0 +1,64 @@
+"""The thin layer between HTTP and the services: parsing, the caller's context, token minting."""
+import uuid
+from datetime import timedelta
+
+import flask_smorest
+from flask import current_app, g, request
+from flask_jwt_extended import create_access_token, get_jwt, verify_jwt_in_request
+from marshmallow import ValidationError
+from webargs.flaskparser import FlaskParser
+
+from kms.auth.service import Grant
+from kms.context import Context, TokenClaims
+from kms.db import get_db
+from kms.errors import BadRequest, Unauthorized
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+class Parser(FlaskParser):
+    DEFAULT_VALIDATION_STATUS = 400
+
+
+class Blueprint(flask_smorest.Blueprint):
+    ARGUMENTS_PARSER = Parser()
+
+
+def bearer_claims() -> TokenClaims:
+    """Verify the bearer token's signature, expiry and type (flask-jwt-extended). Whether its
+    session is still live is checked by the service, against the database."""
+    verify_jwt_in_request()
+    claims = get_jwt()
+    try:
+        return TokenClaims(client_id=uuid.UUID(claims["sub"]), jti=uuid.UUID(claims["jti"]))
+    except (KeyError, TypeError, ValueError):
+        raise Unauthorized("The token is not a KMS access token.") from None
+
+
+def context(*, authenticated: bool = True) -> Context:
+    return Context(
+        kms=current_app.extensions["kms"],
+        conn=get_db(),
+        request_id=g.get("request_id"),
+        source_ip=request.remote_addr,
+        claims=bearer_claims() if authenticated else None,
+    )
+
+
+def parse_path(schema, **values):
+    """Validate path parameters with a schema; a malformed one is a 400, like a malformed body."""
+    try:
+        return schema.load(values)
+    except ValidationError as error:
+        raise BadRequest("Some path parameters are not valid; see fields.", code="validation_failed",
+                         fields=error.messages) from None
+
+
+def mint_token(grant: Grant) -> dict:
+    token = create_access_token(
+        identity=str(grant.client_id),
+        additional_claims={"jti": str(grant.jti), "role": grant.role},
+        expires_delta=timedelta(milliseconds=grant.ttl_ms),
+    )
+    return {"token": token, "ttl": grant.ttl_ms, "expiresAt": grant.expires_at}
+

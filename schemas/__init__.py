@@ -1,0 +1,1 @@
+"""marshmallow schemas: they validate requests and, through flask-smorest, generate /openapi.json."""

@@ -1,0 +1,30 @@
+from marshmallow import fields, validate
+
+from schemas.common import CLIENTNAME, DAY_MS, Milliseconds, Schema, StrictSchema, Timestamp, validate_password
+
+
+class SignupTokenRequest(StrictSchema):
+    clientname = fields.String(required=True, validate=CLIENTNAME)
+    ttl = Milliseconds(load_default=DAY_MS, validate=validate.Range(min=1, max=30 * DAY_MS),
+                       metadata={"description": "Lifetime in milliseconds; default 24 h, at most 30 days."})
+
+
+class SignupTokenResponse(Schema):
+    token = fields.String(required=True)
+    expiresAt = Timestamp(required=True)
+
+
+class SignupRequest(StrictSchema):
+    token = fields.String(required=True, validate=validate.Length(min=1, max=256))
+    password = fields.String(required=True, validate=validate_password, load_only=True)
+
+
+class LoginRequest(StrictSchema):
+    clientname = fields.String(required=True, validate=CLIENTNAME)
+    password = fields.String(required=True, validate=validate.Length(min=1, max=128), load_only=True)
+
+
+class TokenResponse(Schema):
+    token = fields.String(required=True)
+    ttl = fields.Integer(required=True, metadata={"description": "Token lifetime in milliseconds."})
+    expiresAt = Timestamp(required=True)

@@ -1,0 +1,42 @@
+from datetime import timezone
+
+from marshmallow import Schema, ValidationError, fields, validate
+
+from kms.auth.passwords import password_problem
+
+CLIENTNAME = validate.Regexp(r"^[A-Za-z0-9-]{4,64}\Z", error="Must be 4-64 characters of A-Z a-z 0-9 -.")
+KEY_REFERENCE = validate.Regexp(r"^[A-Za-z0-9-]{1,64}\Z", error="Must be 1-64 characters of A-Z a-z 0-9 -.")
+DAY_MS = 24 * 60 * 60 * 1000
+
+
+def validate_password(password: str):
+    problem = password_problem(password)
+    if problem:
+        raise ValidationError(problem)
+
+
+class Timestamp(fields.DateTime):
+    """RFC 3339, UTC, millisecond precision: 2026-11-30T10:00:00.000Z."""
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if value is None:
+            return None
+        return value.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class StrictSchema(Schema):
+    """Request bodies: unknown fields are rejected (marshmallow's default, stated here on purpose)."""
+
+    class Meta:
+        unknown = "raise"
+
+
+def Milliseconds(**kwargs):
+    return fields.Integer(strict=True, **kwargs)
+
+
+class ErrorSchema(Schema):
+    error = fields.String(required=True, metadata={"description": "snake_case error code"})
+    message = fields.String(required=True)
+    requestId = fields.String(required=True)
+    fields_ = fields.Dict(data_key="fields", keys=fields.String(), values=fields.List(fields.String()))

@@ -1,0 +1,32 @@
+-- name: list_clients
+SELECT id, name_enc, role, status, created_at, last_login_at
+FROM clients WHERE status <> 'deleted' ORDER BY created_at, id;
+
+-- name: lock_client
+SELECT role, status FROM clients WHERE id = %(client_id)s AND status <> 'deleted' FOR UPDATE;
+
+-- name: lock_active_admins
+-- Serialises demoting, disabling and deleting admins, so two admins cannot remove each other at once.
+SELECT id FROM clients WHERE role = 'admin' AND status = 'active' ORDER BY id FOR UPDATE;
+
+-- name: set_client_role
+UPDATE clients SET role = %(role)s WHERE id = %(client_id)s;
+
+-- name: set_client_status
+UPDATE clients SET status = %(status)s WHERE id = %(client_id)s;
+
+-- name: delete_client
+UPDATE clients SET status = 'deleted', name_hash = NULL WHERE id = %(client_id)s;
+
+-- name: purge_deleted_clients
+DELETE FROM clients c WHERE c.status = 'deleted'
+  AND NOT EXISTS (SELECT 1 FROM keys k WHERE k.client_id = c.id);
+
+-- name: purge_expired_sessions
+DELETE FROM sessions WHERE expires_at < now() - interval '1 day';
+
+-- name: purge_old_login_failures
+DELETE FROM login_failures WHERE failed_at < now() - %(window)s;
+
+-- name: purge_old_signup_tokens
+DELETE FROM signup_tokens WHERE expires_at < now() - interval '30 days';

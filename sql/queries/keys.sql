@@ -1,0 +1,121 @@
+-- name: lookup_key
+-- The hot path, one statement: the token check, the key, its current version and (when asked)
+-- one more version. No row at all means the token is not live; a row with a NULL key_id means
+-- the caller has no such key.
+WITH caller AS (
+    SELECT c.id
+    FROM sessions s JOIN clients c ON c.id = s.client_id
+    WHERE s.jti = %(jti)s AND s.client_id = %(client_id)s
+      AND s.revoked_at IS NULL AND s.expires_at > now() AND c.status = 'active'
+)
+SELECT k.id,
+       k.rotation_period_ms IS NOT NULL
+         AND cur.created_at + k.rotation_period_ms * interval '1 millisecond' <= now() AS rotation_due,
+       cur.version, cur.kek_version, cur.wrapped_dek,
+       req.version, req.state, req.kek_version, req.wrapped_dek
+FROM caller
+LEFT JOIN keys k ON k.client_id = caller.id AND k.ref_hash = %(ref_hash)s AND k.deleted_at IS NULL
+LEFT JOIN key_versions cur ON cur.key_id = k.id AND cur.state = 'in-use'
+LEFT JOIN key_versions req ON req.key_id = k.id AND req.version = %(version)s;
+
+-- name: lock_generate
+-- Parallel generates of one reference: the first takes this lock, the others see it taken and
+-- answer 409 at once instead of waiting on its transaction.
+SELECT pg_try_advisory_xact_lock(%(lock_key)s);
+
+-- name: insert_key
+INSERT INTO keys (client_id, ref_hash, ref_enc) VALUES (%(client_id)s, %(ref_hash)s, %(ref_enc)s)
+ON CONFLICT (client_id, ref_hash) DO NOTHING
+RETURNING id;
+
+-- name: insert_key_version
+INSERT INTO key_versions (key_id, version, state, kek_version, wrapped_dek)
+VALUES (%(key_id)s, %(version)s, 'in-use', %(kek_version)s, %(wrapped_dek)s);
+
+-- name: lock_key
+SELECT id, current_version FROM keys
+WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s AND deleted_at IS NULL
+FOR UPDATE;
+
+-- name: lock_key_if_free
+SELECT k.id, k.current_version, k.client_id, k.ref_hash,
+       k.rotation_period_ms IS NOT NULL
+         AND v.created_at + k.rotation_period_ms * interval '1 millisecond' <= now() AS due
+FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.state = 'in-use'
+WHERE k.id = %(key_id)s AND k.deleted_at IS NULL
+FOR UPDATE OF k SKIP LOCKED;
+
+-- name: deprecate_in_use_version
+UPDATE key_versions SET state = 'deprecated' WHERE key_id = %(key_id)s AND state = 'in-use';
+
+-- name: set_current_version
+UPDATE keys SET current_version = %(version)s WHERE id = %(key_id)s;
+
+-- name: retire_versions_below
+UPDATE key_versions SET state = 'retired', wrapped_dek = NULL, kek_version = NULL
+WHERE key_id = %(key_id)s AND version < %(below)s AND state <> 'retired'
+RETURNING version;
+
+-- name: schedule_key_deletion
+UPDATE keys SET deleted_at = now(), destroy_after = now() + %(wait)s
+WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s AND deleted_at IS NULL
+RETURNING id, destroy_after;
+
+-- name: destroy_key
+DELETE FROM keys WHERE id = %(key_id)s;
+
+-- name: restore_key
+UPDATE keys SET deleted_at = NULL, destroy_after = NULL
+WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s AND deleted_at IS NOT NULL
+RETURNING id;
+
+-- name: key_exists
+SELECT deleted_at IS NOT NULL FROM keys WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s;
+
+-- name: set_rotation_period
+UPDATE keys SET rotation_period_ms = %(period)s
+WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s AND deleted_at IS NULL
+RETURNING id;
+
+-- name: key_metadata
+SELECT k.ref_hash, k.ref_enc, k.current_version, k.rotation_period_ms, k.created_at, v.created_at,
+       k.destroy_after
+FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.state = 'in-use'
+WHERE k.client_id = %(client_id)s AND (%(ref_hash)s::bytea IS NULL OR k.ref_hash = %(ref_hash)s)
+ORDER BY k.created_at, k.id;
+
+-- name: key_versions
+SELECT v.version, v.state, v.created_at
+FROM keys k JOIN key_versions v ON v.key_id = k.id
+WHERE k.client_id = %(client_id)s AND k.ref_hash = %(ref_hash)s AND k.deleted_at IS NULL
+ORDER BY v.version;
+
+-- name: keys_due_for_rotation
+SELECT k.id FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.state = 'in-use'
+WHERE k.rotation_period_ms IS NOT NULL AND k.deleted_at IS NULL
+  AND v.created_at + k.rotation_period_ms * interval '1 millisecond' <= now();
+
+-- name: destroy_due_keys
+DELETE FROM keys WHERE id IN (
+    SELECT id FROM keys WHERE destroy_after <= now() ORDER BY destroy_after LIMIT 1000
+    FOR UPDATE SKIP LOCKED)
+RETURNING client_id, ref_hash;
+
+-- name: schedule_client_keys_deletion
+UPDATE keys SET deleted_at = now(), destroy_after = now() + %(wait)s
+WHERE client_id = %(client_id)s AND deleted_at IS NULL;
+
+-- name: kek_usage
+SELECT kek_version, count(*) FROM key_versions WHERE wrapped_dek IS NOT NULL
+GROUP BY kek_version ORDER BY kek_version;
+
+-- name: versions_to_rewrap
+SELECT v.key_id, v.version, v.kek_version, v.wrapped_dek, k.client_id, k.ref_hash
+FROM key_versions v JOIN keys k ON k.id = v.key_id
+WHERE v.wrapped_dek IS NOT NULL AND v.kek_version <> %(active)s
+LIMIT %(limit)s
+FOR UPDATE OF v SKIP LOCKED;
+
+-- name: rewrap_version
+UPDATE key_versions SET kek_version = %(kek_version)s, wrapped_dek = %(wrapped_dek)s
+WHERE key_id = %(key_id)s AND version = %(version)s;
