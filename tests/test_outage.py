@@ -1,0 +1,56 @@
+"""The database going away turns requests into 503s; its return heals the server, no restart."""
+import time
+
+import pytest
+
+from kms import create_app
+from kms.devdb import ThrowawayPostgres
+from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, AuthActions, HttpClient, bearer, serve_in_thread
+
+
+@pytest.fixture
+def own_database():
+    """A PostgreSQL server of this test's own, so it can really be stopped and started."""
+    server = ThrowawayPostgres().start()
+    yield server
+    server.destroy()
+
+
+def wait_for(check, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_database_outage_gives_503_then_recovers_without_restart(own_database, secrets_env):
+    app = create_app({**secrets_env, "DATABASE_URL": own_database.dsn, "SERVER_THREADS": "4",
+                      "MASTER_ADMIN_USERNAME": ADMIN_NAME, "MASTER_ADMIN_PASSWORD": ADMIN_PASSWORD})
+    server, base_url = serve_in_thread(app, threads=4)
+    try:
+        with HttpClient(base_url) as client:
+            token = AuthActions(client).new_client()
+            assert client.post("/keys/actions/generate", json={"keyReference": "k"},
+                               headers=bearer(token)).status_code == 200
+
+            own_database.stop()
+            for _ in range(6):  # every pooled connection is dead now, and no new one can be made
+                response = client.get("/keys/k", headers=bearer(token))
+                assert response.status_code == 503, response.text
+                assert response.headers["Retry-After"].isdigit()
+                assert response.json()["error"] == "service_unavailable"
+            assert client.get("/readyz").status_code == 503
+            assert client.get("/healthz").status_code == 200
+
+            own_database.start()
+            own_database.wait_until_ready()
+            assert wait_for(lambda: client.get("/keys/k", headers=bearer(token)).status_code == 200)
+            statuses = [client.get("/keys/k", headers=bearer(token)).status_code for _ in range(20)]
+            assert statuses == [200] * 20
+            assert client.get("/readyz").status_code == 200
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown(timeout=5)
+        app.extensions["kms"].close()
