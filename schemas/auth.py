@@ -15,7 +15,7 @@ class SignupTokenResponse(Schema):
 
 
 class SignupRequest(StrictSchema):
-    token = fields.String(required=True, validate=validate.Length(min=1, max=256))
+    token = fields.String(required=True, validate=validate.Length(min=1, max=4096))
     password = fields.String(required=True, validate=validate_password, load_only=True)
 
 

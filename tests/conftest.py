@@ -221,10 +221,12 @@ def db(app):
 
 @pytest.fixture
 def captured_logs():
-    """Everything the server logs during the test, as the JSON lines it writes."""
+    """Everything the server logs during the test, as the JSON lines it writes (the test's own
+    HTTP client, urllib3, logs the URLs it requests: that is the caller's side, left out)."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(lambda record: not record.name.startswith("urllib3"))
     root = logging.getLogger()
     previous = root.level
     root.addHandler(handler)

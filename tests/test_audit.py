@@ -1,0 +1,233 @@
+"""The audit trail: every security event, in the same transaction as its change, chained and
+verifiable, and never a secret."""
+import base64
+import threading
+import uuid
+
+import psycopg2
+import pytest
+
+from kms.audit.service import record, seal_pending, verify_chain
+from kms.context import Context
+from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, bearer
+
+RAW_REF = "ref-zq9-quartz-ledger"
+
+
+def events(db, **where):
+    clause = " AND ".join(f"{k} = %({k})s" for k in where) or "true"
+    with db.cursor() as cur:
+        cur.execute(f"SELECT actor, action, target, version, outcome, request_id, source_ip FROM audit_events "
+                    f"WHERE {clause} ORDER BY seq", where)
+        return cur.fetchall()
+
+
+def actions(db):
+    return [row[1] for row in events(db)]
+
+
+def full_workflow(client, auth, runner, db):
+    """Touch every kind of event once; returns the secrets seen on the way."""
+    seen = {"passwords": [ADMIN_PASSWORD, CLIENT_PASSWORD], "tokens": [], "deks": [], "refs": [RAW_REF]}
+    seen["tokens"].append(auth.admin_token)
+    signup_token = auth.signup_token("audited-svc")
+    seen["tokens"].append(signup_token)
+    token = client.post("/auth/signup", json={"token": signup_token, "password": CLIENT_PASSWORD}).json()["token"]
+    seen["tokens"].append(token)
+    h = bearer(token)
+    seen["deks"].append(client.post("/keys/actions/generate", json={"keyReference": RAW_REF}, headers=h).json()["dek"])
+    seen["deks"].append(client.post(f"/keys/{RAW_REF}/actions/rotate", headers=h).json()["dek"])
+    seen["deks"].append(client.get(f"/keys/{RAW_REF}/1", headers=h).json()["decryptWith"]["dek"])
+    client.post(f"/keys/{RAW_REF}/actions/set-rotation-period", json={"rotationPeriod": 60_000}, headers=h)
+    with db.cursor() as cur:
+        cur.execute("UPDATE key_versions SET created_at = now() - interval '2 minutes'")
+    seen["deks"].append(client.get(f"/keys/{RAW_REF}", headers=h).json()["encryptWith"]["dek"])  # auto-rotates
+    client.post(f"/keys/{RAW_REF}/actions/retire", json={"belowVersion": 2}, headers=h)
+    client.delete(f"/keys/{RAW_REF}/actions/delete", headers=h)
+    client.post(f"/keys/{RAW_REF}/actions/restore", headers=h)
+    client.delete(f"/keys/{RAW_REF}/actions/delete", headers=h)
+    with db.cursor() as cur:
+        cur.execute("UPDATE keys SET destroy_after = now()")
+    runner.invoke(args=["kms", "keys", "rotate-due"])
+    client.post("/auth/logout", headers=h)
+    client.post("/auth/login", json={"clientname": "audited-svc", "password": "Wrong-passw0rd!"})
+    client_id = auth.client_id("audited-svc")
+    admin = bearer(auth.admin_token)
+    client.post(f"/clients/{client_id}/role", json={"role": "admin"}, headers=admin)
+    client.post(f"/clients/{client_id}/actions/disable", headers=admin)
+    client.post(f"/clients/{client_id}/actions/enable", headers=admin)
+    client.delete(f"/clients/{client_id}", headers=admin)
+    cli_token = runner.invoke(args=["kms", "signup-token", "--name", "cli-svc"]).stdout.strip().splitlines()[-1]
+    seen["tokens"].append(cli_token)
+    runner.invoke(args=["kms", "kek", "rewrap"])
+    return seen
+
+
+def test_every_security_event_is_recorded(client, auth, runner, db):
+    full_workflow(client, auth, runner, db)
+    for _ in range(5):
+        client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": "Wrong-passw0rd!"})
+    client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD})
+    recorded = set(actions(db))
+    assert recorded >= {
+        "client.create", "login", "signup_token.issue", "signup_token.use", "client.signup", "key.generate",
+        "key.rotate", "key.lookup", "key.set_rotation_period", "key.auto_rotate", "key.retire", "key.delete",
+        "key.restore", "key.destroy", "logout", "client.role_change", "client.disable", "client.enable",
+        "client.delete"}
+    outcomes = {(row[1], row[4]) for row in events(db)}
+    assert ("login", "denied") in outcomes and ("login", "throttled") in outcomes
+
+
+def test_events_name_actor_hashed_target_version_request_and_source(client, auth, db):
+    token = auth.new_client()
+    response = client.post("/keys/actions/generate", json={"keyReference": RAW_REF}, headers=bearer(token))
+    actor, action, target, version, outcome, request_id, source_ip = events(db, action="key.generate")[0]
+    assert uuid.UUID(actor) and outcome == "success" and version == 1
+    assert str(request_id) == response.headers["X-Request-ID"]
+    assert source_ip == "127.0.0.1"
+    assert len(target) == 64 and RAW_REF not in target
+
+
+def test_cli_actions_are_recorded_with_actor_cli(runner, db):
+    runner.invoke(args=["kms", "signup-token", "--name", "cli-svc"])
+    assert events(db, action="signup_token.issue")[0][0] == "cli"
+
+
+def test_key_lookups_are_audited_including_misses(client, auth, db):
+    token = auth.new_client()
+    client.post("/keys/actions/generate", json={"keyReference": "k"}, headers=bearer(token))
+    client.get("/keys/k", headers=bearer(token))
+    client.get("/keys/missing", headers=bearer(token))
+    assert [row[4] for row in events(db, action="key.lookup")] == ["success", "not_found"]
+
+
+def test_a_rolled_back_change_leaves_no_event(client, auth, db, monkeypatch):
+    token = auth.new_client()
+    client.post("/keys/actions/generate", json={"keyReference": "k"}, headers=bearer(token))
+    client.post("/keys/k/actions/rotate", headers=bearer(token))
+    import kms.keys.service as keys_service
+
+    def fail(*_args, **_kwargs):
+        raise RuntimeError("simulated failure after the change and its record were written")
+    monkeypatch.setattr(keys_service, "_metadata", fail)
+    response = client.post("/keys/k/actions/retire", json={"belowVersion": 2}, headers=bearer(token))
+    assert response.status_code == 500 and "simulated" not in response.text
+    assert events(db, action="key.retire") == []
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM key_versions WHERE state = 'retired'")
+        assert cur.fetchone()[0] == 0
+
+
+def test_audit_endpoint_pages_events_for_admins_only(client, auth):
+    token = auth.new_client()
+    assert client.get("/audit", headers=bearer(token)).status_code == 403
+    first = client.get("/audit?limit=2", headers=bearer(auth.admin_token)).json()["events"]
+    assert len(first) == 2 and first[0]["seq"] < first[1]["seq"]
+    assert set(first[0]) == {"seq", "at", "actor", "action", "target", "version", "outcome", "requestId", "sourceIp"}
+    rest = client.get(f"/audit?after={first[-1]['seq']}", headers=bearer(auth.admin_token)).json()["events"]
+    assert rest and rest[0]["seq"] > first[-1]["seq"]
+    assert client.get("/audit?limit=0", headers=bearer(auth.admin_token)).status_code == 400
+
+
+def test_verify_passes_on_an_intact_chain(client, auth, runner):
+    auth.new_client()
+    assert runner.invoke(args=["kms", "audit", "seal"]).exit_code == 0
+    auth.new_client()  # some events sealed, some pending: verify seals the rest
+    result = runner.invoke(args=["kms", "audit", "verify"])
+    assert result.exit_code == 0, result.output
+    assert "audit chain intact" in result.output
+
+
+@pytest.mark.parametrize("tamper", [
+    "UPDATE audit_events SET outcome = 'denied' WHERE seq = 3",
+    "UPDATE audit_events SET actor = 'cli' WHERE seq = 3",
+    "DELETE FROM audit_events WHERE seq = 3",
+    "UPDATE audit_events SET chain_pos = chain_pos + 1000 WHERE seq = 3",
+])
+def test_verify_names_the_first_bad_row_after_tampering(client, auth, runner, db, tamper):
+    for _ in range(3):
+        auth.new_client()
+    assert runner.invoke(args=["kms", "audit", "seal"]).exit_code == 0
+    with db.cursor() as cur:
+        cur.execute(tamper)
+    result = runner.invoke(args=["kms", "audit", "verify"])
+    assert result.exit_code == 1
+    assert "BROKEN at seq" in result.output
+    bad_seq = int(result.output.split("BROKEN at seq ")[1].split(":")[0])
+    assert bad_seq in (3, 4)  # the altered row, or the row after a deleted one
+
+
+def test_verify_catches_a_row_inserted_out_of_band(client, auth, runner, db):
+    auth.new_client()
+    runner.invoke(args=["kms", "audit", "seal"])
+    with db.cursor() as cur:
+        cur.execute("""INSERT INTO audit_events (event_id, at, actor, action, outcome, row_mac)
+                       VALUES (gen_random_uuid(), now(), 'cli', 'client.create', 'success', '\\x00')
+                       RETURNING seq""")
+        forged = cur.fetchone()[0]
+    result = runner.invoke(args=["kms", "audit", "verify"])
+    assert result.exit_code == 1 and f"BROKEN at seq {forged}:" in result.output
+
+
+def test_concurrent_appends_and_sealers_make_one_consistent_chain(app):
+    kms = app.extensions["kms"]
+    threads, per_thread = 12, 25
+    errors = []
+
+    def append(worker):
+        conn = psycopg2.connect(kms.settings.database_url)
+        try:
+            ctx = Context(kms=kms, conn=conn, origin="cli")
+            for i in range(per_thread):
+                with conn, conn.cursor() as cur:
+                    record(cur, ctx, "test.append", target=f"{worker}-{i}")
+                if i % 5 == 0:
+                    seal_pending(conn, kms.audit_key)  # sealers race each other and the appenders
+        except Exception as error:  # noqa: BLE001
+            errors.append(error)
+        finally:
+            conn.close()
+
+    workers = [threading.Thread(target=append, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == []
+    with kms.pool.connection() as conn:
+        result = verify_chain(conn, kms.audit_key)
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*), min(chain_pos), max(chain_pos), count(DISTINCT chain_pos) "
+                        "FROM audit_events WHERE action = 'test.append'")
+            count, _, _, distinct = cur.fetchone()
+            cur.execute("SELECT count(*), max(chain_pos) FROM audit_events")
+            total, top = cur.fetchone()
+    assert result.ok, result.problem
+    assert count == distinct == threads * per_thread
+    assert top == total == result.checked
+
+
+def test_audit_export_writes_json_lines(client, auth, runner):
+    import json
+    auth.new_client()
+    runner.invoke(args=["kms", "audit", "seal"])
+    lines = runner.invoke(args=["kms", "audit", "export"]).stdout.strip().splitlines()
+    exported = [json.loads(line) for line in lines]
+    assert exported and all(e["chainPos"] for e in exported)
+    assert [e["seq"] for e in exported] == sorted(e["seq"] for e in exported)
+
+
+def test_no_secret_reaches_a_log_line_or_an_audit_row(client, auth, runner, db, secrets_env, captured_logs):
+    seen = full_workflow(client, auth, runner, db)
+    with db.cursor() as cur:
+        cur.execute("SELECT string_agg(t::text, '\n') FROM audit_events t")
+        audit_dump = cur.fetchone()[0]
+    logs = captured_logs.getvalue()
+    assert '"route": "/keys/<ref>"' in logs  # the log was captured, with route templates
+    secrets = [*seen["passwords"], *seen["tokens"], *seen["deks"], *seen["refs"], *secrets_env.values()]
+    secrets += [base64.urlsafe_b64decode(d).hex() for d in seen["deks"]]
+    for secret in secrets:
+        assert secret not in logs, secret[:6]
+        assert secret not in audit_dump, secret[:6]
+    for token in seen["tokens"]:  # not even a token's signature part
+        assert token.split(".")[-1] not in logs

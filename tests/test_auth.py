@@ -1,0 +1,346 @@
+"""Signup tokens, signup, login, logout, revocation, throttling and token hygiene."""
+import base64
+import json
+import statistics
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+
+import jwt
+import pytest
+
+from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, bearer
+
+
+def signup(client, token, password=CLIENT_PASSWORD):
+    return client.post("/auth/signup", json={"token": token, "password": password})
+
+
+# Signup tokens
+
+def test_admin_issues_a_signup_token_with_expiry(client, auth):
+    response = client.post("/auth/signup/generate", json={"clientname": "billing", "ttl": 3600_000},
+                           headers=bearer(auth.admin_token))
+    assert response.status_code == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    expires = datetime.fromisoformat(response.json()["expiresAt"].replace("Z", "+00:00"))
+    assert timedelta(minutes=59) < expires - datetime.now(timezone.utc) <= timedelta(hours=1)
+
+
+def test_signup_token_default_ttl_is_24_hours(client, auth):
+    body = client.post("/auth/signup/generate", json={"clientname": "billing"}, headers=bearer(auth.admin_token)).json()
+    expires = datetime.fromisoformat(body["expiresAt"].replace("Z", "+00:00"))
+    assert timedelta(hours=23, minutes=59) < expires - datetime.now(timezone.utc) <= timedelta(hours=24)
+
+
+@pytest.mark.parametrize("ttl", [0, -5, "soon", "3600", 1.5, 31 * 24 * 3600_000])
+def test_bad_signup_token_ttl_is_400(client, auth, ttl):
+    response = client.post("/auth/signup/generate", json={"clientname": "billing", "ttl": ttl},
+                           headers=bearer(auth.admin_token))
+    assert response.status_code == 400
+    assert "ttl" in response.json()["fields"]
+
+
+@pytest.mark.parametrize("name", ["abc", "x" * 65, "bad name", "naïve-svc", "under_score"])
+def test_malformed_clientname_is_400(client, auth, name):
+    response = client.post("/auth/signup/generate", json={"clientname": name}, headers=bearer(auth.admin_token))
+    assert response.status_code == 400 and "clientname" in response.json()["fields"]
+
+
+def test_only_admins_issue_signup_tokens(client, auth):
+    assert client.post("/auth/signup/generate", json={"clientname": "billing"}).status_code == 401
+    client_token = auth.new_client()
+    response = client.post("/auth/signup/generate", json={"clientname": "billing"}, headers=bearer(client_token))
+    assert response.status_code == 403 and response.json()["error"] == "forbidden"
+
+
+def test_signup_token_for_an_existing_name_is_409(client, auth):
+    auth.new_client("billing")
+    response = client.post("/auth/signup/generate", json={"clientname": "billing"}, headers=bearer(auth.admin_token))
+    assert response.status_code == 409
+
+
+# Signup
+
+def test_signup_returns_a_working_token(client, auth):
+    response = signup(client, auth.signup_token("billing"))
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"token", "ttl", "expiresAt"}
+    assert response.headers["Cache-Control"] == "no-store"
+    assert client.get("/keys", headers=bearer(body["token"])).status_code == 200
+
+
+def test_signup_token_works_once(client, auth):
+    token = auth.signup_token("billing")
+    assert signup(client, token).status_code == 200
+    second = signup(client, token)
+    assert second.status_code == 401 and second.json()["error"] == "invalid_signup_token"
+
+
+def test_parallel_signups_with_one_token_create_exactly_one_client(client, auth, db):
+    token = auth.signup_token("billing")
+    with ThreadPoolExecutor(10) as pool:
+        statuses = sorted(pool.map(lambda _: signup(client, token).status_code, range(10)))
+    assert statuses == [200] + [401] * 9
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM clients WHERE role = 'client'")
+        assert cur.fetchone()[0] == 1
+
+
+def test_expired_signup_token_is_401(client, auth, db):
+    token = auth.signup_token("billing")
+    with db.cursor() as cur:
+        cur.execute("UPDATE signup_tokens SET expires_at = now() - interval '1 second'")
+    assert signup(client, token).status_code == 401
+
+
+@pytest.mark.parametrize("forged", ["kms_st_" + "A" * 43, "garbage", "x"])
+def test_forged_signup_token_is_401(client, forged):
+    assert signup(client, forged).status_code == 401
+
+
+def test_access_token_is_not_a_signup_token(client, auth):
+    assert signup(client, auth.admin_token).status_code == 401
+
+
+def test_weak_password_is_400_names_what_is_missing_and_keeps_the_token(client, auth):
+    token = auth.signup_token("billing")
+    response = signup(client, token, password="alllowercaseletters")
+    assert response.status_code == 400
+    problems = " ".join(response.json()["fields"]["password"])
+    assert "uppercase" in problems and "alllowercaseletters" not in response.text
+    assert signup(client, token).status_code == 200  # the refused signup did not use the token up
+
+
+@pytest.mark.parametrize("password", ["Sh0rt!", "x" * 129 + "A1!", "NoDigitsNoSymbols"])
+def test_password_policy(client, auth, password):
+    assert signup(client, auth.signup_token("billing"), password).status_code == 400
+
+
+def test_passwords_are_stored_as_argon2id_and_names_only_encrypted(client, auth, db):
+    auth.new_client("billing-service")
+    with db.cursor() as cur:
+        cur.execute("SELECT password_hash, name_enc, name_hash FROM clients WHERE role = 'client'")
+        password_hash, name_enc, name_hash = cur.fetchone()
+        cur.execute("SELECT string_agg(t::text, ' ') FROM clients t")
+        dump = cur.fetchone()[0]
+    assert password_hash.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert CLIENT_PASSWORD not in dump and "billing-service" not in dump
+    assert b"billing-service" not in bytes(name_enc)
+
+
+def test_swapped_client_name_ciphertext_fails_instead_of_renaming(client, auth, db):
+    auth.new_client("svc-one")
+    auth.new_client("svc-two")
+    with db.cursor() as cur:
+        cur.execute("""UPDATE clients a SET name_enc = b.name_enc FROM clients b
+                       WHERE a.role = 'client' AND b.role = 'client' AND a.id <> b.id""")
+    response = client.get("/clients", headers=bearer(auth.admin_token))
+    assert response.status_code == 500 and response.json()["error"] == "integrity_error"
+
+
+# Login
+
+def test_login_returns_token_ttl_and_expiry(client):
+    response = client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["ttl"] == 15 * 60 * 1000
+    assert response.headers["Cache-Control"] == "no-store"
+    claims = jwt.decode(body["token"], options={"verify_signature": False})
+    assert claims["role"] == "admin" and uuid.UUID(claims["jti"]) and uuid.UUID(claims["sub"])
+
+
+def test_unknown_client_wrong_password_and_disabled_client_look_alike(client, auth):
+    auth.new_client("disabled-svc")
+    client_id = auth.client_id("disabled-svc")
+    client.post(f"/clients/{client_id}/actions/disable", headers=bearer(auth.admin_token))
+    answers = [
+        client.post("/auth/login", json={"clientname": "no-such-svc", "password": CLIENT_PASSWORD}),
+        client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": "Wrong-passw0rd!"}),
+        client.post("/auth/login", json={"clientname": "disabled-svc", "password": CLIENT_PASSWORD}),
+    ]
+    assert {r.status_code for r in answers} == {401}
+    assert len({(r.json()["error"], r.json()["message"]) for r in answers}) == 1
+
+
+def test_login_timing_does_not_reveal_whether_a_client_exists(client):
+    def timed(name, password):
+        started = time.perf_counter()
+        assert client.post("/auth/login", json={"clientname": name, "password": password}).status_code == 401
+        return time.perf_counter() - started
+
+    unknown, wrong = [], []
+    for i in range(4):  # under the per-client limit of 5 failures
+        unknown.append(timed(f"ghost-{i}-svc", "Wrong-passw0rd!"))
+        wrong.append(timed(ADMIN_NAME, "Wrong-passw0rd!"))
+    ratio = statistics.median(unknown) / statistics.median(wrong)
+    assert 0.5 < ratio < 2.0, (unknown, wrong)
+
+
+def test_failed_logins_are_throttled_per_clientname(make_app, client, auth):
+    for _ in range(5):
+        assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": "Wrong-passw0rd!"}).status_code == 401
+    response = client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD})
+    assert response.status_code == 429
+    assert 0 < int(response.headers["Retry-After"]) <= 15 * 60
+    assert response.json()["error"] == "too_many_requests"
+
+
+def test_failed_logins_are_throttled_per_source_address(make_app, base_env):
+    from tests.conftest import HttpClient, serve_in_thread
+    app = make_app(LOGIN_MAX_FAILURES_PER_ADDRESS=3)
+    server, base_url = serve_in_thread(app, threads=2)
+    try:
+        with HttpClient(base_url) as http:
+            for i in range(3):
+                assert http.post("/auth/login", json={"clientname": f"ghost-{i}-svc",
+                                                      "password": "Wrong-passw0rd!"}).status_code == 401
+            response = http.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD})
+            assert response.status_code == 429 and int(response.headers["Retry-After"]) > 0
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown(timeout=5)
+
+
+def test_throttle_holds_across_server_processes(make_app, client, auth):
+    """Failures are counted in PostgreSQL, so a second app (another process) sees them."""
+    from tests.conftest import HttpClient, serve_in_thread
+    for _ in range(5):
+        client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": "Wrong-passw0rd!"})
+    other = make_app()
+    server, base_url = serve_in_thread(other, threads=2)
+    try:
+        with HttpClient(base_url) as http:
+            response = http.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD})
+            assert response.status_code == 429
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown(timeout=5)
+
+
+def test_successful_login_resets_the_clientname_failures(client):
+    for _ in range(4):
+        client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": "Wrong-passw0rd!"})
+    assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}).status_code == 200
+    for _ in range(4):
+        assert client.post("/auth/login", json={"clientname": ADMIN_NAME,
+                                                "password": "Wrong-passw0rd!"}).status_code == 401
+
+
+# Revocation
+
+def test_logout_revokes_the_token_at_once(client, auth):
+    token = auth.new_client()
+    assert client.post("/auth/logout", headers=bearer(token)).status_code == 204
+    response = client.get("/keys", headers=bearer(token))
+    assert response.status_code == 401
+
+
+def test_logout_revokes_only_that_token(client, auth):
+    auth.new_client("billing")
+    first = auth.login("billing", CLIENT_PASSWORD)
+    second = auth.login("billing", CLIENT_PASSWORD)
+    client.post("/auth/logout", headers=bearer(first))
+    assert client.get("/keys", headers=bearer(second)).status_code == 200
+
+
+@pytest.mark.parametrize("action,method,body", [
+    ("actions/disable", "post", None),
+    ("role", "post", {"role": "admin"}),
+    ("", "delete", None),
+])
+def test_disable_role_change_and_delete_revoke_tokens_at_once(client, auth, action, method, body):
+    token = auth.new_client("target-svc")
+    client_id = auth.client_id("target-svc")
+    assert client.get("/keys", headers=bearer(token)).status_code == 200
+    url = f"/clients/{client_id}" + (f"/{action}" if action else "")
+    assert getattr(client, method)(url, json=body, headers=bearer(auth.admin_token)).status_code == 204
+    assert client.get("/keys", headers=bearer(token)).status_code == 401
+
+
+def test_revocation_is_seen_by_every_server_process(make_app, client, auth):
+    from tests.conftest import HttpClient, serve_in_thread
+    token = auth.new_client()
+    other = make_app()
+    server, base_url = serve_in_thread(other, threads=2)
+    try:
+        with HttpClient(base_url) as http:
+            assert http.get("/keys", headers=bearer(token)).status_code == 200
+            client.post("/auth/logout", headers=bearer(token))
+            assert http.get("/keys", headers=bearer(token)).status_code == 401
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown(timeout=5)
+
+
+# Token hygiene
+
+def _b64(data: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def test_bad_tokens_are_401_never_500(client, auth, secrets_env):
+    good = auth.new_client()
+    header, payload, signature = good.split(".")
+    claims = jwt.decode(good, options={"verify_signature": False})
+    expired = jwt.encode({**claims, "exp": int(time.time()) - 10}, secrets_env["JWT_SECRET"].encode(),
+                         algorithm="HS256")
+    forged_secret = jwt.encode(claims, b"another-secret-entirely-0123456789", algorithm="HS256")
+    tampered = ".".join([header, _b64({**claims, "role": "admin"}), signature])
+    alg_none = ".".join([_b64({"alg": "none", "typ": "JWT"}), _b64(claims), ""])
+    for token in ["garbage", "a.b.c", tampered, alg_none, expired, forged_secret, auth.signup_token("svc-x"), ""]:
+        response = client.get("/keys", headers=bearer(token))
+        assert response.status_code == 401, (token[:20], response.text)
+        assert response.json()["error"] == "unauthorized"
+    assert client.get("/keys", headers={"Authorization": "Basic abc"}).status_code == 401
+    assert client.get("/keys").status_code == 401
+
+
+def test_role_is_taken_from_the_database_not_the_token(client, auth, secrets_env):
+    """Even a correctly signed token that claims admin gets nothing its client's row does not allow."""
+    token = auth.new_client()
+    claims = jwt.decode(token, options={"verify_signature": False})
+    lying = jwt.encode({**claims, "role": "admin"}, base64.urlsafe_b64decode(secrets_env["JWT_SECRET"] + "="),
+                       algorithm="HS256")
+    assert client.get("/keys", headers=bearer(lying)).status_code == 200  # the signature is valid ...
+    assert client.get("/clients", headers=bearer(lying)).status_code == 403  # ... the role claim is not trusted
+
+
+# First admin and the CLI
+
+def test_master_admin_is_created_once_and_restarts_keep_working(make_app, db):
+    make_app()
+    make_app()
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM clients WHERE role = 'admin'")
+        assert cur.fetchone()[0] == 1
+
+
+def test_cli_signup_token_prints_the_token_on_its_last_line(runner, client):
+    result = runner.invoke(args=["kms", "signup-token", "--name", "cli-made-svc", "--ttl", "2h"])
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip().splitlines()[-1]
+    assert token.startswith("kms_st_")
+    assert signup(client, token).status_code == 200
+
+
+@pytest.mark.parametrize("ttl", ["0h", "31d", "forever", "-1h"])
+def test_cli_signup_token_rejects_bad_ttl(runner, ttl):
+    result = runner.invoke(args=["kms", "signup-token", "--name", "cli-made-svc", "--ttl", ttl])
+    assert result.exit_code != 0
+
+
+def test_cli_create_admin_reads_the_password_from_stdin(runner, client):
+    result = runner.invoke(args=["kms", "create-admin", "--name", "second-admin"], input="Second-admin-passw0rd\n")
+    assert result.exit_code == 0, result.output
+    response = client.post("/auth/login", json={"clientname": "second-admin", "password": "Second-admin-passw0rd"})
+    assert response.status_code == 200
+    assert client.get("/clients", headers=bearer(response.json()["token"])).status_code == 200
+
+
+def test_cli_create_admin_refuses_a_weak_password(runner):
+    result = runner.invoke(args=["kms", "create-admin", "--name", "second-admin"], input="weak\n")
+    assert result.exit_code != 0 and "weak" not in result.output
