@@ -17,6 +17,7 @@ log = logging.getLogger("kms")
 
 
 def serve(app):
+    import os as _os; sys.setswitchinterval(float(_os.environ.get("SWITCH", "0.005")))
     """Serve with waitress until SIGTERM or Ctrl-C, then stop cleanly."""
     import waitress
     from kms.audit.sealer import start_sealer
@@ -50,7 +51,7 @@ def serve(app):
 def main(argv: list[str]) -> int:
     load_dotenv()
     from kms.observability import configure_logging
-    configure_logging()
+    log_writer = configure_logging()
     command = argv[1] if len(argv) > 1 else "serve"
     try:
         if command == "serve":
@@ -69,6 +70,8 @@ def main(argv: list[str]) -> int:
     except ConfigError as error:
         print(f"configuration error: {error.message}", file=sys.stderr)
         return 2
+    finally:
+        log_writer.close()  # flush what is buffered
     return 0
 
 

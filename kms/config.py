@@ -39,7 +39,7 @@ class Settings:
     kek_active: int
     server_host: str = "127.0.0.1"
     server_port: int = 8080
-    server_threads: int = 8
+    server_threads: int = 16
     env: str = "production"
     log_level: str = "INFO"
     jwt_ttl_ms: int = 15 * 60 * 1000
@@ -53,6 +53,7 @@ class Settings:
     trusted_proxy_hops: int = 0
     max_body_bytes: int = 64 * 1024
     audit_seal_interval_ms: int = 2000
+    audit_key_lookups: bool = True
     dek_cache_ms: int = 5 * 60 * 1000
 
     def __repr__(self):  # never print secrets, even by accident
@@ -88,6 +89,15 @@ def _int(env: Mapping, variable: str, default: int, *, minimum: int = 0, maximum
         upper = f" and at most {maximum}" if maximum is not None else ""
         raise ConfigError(variable, f"must be at least {minimum}{upper}")
     return number
+
+
+def _bool(env: Mapping, variable: str, default: bool) -> bool:
+    value = (env.get(variable) or "").strip().lower()
+    if not value:
+        return default
+    if value not in {"true", "false", "1", "0", "yes", "no"}:
+        raise ConfigError(variable, "must be true or false")
+    return value in {"true", "1", "yes"}
 
 
 def _database_url(env: Mapping) -> str:
@@ -143,7 +153,7 @@ def load_settings(env: Mapping | None = None) -> Settings:
     level = (env.get("LOG_LEVEL") or "INFO").strip().upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError("LOG_LEVEL", "must be DEBUG, INFO, WARNING or ERROR")
-    threads = _int(env, "SERVER_THREADS", 8, minimum=1, maximum=256)
+    threads = _int(env, "SERVER_THREADS", 16, minimum=1, maximum=256)
     return Settings(
         database_url=_database_url(env),
         jwt_secret=decode_key("JWT_SECRET", env.get("JWT_SECRET")),
@@ -169,6 +179,7 @@ def load_settings(env: Mapping | None = None) -> Settings:
         trusted_proxy_hops=_int(env, "TRUSTED_PROXY_HOPS", 0, maximum=5),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 64 * 1024, minimum=1024),
         audit_seal_interval_ms=_int(env, "AUDIT_SEAL_INTERVAL", 2000),
+        audit_key_lookups=_bool(env, "AUDIT_KEY_LOOKUPS", True),
     )
 
 

@@ -34,11 +34,11 @@ def b64url_decode(text: str) -> bytes:
 
 def keyed_hash(key: bytes, purpose: bytes, *parts: bytes) -> bytes:
     """HMAC-SHA256 over length-prefixed parts, so ("ab", "c") and ("a", "bc") differ."""
-    mac = hmac.new(key, purpose, hashlib.sha256)
+    message = [purpose]
     for part in parts:
-        mac.update(struct.pack(">I", len(part)))
-        mac.update(part)
-    return mac.digest()
+        message.append(struct.pack(">I", len(part)))
+        message.append(part)
+    return hmac.digest(key, b"".join(message), "sha256")
 
 
 def key_check_value(key: bytes) -> bytes:

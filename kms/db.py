@@ -3,7 +3,6 @@ from sql/queries/*.sql and numbered migrations from sql/migrations/.
 """
 import queue
 import re
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,31 +26,40 @@ SESSION_OPTIONS = "-c statement_timeout=15000 -c lock_timeout=5000 -c idle_in_tr
 
 class Connection(psycopg2.extensions.connection):
     """A psycopg2 connection that can carry the pool's bookkeeping."""
-    kms_generation = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kms_generation = 0
+        self.kms_prepared = set()  # names of server-side prepared statements on this session
 
 
 def connect(dsn: str, *, options: str = SESSION_OPTIONS, application_name: str = "kms"):
-    return psycopg2.connect(dsn, connect_timeout=3, options=options, application_name=application_name,
+    """A connection in autocommit mode: transactions are explicit (see transaction()), and a single
+    statement needs no BEGIN/COMMIT round trips at all."""
+    conn = psycopg2.connect(dsn, connect_timeout=3, options=options, application_name=application_name,
                             connection_factory=Connection)
+    conn.autocommit = True
+    return conn
 
 
 class ConnectionPool:
     """A fixed-size pool: `size` connections at most, opened up front and kept open.
 
     (psycopg2's ThreadedConnectionPool closes every connection returned above minconn, which
-    costs a connect per request under load.) After the database goes away, connections are
-    replaced as they are found broken, and the idle ones of the old generation with them, so the
-    service heals without a restart.
+    costs a connect per request under load.) The pool is a queue of `size` slots, each holding a
+    connection or None (not connected yet): taking a slot is one C-level queue operation. After the
+    database goes away, connections are replaced as they are found broken, and the idle ones of
+    the old generation with them, so the service heals without a restart.
     """
 
     def __init__(self, dsn: str, size: int, acquire_timeout: float = 5.0):
         self.dsn = dsn
         self.size = size
         self.acquire_timeout = acquire_timeout
-        self._slots = threading.BoundedSemaphore(size)
-        self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._slots: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(size):
+            self._slots.put(None)
         self._generation = 0
-        self._lock = threading.Lock()
 
     def warm(self):
         """Open every connection now (min = max), so the first requests pay no connect."""
@@ -59,49 +67,45 @@ class ConnectionPool:
         for conn in connections:
             self.release(conn)
 
-    def _connect(self):
-        conn = connect(self.dsn)
-        conn.kms_generation = self._generation
-        return conn
-
     def acquire(self):
-        if not self._slots.acquire(timeout=self.acquire_timeout):
-            raise ServiceUnavailable("The server is busy; retry shortly.")
         try:
-            while True:
-                try:
-                    conn = self._idle.get_nowait()
-                except queue.Empty:
-                    return self._connect()
-                if conn.closed or conn.kms_generation != self._generation:
-                    conn.close()
-                    continue
-                return conn
-        except BaseException:
-            self._slots.release()
-            raise
+            conn = self._slots.get(timeout=self.acquire_timeout)
+        except queue.Empty:
+            raise ServiceUnavailable("The server is busy; retry shortly.") from None
+        if conn is not None and (conn.closed or conn.kms_generation != self._generation):
+            conn.close()
+            conn = None
+        if conn is None:
+            try:
+                conn = connect(self.dsn)
+            except BaseException:
+                self._slots.put(None)
+                raise
+            conn.kms_generation = self._generation
+        return conn
 
     def release(self, conn):
         try:
             if not conn.closed and conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
-                conn.rollback()
+                with conn.cursor() as cur:
+                    cur.execute("ROLLBACK")
         except psycopg2.Error:
             pass
         if conn.closed:
-            with self._lock:
-                # One broken connection means the server went away: retire its siblings too.
-                if conn.kms_generation == self._generation:
-                    self._generation += 1
-        else:
-            self._idle.put(conn)
-        self._slots.release()
+            # One broken connection means the server went away: retire its siblings too.
+            if conn.kms_generation == self._generation:
+                self._generation += 1
+            conn = None
+        self._slots.put(conn)
 
     def close(self):
-        while True:
+        for _ in range(self.size):
             try:
-                self._idle.get_nowait().close()
+                conn = self._slots.get(timeout=self.acquire_timeout)
             except queue.Empty:
                 return
+            if conn is not None:
+                conn.close()
 
     @contextmanager
     def connection(self):
@@ -128,14 +132,21 @@ def close_db(_error=None):
 @contextmanager
 def transaction(conn):
     """One transaction: commit when the block ends, roll back on any error."""
-    try:
-        with conn.cursor() as cur:
+    with conn.cursor() as cur:
+        cur.execute("BEGIN")
+        try:
             yield cur
-        conn.commit()
-    except BaseException:
-        if not conn.closed:
-            conn.rollback()
-        raise
+        except BaseException:
+            if not conn.closed:
+                try:
+                    cur.execute("ROLLBACK")
+                except psycopg2.Error:
+                    pass  # the connection broke; the pool replaces it
+            raise
+        cur.execute("COMMIT")
+
+
+_PARAMETER = re.compile(r"%\((\w+)\)s")
 
 
 class Queries:
@@ -143,6 +154,7 @@ class Queries:
 
     def __init__(self, directory: Path = QUERIES_DIR):
         self._sql = {}
+        self._prepared = {}
         for path in sorted(directory.glob("*.sql")):
             for match in re.finditer(r"^-- name: (\w+)\n(.*?)(?=^-- name: |\Z)", path.read_text(), re.M | re.S):
                 name, body = match.group(1), match.group(2).strip().rstrip(";")
@@ -156,8 +168,37 @@ class Queries:
         except KeyError:
             raise AttributeError(f"no query named {name}") from None
 
+    def prepared(self, name: str) -> tuple[str, str, list[str]]:
+        """(PREPARE statement, EXECUTE template, parameter names in order) for a named query."""
+        if name not in self._prepared:
+            self._prepared[name] = self._prepare(name)
+        return self._prepared[name]
+
+    def _prepare(self, name: str) -> tuple[str, str, list[str]]:
+        names: list[str] = []
+
+        def positional(match):
+            if match.group(1) not in names:
+                names.append(match.group(1))
+            return f"${names.index(match.group(1)) + 1}"
+
+        body = _PARAMETER.sub(positional, getattr(self, name))
+        placeholders = ", ".join(["%s"] * len(names))
+        return f"PREPARE {name} AS {body}", f"EXECUTE {name} ({placeholders})" if names else f"EXECUTE {name}", names
+
 
 sql = Queries()
+
+
+def execute_prepared(cur, name: str, params: dict, *, prefix: str = "", suffix: str = ""):
+    """Run a named query as a server-side prepared statement, for the hot path: PostgreSQL plans
+    it once per connection instead of on every request. `prefix` and `suffix` (other statements)
+    travel in the same round trip; the cursor holds the result of the last statement."""
+    prepare, execute, names = sql.prepared(name)
+    if name not in cur.connection.kms_prepared:
+        cur.execute(prepare)
+        cur.connection.kms_prepared.add(name)
+    cur.execute(prefix + execute + suffix, [params[key] for key in names])
 
 
 def migration_files() -> list[tuple[int, str, Path]]:
@@ -181,7 +222,6 @@ def migrate(dsn: str) -> list[str]:
     applied = []
     conn = connect(dsn, options="-c lock_timeout=0 -c statement_timeout=0", application_name="kms-migrate")
     try:
-        conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_ID,))
             try:
@@ -195,14 +235,11 @@ def migrate(dsn: str) -> list[str]:
                 for version, name, path in migration_files():
                     if version in done:
                         continue
-                    conn.autocommit = False
                     with transaction(conn) as tx:
                         tx.execute(path.read_text())
                         tx.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name))
-                    conn.autocommit = True
                     applied.append(f"{version:03d}_{name}")
             finally:
-                conn.autocommit = True
                 cur.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_ID,))
     finally:
         conn.close()

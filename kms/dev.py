@@ -31,7 +31,7 @@ def dev_environment(database_url: str) -> dict:
         "ENV": "development",
         "SERVER_HOST": os.environ.get("SERVER_HOST", "127.0.0.1"),
         "SERVER_PORT": os.environ.get("SERVER_PORT", "8080"),
-        "SERVER_THREADS": os.environ.get("SERVER_THREADS", "8"),
+        "SERVER_THREADS": os.environ.get("SERVER_THREADS", "16"),
         "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
         "MASTER_ADMIN_USERNAME": "admin",
         "MASTER_ADMIN_PASSWORD": _dev_password(),

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from kms import crypto, db
 from kms.auth.passwords import PasswordHasher
+from kms.auth.tokencache import VerifiedTokenCache
 from kms.config import ConfigError, Settings
 from kms.observability import Metrics
 
@@ -22,6 +23,7 @@ class Kms:
     metrics: Metrics
     passwords: PasswordHasher
     audit_key: bytes
+    verified_tokens: VerifiedTokenCache
 
     @classmethod
     def start(cls, settings: Settings) -> "Kms":
@@ -35,6 +37,7 @@ class Kms:
             # Its own key, derived from DB_SECRET: someone with database access alone cannot
             # recompute the audit chain.
             audit_key=crypto.keyed_hash(settings.db_secret, b"kms-audit-chain-v1"),
+            verified_tokens=VerifiedTokenCache(),
         )
         with kms.pool.connection() as conn:
             check_secrets(conn, settings)

@@ -25,14 +25,21 @@ class Blueprint(flask_smorest.Blueprint):
 
 
 def bearer_claims() -> TokenClaims:
-    """Verify the bearer token's signature, expiry and type (flask-jwt-extended). Whether its
-    session is still live is checked by the service, against the database."""
+    """Verify the bearer token's signature, expiry and type (flask-jwt-extended), once per token.
+    Whether its session is still live is checked by the service, against the database."""
+    cache = current_app.extensions["kms"].verified_tokens
+    header = request.headers.get("Authorization", "")
+    cached = cache.get(header)
+    if cached is not None:
+        return cached
     verify_jwt_in_request()
     claims = get_jwt()
     try:
-        return TokenClaims(client_id=uuid.UUID(claims["sub"]), jti=uuid.UUID(claims["jti"]))
+        verified = TokenClaims(client_id=uuid.UUID(claims["sub"]), jti=uuid.UUID(claims["jti"]))
     except (KeyError, TypeError, ValueError):
         raise Unauthorized("The token is not a KMS access token.") from None
+    cache.put(header, verified, claims["exp"])
+    return verified
 
 
 def context(*, authenticated: bool = True) -> Context:

@@ -9,6 +9,7 @@ import pytest
 
 from kms.audit.service import record, seal_pending, verify_chain
 from kms.context import Context
+from kms.db import connect, transaction
 from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, bearer
 
 RAW_REF = "ref-zq9-quartz-ledger"
@@ -175,11 +176,11 @@ def test_concurrent_appends_and_sealers_make_one_consistent_chain(app):
     errors = []
 
     def append(worker):
-        conn = psycopg2.connect(kms.settings.database_url)
+        conn = connect(kms.settings.database_url)
         try:
             ctx = Context(kms=kms, conn=conn, origin="cli")
             for i in range(per_thread):
-                with conn, conn.cursor() as cur:
+                with transaction(conn) as cur:
                     record(cur, ctx, "test.append", target=f"{worker}-{i}")
                 if i % 5 == 0:
                     seal_pending(conn, kms.audit_key)  # sealers race each other and the appenders

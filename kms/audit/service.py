@@ -19,11 +19,9 @@ GENESIS = b"\x00" * 32
 SEAL_BATCH = 2000
 
 
-def record(cur, ctx: Context, action: str, outcome: str = "success", *, target: str | None = None,
-           version: int | None = None, actor: str | None = None, durable: bool = True):
-    """Write an event in the caller's transaction. `durable=False` lets that transaction commit
-    without waiting for the disk flush (for reads, whose record matters less than their speed);
-    it stays atomic either way."""
+def new_event(ctx: Context, action: str, outcome: str = "success", *, target: str | None = None,
+              version: int | None = None, actor: str | None = None) -> dict:
+    """The parameters of one insert_audit_event, with its MAC."""
     event = {
         "event_id": uuid.uuid4(),
         "at": datetime.now(timezone.utc),
@@ -36,10 +34,26 @@ def record(cur, ctx: Context, action: str, outcome: str = "success", *, target: 
         "source_ip": ctx.source_ip,
     }
     event["row_mac"] = row_mac(ctx.kms.audit_key, event)
-    statement = db.sql.insert_audit_event
-    if not durable:
-        statement = db.sql.relax_commit_durability + ";\n" + statement  # one round trip for both
-    cur.execute(statement, event)
+    return event
+
+
+def lookup_event(ctx: Context, target: str, version: int | None) -> dict:
+    """The audit parameters of a key look-up whose outcome the database decides: a MAC for each
+    possible outcome, so the record is written in the look-up's own statement."""
+    event = new_event(ctx, "key.lookup", "success", target=target, version=version)
+    parts = _mac_parts(event)
+    for outcome in ("not_found", "gone"):
+        parts[OUTCOME_PART] = outcome.encode()
+        event[f"mac_{outcome}"] = crypto.keyed_hash(ctx.kms.audit_key, ROW_MAC_PURPOSE, *parts)
+    event["mac_success"] = event["row_mac"]
+    return event
+
+
+def record(cur, ctx: Context, action: str, outcome: str = "success", *, target: str | None = None,
+           version: int | None = None, actor: str | None = None):
+    """Write an event in the caller's transaction: it commits with the change it describes."""
+    event = new_event(ctx, action, outcome, target=target, version=version, actor=actor)
+    db.execute_prepared(cur, "insert_audit_event", event)
 
 
 def record_alone(ctx: Context, action: str, outcome: str, **fields):
@@ -56,10 +70,17 @@ def _text(value) -> bytes:
     return str(value).encode()
 
 
+MAC_FIELDS = ("event_id", "at", "actor", "action", "target", "version", "outcome", "request_id", "source_ip")
+OUTCOME_PART = MAC_FIELDS.index("outcome")
+ROW_MAC_PURPOSE = b"kms-audit-row-v1"
+
+
+def _mac_parts(event: dict) -> list[bytes]:
+    return [_text(event[name]) for name in MAC_FIELDS]
+
+
 def row_mac(key: bytes, event: dict) -> bytes:
-    return crypto.keyed_hash(key, b"kms-audit-row-v1", *(
-        _text(event[name]) for name in
-        ("event_id", "at", "actor", "action", "target", "version", "outcome", "request_id", "source_ip")))
+    return crypto.keyed_hash(key, ROW_MAC_PURPOSE, *_mac_parts(event))
 
 
 def chain_hash(key: bytes, previous: bytes, position: int, mac: bytes) -> bytes:

@@ -8,7 +8,7 @@ def authenticate(cur, ctx: Context) -> Caller:
     """The token's session must be live and its client active: revocation takes effect at once."""
     if ctx.claims is None:
         raise Unauthorized()
-    cur.execute(db.sql.authenticate, {"jti": ctx.claims.jti, "client_id": ctx.claims.client_id})
+    db.execute_prepared(cur, "authenticate", {"jti": ctx.claims.jti, "client_id": ctx.claims.client_id})
     row = cur.fetchone()
     if row is None:
         raise Unauthorized("The token has been revoked or has expired; log in again.")

@@ -1,22 +1,38 @@
 -- name: lookup_key
--- The hot path, one statement: the token check, the key, its current version and (when asked)
--- one more version. No row at all means the token is not live; a row with a NULL key_id means
--- the caller has no such key.
+-- The hot path in one statement and one round trip: the token check, the key, its current version,
+-- the requested one, and the audit record of the look-up (its MAC precomputed for each outcome).
+-- No row at all means the token is not live; outcome says what the caller gets.
 WITH caller AS (
     SELECT c.id
     FROM sessions s JOIN clients c ON c.id = s.client_id
     WHERE s.jti = %(jti)s AND s.client_id = %(client_id)s
       AND s.revoked_at IS NULL AND s.expires_at > now() AND c.status = 'active'
+), found AS (
+    SELECT k.id AS key_id,
+           k.rotation_period_ms IS NOT NULL
+             AND cur.created_at + k.rotation_period_ms * interval '1 millisecond' <= now() AS rotation_due,
+           cur.version AS cur_version, cur.kek_version AS cur_kek, cur.wrapped_dek AS cur_wrapped,
+           req.version AS req_version, req.state AS req_state, req.kek_version AS req_kek,
+           req.wrapped_dek AS req_wrapped,
+           CASE WHEN k.id IS NULL OR (%(version)s::integer IS NOT NULL AND req.version IS NULL) THEN 'not_found'
+                WHEN req.state = 'retired' THEN 'gone'
+                ELSE 'success' END AS outcome
+    FROM caller
+    LEFT JOIN keys k ON k.client_id = caller.id AND k.ref_hash = %(ref_hash)s AND k.deleted_at IS NULL
+    LEFT JOIN key_versions cur ON cur.key_id = k.id AND cur.state = 'in-use'
+    LEFT JOIN key_versions req ON req.key_id = k.id AND req.version = %(version)s::integer
+), audited AS (
+    INSERT INTO audit_events (event_id, at, actor, action, target, version, outcome, request_id, source_ip, row_mac)
+    SELECT %(event_id)s::uuid, %(at)s::timestamptz, %(actor)s::text, 'key.lookup', %(target)s::text,
+           %(version)s::integer, outcome, %(request_id)s::uuid, %(source_ip)s::text,
+           CASE outcome WHEN 'success' THEN %(mac_success)s::bytea
+                        WHEN 'not_found' THEN %(mac_not_found)s::bytea
+                        ELSE %(mac_gone)s::bytea END
+    FROM found WHERE %(audit)s::boolean
 )
-SELECT k.id,
-       k.rotation_period_ms IS NOT NULL
-         AND cur.created_at + k.rotation_period_ms * interval '1 millisecond' <= now() AS rotation_due,
-       cur.version, cur.kek_version, cur.wrapped_dek,
-       req.version, req.state, req.kek_version, req.wrapped_dek
-FROM caller
-LEFT JOIN keys k ON k.client_id = caller.id AND k.ref_hash = %(ref_hash)s AND k.deleted_at IS NULL
-LEFT JOIN key_versions cur ON cur.key_id = k.id AND cur.state = 'in-use'
-LEFT JOIN key_versions req ON req.key_id = k.id AND req.version = %(version)s;
+SELECT key_id, rotation_due, cur_version, cur_kek, cur_wrapped, req_version, req_state, req_kek, req_wrapped,
+       outcome
+FROM found;
 
 -- name: lock_generate
 -- Parallel generates of one reference: the first takes this lock, the others see it taken and
