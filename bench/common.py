@@ -166,17 +166,21 @@ def wrk(base_url: str, method: str, path: str, *, connections: int, seconds: int
     latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", output, re.M))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     socket_errors = re.search(r"Socket errors: (.*)", output)
+    requests = int(re.search(r"(\d+) requests in", output).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    non_2xx = int(errors.group(1)) if errors else 0
     return {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),
+        "rps": rps,
+        "ok_rps": rps * (requests - non_2xx) / requests if requests else 0.0,
         "p50_ms": _seconds(latency["50"]) * 1000,
         "p99_ms": _seconds(latency["99"]) * 1000,
-        "non_2xx": int(errors.group(1)) if errors else 0,
+        "non_2xx": non_2xx,
         "socket_errors": socket_errors.group(1) if socket_errors else "",
     }
 
 
 def row(label: str, result: dict) -> str:
-    extra = f"  non-2xx {result['non_2xx']}" if result["non_2xx"] else ""
+    extra = f"  non-2xx {result['non_2xx']} (2xx: {result['ok_rps']:.1f}/s)" if result["non_2xx"] else ""
     extra += f"  socket errors: {result['socket_errors']}" if result["socket_errors"] else ""
     return (f"{label:<44} {result['rps']:>9.1f} req/s   p50 {result['p50_ms']:>7.2f} ms"
             f"   p99 {result['p99_ms']:>7.2f} ms{extra}")

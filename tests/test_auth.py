@@ -79,14 +79,39 @@ def test_signup_token_works_once(client, auth):
     assert second.status_code == 401 and second.json()["error"] == "invalid_signup_token"
 
 
-def test_parallel_signups_with_one_token_create_exactly_one_client(client, auth, db):
-    token = auth.signup_token("billing")
-    with ThreadPoolExecutor(10) as pool:
-        statuses = sorted(pool.map(lambda _: signup(client, token).status_code, range(10)))
+def test_parallel_signups_with_one_token_create_exactly_one_client(make_app):
+    # Enough server threads that all ten are admitted to hashing and race to consume the token.
+    app = make_app(SERVER_THREADS=40)
+    from tests.conftest import HttpClient, serve_in_thread, AuthActions
+    server, base_url = serve_in_thread(app, threads=40)
+    try:
+        with HttpClient(base_url) as http:
+            token = AuthActions(http).signup_token("billing")
+            with ThreadPoolExecutor(10) as pool:
+                statuses = sorted(pool.map(lambda _: signup(http, token).status_code, range(10)))
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown(timeout=5)
     assert statuses == [200] + [401] * 9
-    with db.cursor() as cur:
+    with app.extensions["kms"].pool.connection() as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM clients WHERE role = 'client'")
         assert cur.fetchone()[0] == 1
+
+
+def test_a_login_flood_is_turned_away_instead_of_taking_every_server_thread(client, auth):
+    """SERVER_THREADS=4 admits 2 logins at a time: the rest get 429 at once, and key requests
+    still find free threads."""
+    token = auth.new_client()
+    body = {"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}
+    with ThreadPoolExecutor(12) as pool:
+        logins = [pool.submit(client.post, "/auth/login", json=body) for _ in range(12)]
+        lookup = pool.submit(client.get, "/keys", headers=bearer(token))
+        statuses = [future.result().status_code for future in logins]
+        assert lookup.result().status_code == 200
+    assert 200 in statuses and 429 in statuses
+    assert set(statuses) <= {200, 429}
+    refused = next(f.result() for f in logins if f.result().status_code == 429)
+    assert refused.headers["Retry-After"] == "1"
 
 
 def test_expired_signup_token_is_401(client, auth, db):

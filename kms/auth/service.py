@@ -78,7 +78,13 @@ def signup(ctx: Context, token: str, password: str) -> Grant:
     if not usable:
         record_alone(ctx, "signup", "denied")
         raise Unauthorized(SIGNUP_TOKEN_REFUSED, code="invalid_signup_token")
-    password_hash = kms.passwords.hash(password)
+    with kms.passwords.admission():
+        password_hash = kms.passwords.hash(password)
+    return _register(ctx, token_hash, password_hash)
+
+
+def _register(ctx: Context, token_hash: bytes, password_hash: str) -> Grant:
+    kms = ctx.kms
     client_id = uuid.uuid4()
     with db.transaction(ctx.conn) as cur:
         cur.execute(db.sql.consume_signup_token, {"token_hash": token_hash})
@@ -114,6 +120,11 @@ def _check_throttle(cur, ctx: Context, client_subject: str):
 def login(ctx: Context, clientname: str, password: str) -> Grant:
     """Unknown client, wrong password and disabled client get the same answer in about the same
     time: an unknown client's password is checked against a dummy hash."""
+    with ctx.kms.passwords.admission():
+        return _login(ctx, clientname, password)
+
+
+def _login(ctx: Context, clientname: str, password: str) -> Grant:
     kms = ctx.kms
     name_hash = hash_clientname(kms, clientname)
     subject = name_hash.hex()
