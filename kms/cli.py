@@ -151,9 +151,11 @@ def audit_seal():
 @audit.command("verify")
 def audit_verify():
     """Seal what is pending, walk the chain, exit 1 naming the first bad row."""
-    from kms.audit.service import verify_chain
+    from kms.audit.service import record_alone, verify_chain
     with cli_context() as ctx:
         result = verify_chain(ctx.conn, ctx.kms.audit_key)
+        record_alone(ctx, "audit.verify", "success" if result.ok else "broken",
+                     target=None if result.ok else str(result.seq))
     if not result.ok:
         click.echo(f"audit chain BROKEN at seq {result.seq}: {result.problem} ({result.checked} rows verified before it)",
                    err=True)

@@ -90,7 +90,7 @@ CREATE TABLE secret_checks (
 -- sealed into the chain (one sealer at a time), so appends never wait on a global lock.
 CREATE TABLE audit_events (
     seq        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    event_id   uuid NOT NULL UNIQUE,
+    event_id   uuid NOT NULL,                   -- random, covered by row_mac
     at         timestamptz NOT NULL,
     actor      text NOT NULL,
     action     text NOT NULL,
@@ -100,8 +100,10 @@ CREATE TABLE audit_events (
     request_id uuid,
     source_ip  text,
     row_mac    bytea NOT NULL,
-    chain_pos  bigint UNIQUE,
+    chain_pos  bigint,
     chain_hash bytea,
     CHECK ((chain_pos IS NULL) = (chain_hash IS NULL))
 );
+-- Partial indexes: an append touches only the primary key and the small "unsealed" index.
+CREATE UNIQUE INDEX audit_events_chain ON audit_events (chain_pos) WHERE chain_pos IS NOT NULL;
 CREATE INDEX audit_events_unsealed ON audit_events (seq) WHERE chain_pos IS NULL;
