@@ -27,11 +27,6 @@ def b64url(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode()
 
 
-def b64url_decode(text: str) -> bytes:
-    text = text.rstrip("=")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def keyed_hash(key: bytes, purpose: bytes, *parts: bytes) -> bytes:
     """HMAC-SHA256 over length-prefixed parts, so ("ab", "c") and ("a", "bc") differ."""
     message = [purpose]

@@ -33,10 +33,3 @@ class StrictSchema(Schema):
 
 def Milliseconds(**kwargs):
     return fields.Integer(strict=True, **kwargs)
-
-
-class ErrorSchema(Schema):
-    error = fields.String(required=True, metadata={"description": "snake_case error code"})
-    message = fields.String(required=True)
-    requestId = fields.String(required=True)
-    fields_ = fields.Dict(data_key="fields", keys=fields.String(), values=fields.List(fields.String()))

@@ -41,6 +41,21 @@ def _owner(ctx: Context) -> uuid.UUID:
     return ctx.claims.client_id
 
 
+def _address(ctx: Context, reference: str) -> tuple[uuid.UUID, bytes]:
+    """The caller's id and the hashed reference: how a key is found."""
+    owner_id = _owner(ctx)
+    return owner_id, hash_key_reference(ctx.kms, owner_id, reference)
+
+
+def _lock_key(cur, owner_id: uuid.UUID, ref_hash: bytes) -> tuple[int, int]:
+    """Lock the caller's live key row (rotations queue here); its id and current version."""
+    cur.execute(db.sql.lock_key, {"client_id": owner_id, "ref_hash": ref_hash})
+    row = cur.fetchone()
+    if row is None:
+        raise NotFound(NO_SUCH_KEY)
+    return row
+
+
 def _material(ctx: Context, dek: bytes, version: int) -> KeyMaterial:
     return KeyMaterial(dek, version, datetime.now(timezone.utc) + timedelta(milliseconds=ctx.kms.settings.dek_cache_ms))
 
@@ -67,8 +82,7 @@ def _add_version(cur, ctx: Context, key_id: int, owner_id, ref_hash: bytes, vers
 
 
 def generate_key(ctx: Context, reference: str) -> KeyMaterial:
-    owner_id = _owner(ctx)
-    ref_hash = hash_key_reference(ctx.kms, owner_id, reference)
+    owner_id, ref_hash = _address(ctx, reference)
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
         cur.execute(db.sql.lock_generate, {"lock_key": int.from_bytes(ref_hash[:8], "big", signed=True)})
@@ -88,8 +102,7 @@ def generate_key(ctx: Context, reference: str) -> KeyMaterial:
 def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[KeyMaterial, KeyMaterial]:
     """(decryptWith, encryptWith). One statement, one round trip: it checks the token, reads both
     versions and writes the audit record."""
-    owner_id = _owner(ctx)
-    ref_hash = hash_key_reference(ctx.kms, owner_id, reference)
+    owner_id, ref_hash = _address(ctx, reference)
     params = {"jti": ctx.claims.jti, "client_id": owner_id, "ref_hash": ref_hash, "version": version,
               "audit": ctx.kms.settings.audit_key_lookups,
               **lookup_event(ctx, target=ref_hash.hex(), version=version)}
@@ -140,15 +153,10 @@ def _rotate_if_due(ctx: Context, key_id: int) -> KeyMaterial | None:
 def rotate_key(ctx: Context, reference: str) -> KeyMaterial:
     """One transaction holding the key's row lock: parallel rotations queue briefly and yield
     contiguous versions with exactly one in use."""
-    owner_id = _owner(ctx)
-    ref_hash = hash_key_reference(ctx.kms, owner_id, reference)
+    owner_id, ref_hash = _address(ctx, reference)
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
-        cur.execute(db.sql.lock_key, {"client_id": owner_id, "ref_hash": ref_hash})
-        row = cur.fetchone()
-        if row is None:
-            raise NotFound(NO_SUCH_KEY)
-        key_id, current = row
+        key_id, current = _lock_key(cur, owner_id, ref_hash)
         material = _add_version(cur, ctx, key_id, owner_id, ref_hash, current + 1)
         record(cur, ctx, "key.rotate", target=ref_hash.hex(), version=material.version)
     return material
@@ -156,8 +164,7 @@ def rotate_key(ctx: Context, reference: str) -> KeyMaterial:
 
 def delete_key(ctx: Context, reference: str):
     """Stop serving the key now; destroy it after KEY_DELETION_WAIT (0: now)."""
-    owner_id = _owner(ctx)
-    ref_hash = hash_key_reference(ctx.kms, owner_id, reference)
+    owner_id, ref_hash = _address(ctx, reference)
     wait = timedelta(milliseconds=ctx.kms.settings.key_deletion_wait_ms)
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
@@ -172,8 +179,7 @@ def delete_key(ctx: Context, reference: str):
 
 
 def restore_key(ctx: Context, reference: str) -> dict:
-    owner_id = _owner(ctx)
-    ref_hash = hash_key_reference(ctx.kms, owner_id, reference)
+    owner_id, ref_hash = _address(ctx, reference)
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
         cur.execute(db.sql.restore_key, {"client_id": owner_id, "ref_hash": ref_hash})
@@ -188,15 +194,10 @@ def restore_key(ctx: Context, reference: str) -> dict:
 
 def retire_versions(ctx: Context, reference: str, below_version: int) -> dict:
     """Retire every version below `below_version`: never served again, wrapped material erased."""
-    owner_id = _owner(ctx)
-    ref_hash = hash_key_reference(ctx.kms, owner_id, reference)
+    owner_id, ref_hash = _address(ctx, reference)
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
-        cur.execute(db.sql.lock_key, {"client_id": owner_id, "ref_hash": ref_hash})
-        row = cur.fetchone()
-        if row is None:
-            raise NotFound(NO_SUCH_KEY)
-        key_id, current = row
+        key_id, current = _lock_key(cur, owner_id, ref_hash)
         if below_version > current:
             raise BadRequest("belowVersion may be at most the current version; the in-use version cannot be retired.",
                              code="validation_failed", fields={"belowVersion": [f"Must be at most {current}."]})
@@ -207,8 +208,7 @@ def retire_versions(ctx: Context, reference: str, below_version: int) -> dict:
 
 
 def set_rotation_period(ctx: Context, reference: str, period_ms: int | None) -> dict:
-    owner_id = _owner(ctx)
-    ref_hash = hash_key_reference(ctx.kms, owner_id, reference)
+    owner_id, ref_hash = _address(ctx, reference)
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
         cur.execute(db.sql.set_rotation_period, {"client_id": owner_id, "ref_hash": ref_hash, "period": period_ms})
@@ -240,8 +240,7 @@ def list_keys(ctx: Context) -> list[dict]:
 
 
 def list_versions(ctx: Context, reference: str) -> list[dict]:
-    owner_id = _owner(ctx)
-    ref_hash = hash_key_reference(ctx.kms, owner_id, reference)
+    owner_id, ref_hash = _address(ctx, reference)
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
         cur.execute(db.sql.key_versions, {"client_id": owner_id, "ref_hash": ref_hash})

@@ -29,9 +29,6 @@ SELECT seq, event_id, at, actor, action, target, version, outcome, request_id, s
        chain_pos, chain_hash
 FROM audit_events WHERE chain_pos > %(after_pos)s ORDER BY chain_pos LIMIT %(limit)s;
 
--- name: unsealed_audit_count
-SELECT count(*) FROM audit_events WHERE chain_pos IS NULL;
-
 -- name: relax_commit_durability
 SET LOCAL synchronous_commit TO off;
 

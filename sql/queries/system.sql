@@ -7,6 +7,3 @@ SELECT name, check_value FROM secret_checks;
 
 -- name: kek_versions_in_use
 SELECT DISTINCT kek_version FROM key_versions WHERE wrapped_dek IS NOT NULL;
-
--- name: ping
-SELECT 1;

@@ -1,0 +1,206 @@
+"""Python SDK for the KMS: log in, fetch and cache DEKs, and encrypt/decrypt with them.
+
+    from kms_client import Client
+    kms = Client()                                  # KMS_BASE_URL, KMS_USER, KMS_PASS
+    blob = kms.encrypt("invoices-db", b"secret", aad=b"invoice:42")
+    kms.decrypt("invoices-db", blob, aad=b"invoice:42")
+
+Only the standard library and `cryptography`. DEKs are cached in memory until the server's
+`expiresAt`, in a bounded cache; the token until it expires. A 401 logs in again once; 429 and
+503 are retried with backoff, honouring Retry-After.
+"""
+import base64
+import json
+import os
+import ssl
+import struct
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+__all__ = ["Client", "Key", "KeyBundle", "KmsError"]
+
+BLOB_MAGIC = b"KMS1"  # blob: magic | version (4 bytes, big endian) | nonce (12) | ciphertext+tag
+
+
+class KmsError(Exception):
+    """An error answer from the KMS (its code and message; never a secret) or a bad blob."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass(frozen=True, repr=False)
+class Key:
+    dek: bytes
+    version: int
+    expires_at: float  # epoch seconds: cache no longer than this
+
+    def __repr__(self):  # never print key material
+        return f"Key(version={self.version})"
+
+
+@dataclass(frozen=True)
+class KeyBundle:
+    decrypt_with: Key
+    encrypt_with: Key
+
+
+def _key(body: dict) -> Key:
+    dek = body["dek"]
+    return Key(dek=base64.urlsafe_b64decode(dek + "=" * (-len(dek) % 4)), version=body["version"],
+               expires_at=datetime.fromisoformat(body["expiresAt"].replace("Z", "+00:00")).timestamp())
+
+
+def _segment(reference: str) -> str:
+    return urllib.parse.quote(reference, safe="")
+
+
+class Client:
+    def __init__(self, base_url: str | None = None, clientname: str | None = None, password: str | None = None,
+                 verify: bool | str = True, cache_size: int = 1024, retries: int = 3, timeout: float = 10.0):
+        self.base_url = (base_url or os.environ.get("KMS_BASE_URL") or "http://127.0.0.1:8080").rstrip("/")
+        self.clientname = clientname or os.environ.get("KMS_USER")
+        self._password = password or os.environ.get("KMS_PASS")
+        self.retries, self.timeout = retries, timeout
+        if verify is False:
+            self._ssl = ssl._create_unverified_context()  # noqa: S323 - the caller asked for it
+        else:
+            self._ssl = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+        self._token: str | None = None
+        self._token_expires = 0.0
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def __repr__(self):
+        return f"Client(base_url={self.base_url!r}, clientname={self.clientname!r})"
+
+    # HTTP
+
+    def _send(self, method: str, path: str, body: dict | None, token: str | None):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base_url + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout, context=self._ssl) as response:
+                    text = response.read()
+                    return json.loads(text) if text else None
+            except urllib.error.HTTPError as error:
+                payload = error.read()
+                if error.code in (429, 503) and attempt < self.retries:
+                    retry_after = error.headers.get("Retry-After", "")
+                    time.sleep(min(float(retry_after) if retry_after.isdigit() else 0.2 * 2 ** attempt, 10))
+                    continue
+                try:
+                    answer = json.loads(payload)
+                    raise KmsError(error.code, answer.get("error", "error"), answer.get("message", "")) from None
+                except ValueError:
+                    raise KmsError(error.code, "error", "unexpected answer") from None
+        raise AssertionError("unreachable")
+
+    def _token_for_request(self) -> str:
+        with self._lock:
+            if self._token is None or time.time() > self._token_expires - 30:
+                if not (self.clientname and self._password):
+                    raise KmsError(401, "unauthorized", "no credentials: set KMS_USER and KMS_PASS")
+                body = self._send("POST", "/auth/login", {"clientname": self.clientname, "password": self._password},
+                                  None)
+                self._adopt_token(body)
+            return self._token
+
+    def _adopt_token(self, body: dict):
+        self._token = body["token"]
+        self._token_expires = datetime.fromisoformat(body["expiresAt"].replace("Z", "+00:00")).timestamp()
+
+    def _call(self, method: str, path: str, body: dict | None = None):
+        try:
+            return self._send(method, path, body, self._token_for_request())
+        except KmsError as error:
+            if error.status != 401:
+                raise
+            with self._lock:
+                self._token = None  # revoked or expired: log in again, once
+            return self._send(method, path, body, self._token_for_request())
+
+    # Authentication
+
+    def signup(self, signup_token: str, password: str) -> None:
+        """Register with a signup token; the client is then logged in."""
+        self._adopt_token(self._send("POST", "/auth/signup", {"token": signup_token, "password": password}, None))
+        self._password = password
+
+    def logout(self) -> None:
+        if self._token:
+            self._send("POST", "/auth/logout", None, self._token)
+        self._token = None
+
+    # Keys
+
+    def _remember(self, cache_key, value):
+        with self._lock:
+            self._cache[cache_key] = value
+            self._cache.move_to_end(cache_key)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+
+    def _forget(self, reference: str):
+        with self._lock:
+            for cache_key in [k for k in self._cache if k[0] == reference]:
+                del self._cache[cache_key]
+
+    def get_key(self, reference: str, version: int | None = None) -> KeyBundle:
+        cache_key = (reference, version)
+        with self._lock:
+            cached = self._cache.get(cache_key)
+        if cached and cached.encrypt_with.expires_at > time.time():
+            return cached
+        path = f"/keys/{_segment(reference)}" + ("" if version is None else f"/{int(version)}")
+        body = self._call("GET", path)
+        bundle = KeyBundle(decrypt_with=_key(body["decryptWith"]), encrypt_with=_key(body["encryptWith"]))
+        self._remember(cache_key, bundle)
+        return bundle
+
+    def generate_key(self, reference: str) -> Key:
+        return _key(self._call("POST", "/keys/actions/generate", {"keyReference": reference}))
+
+    def rotate_key(self, reference: str) -> Key:
+        self._forget(reference)
+        return _key(self._call("POST", f"/keys/{_segment(reference)}/actions/rotate"))
+
+    def delete_key(self, reference: str) -> None:
+        self._forget(reference)
+        self._call("DELETE", f"/keys/{_segment(reference)}/actions/delete")
+
+    # Encryption with the key's DEK
+
+    def encrypt(self, reference: str, plaintext: bytes, aad: bytes = b"") -> bytes:
+        """AES-256-GCM under the key's current DEK; the blob records the version it used."""
+        key = self.get_key(reference).encrypt_with
+        header = BLOB_MAGIC + struct.pack(">I", key.version)
+        nonce = os.urandom(12)
+        return header + nonce + AESGCM(key.dek).encrypt(nonce, plaintext, header + aad)
+
+    def decrypt(self, reference: str, blob: bytes, aad: bytes = b"") -> bytes:
+        if len(blob) < 8 + 12 + 16 or blob[:4] != BLOB_MAGIC:
+            raise KmsError(400, "bad_blob", "not a KMS blob")
+        header, nonce, ciphertext = blob[:8], blob[8:20], blob[20:]
+        version = struct.unpack(">I", header[4:])[0]
+        key = self.get_key(reference, version).decrypt_with
+        try:
+            return AESGCM(key.dek).decrypt(nonce, ciphertext, header + aad)
+        except InvalidTag:
+            raise KmsError(400, "bad_blob", "the blob was altered, or the key or aad differs") from None
