@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 
+import psycopg2
 from dotenv import load_dotenv
 
 from kms import create_app  # noqa: F401  (flask --app app finds the factory here)
@@ -17,7 +18,6 @@ log = logging.getLogger("kms")
 
 
 def serve(app):
-    import os as _os; sys.setswitchinterval(float(_os.environ.get("SWITCH", "0.005")))
     """Serve with waitress until SIGTERM or Ctrl-C, then stop cleanly."""
     import waitress
     from kms.audit.sealer import start_sealer
@@ -70,6 +70,10 @@ def main(argv: list[str]) -> int:
     except ConfigError as error:
         print(f"configuration error: {error.message}", file=sys.stderr)
         return 2
+    except psycopg2.OperationalError as error:
+        # libpq's message names host and port, never the password.
+        print(f"database unavailable: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        return 3
     finally:
         log_writer.close()  # flush what is buffered
     return 0
