@@ -6,11 +6,14 @@ from flask_jwt_extended import JWTManager
 from flask_smorest import Api
 
 from kms import db, errors
+from schemas.common import ErrorSchema
 
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
 
 class KmsApi(Api):
+    ERROR_SCHEMA = ErrorSchema  # so /openapi.json documents the envelope we answer with
+
     def handle_http_exception(self, error):
         return errors.handle_http_exception(error)
 
@@ -64,7 +67,8 @@ def readyz():
 def register_api(app):
     _register_jwt(app)
     app.before_request(_require_json_bodies)
-    api = KmsApi(app, spec_kwargs={"info": {"description": "Envelope-encryption key management service."}})
+    api = KmsApi(app, spec_kwargs={"info": {"description": "Envelope-encryption key management service."},
+                                    "security": [{"bearerAuth": []}]})
     api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"})
 
     from kms.audit.routes import bp as audit_bp

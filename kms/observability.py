@@ -47,7 +47,7 @@ class BatchingHandler(logging.Handler):
 
     def __init__(self, stream, interval: float = 0.25, max_pending: int = 100_000):
         super().__init__()
-        self.stream = stream
+        self.stream = getattr(stream, "buffer", stream)  # bytes go straight to the file
         self.interval = interval
         self._pending: deque = deque(maxlen=max_pending)
         self._write_lock = threading.Lock()
@@ -74,7 +74,9 @@ class BatchingHandler(logging.Handler):
             while self._pending:
                 lines.append(self._pending.popleft())
             if lines:
-                self.stream.write("\n".join(lines) + "\n")
+                # One write for the batch: a line-buffered text stream (stderr is one) would make
+                # a syscall per line, each giving up the GIL and queueing to get it back.
+                self.stream.write(("\n".join(lines) + "\n").encode())
                 self.stream.flush()
 
     def _write_periodically(self):

@@ -33,3 +33,12 @@ class StrictSchema(Schema):
 
 def Milliseconds(**kwargs):
     return fields.Integer(strict=True, **kwargs)
+
+
+class ErrorSchema(Schema):
+    """The envelope of every error answer; documented for every route in /openapi.json."""
+    error = fields.String(required=True, metadata={"description": "snake_case error code"})
+    message = fields.String(required=True, metadata={"description": "what the caller can do"})
+    requestId = fields.String(required=True, allow_none=True)
+    problems = fields.Dict(data_key="fields", keys=fields.String(), values=fields.List(fields.String()),
+                           metadata={"description": "validation problems by field"})

@@ -15,6 +15,7 @@ def generate_signup_token(body):
 
 
 @bp.route("/signup", methods=["POST"])
+@bp.doc(security=[])
 @bp.arguments(SignupRequest)
 @bp.response(200, TokenResponse)
 def signup(body):
@@ -24,6 +25,7 @@ def signup(body):
 
 
 @bp.route("/login", methods=["POST"])
+@bp.doc(security=[])
 @bp.arguments(LoginRequest)
 @bp.response(200, TokenResponse)
 def login(body):
