@@ -1,8 +1,7 @@
-from datetime import timezone
-
 from marshmallow import Schema, ValidationError, fields, validate
 
 from kms.auth.passwords import password_problem
+from kms.timefmt import rfc3339
 
 CLIENTNAME = validate.Regexp(r"^[A-Za-z0-9-]{4,64}\Z", error="Must be 4-64 characters of A-Z a-z 0-9 -.")
 KEY_REFERENCE = validate.Regexp(r"^[A-Za-z0-9-]{1,64}\Z", error="Must be 1-64 characters of A-Z a-z 0-9 -.")
@@ -19,9 +18,7 @@ class Timestamp(fields.DateTime):
     """RFC 3339, UTC, millisecond precision: 2026-11-30T10:00:00.000Z."""
 
     def _serialize(self, value, attr, obj, **kwargs):
-        if value is None:
-            return None
-        return value.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return None if value is None else rfc3339(value)
 
 
 class StrictSchema(Schema):

@@ -16,7 +16,11 @@ def _ref(ref: str) -> str:
 def _bundle(decrypt_with, encrypt_with):
     headers = dict(web.NO_STORE)
     headers["X-Key-Deprecated"] = "true" if decrypt_with.version != encrypt_with.version else "false"
-    return {"decryptWith": decrypt_with.to_json(), "encryptWith": encrypt_with.to_json()}, headers
+    return web.json_response({"decryptWith": decrypt_with.to_json(), "encryptWith": encrypt_with.to_json()}, headers)
+
+
+def _key(material):
+    return web.json_response(material.to_json(), web.NO_STORE)
 
 
 @bp.route("/actions/generate", methods=["POST"])
@@ -24,7 +28,7 @@ def _bundle(decrypt_with, encrypt_with):
 @bp.response(200, KeyObject)
 def generate(body):
     """Generate a new DEK under a reference (409 if the reference exists)."""
-    return service.generate_key(web.context(), body["keyReference"]).to_json(), web.NO_STORE
+    return _key(service.generate_key(web.context(), body["keyReference"]))
 
 
 @bp.route("", methods=["GET"])
@@ -60,7 +64,7 @@ def versions(ref):
 @bp.response(200, KeyObject)
 def rotate(ref):
     """Make a new version current; the previous one is kept for decryption."""
-    return service.rotate_key(web.context(), _ref(ref)).to_json(), web.NO_STORE
+    return _key(service.rotate_key(web.context(), _ref(ref)))
 
 
 @bp.route("/<ref>/actions/delete", methods=["DELETE"])

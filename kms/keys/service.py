@@ -12,6 +12,7 @@ from kms import crypto, db
 from kms.audit.service import lookup_event, record
 from kms.auth.access import authenticate
 from kms.context import Context
+from kms.timefmt import rfc3339
 from kms.errors import BadRequest, Conflict, Gone, NotFound, StoredDataCorrupt, Unauthorized
 
 log = logging.getLogger("kms.keys")
@@ -28,7 +29,7 @@ class KeyMaterial:
 
     def to_json(self) -> dict:
         return {"dek": crypto.b64url(self.dek), "version": self.version, "encoding": ENCODING,
-                "expiresAt": self.cache_until}
+                "expiresAt": rfc3339(self.cache_until)}
 
 
 def hash_key_reference(kms, owner_id: uuid.UUID, reference: str) -> bytes:
@@ -103,9 +104,10 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
     """(decryptWith, encryptWith). One statement, one round trip: it checks the token, reads both
     versions and writes the audit record."""
     owner_id, ref_hash = _address(ctx, reference)
-    params = {"jti": ctx.claims.jti, "client_id": owner_id, "ref_hash": ref_hash, "version": version,
-              "audit": ctx.kms.settings.audit_key_lookups,
-              **lookup_event(ctx, target=ref_hash.hex(), version=version)}
+    params = lookup_event(ctx, target=ref_hash.hex(), version=version)
+    # UUIDs go as text (the statement casts them): psycopg2 adapts UUID objects in Python.
+    params.update(jti=str(ctx.claims.jti), client_id=str(owner_id), event_id=str(params["event_id"]),
+                  ref_hash=ref_hash, version=version, audit=ctx.kms.settings.audit_key_lookups)
     with ctx.conn.cursor() as cur:  # one statement: its own transaction, no BEGIN/COMMIT round trips
         # Who fetched which key is recorded without waiting for the disk flush (README, "Audit").
         db.execute_prepared(cur, "lookup_key", params, prefix=db.sql.relax_commit_durability + "; ")
