@@ -3,6 +3,8 @@ from kms import db
 from kms.context import Caller, Context
 from kms.errors import Forbidden, Unauthorized
 
+TOKEN_NOT_LIVE = "The token has been revoked or has expired; log in again."
+
 
 def authenticate(cur, ctx: Context) -> Caller:
     """The token's session must be live and its client active: revocation takes effect at once."""
@@ -11,7 +13,7 @@ def authenticate(cur, ctx: Context) -> Caller:
     db.execute_prepared(cur, "authenticate", {"jti": ctx.claims.jti, "client_id": ctx.claims.client_id})
     row = cur.fetchone()
     if row is None:
-        raise Unauthorized("The token has been revoked or has expired; log in again.")
+        raise Unauthorized(TOKEN_NOT_LIVE)
     return Caller(id=row[0], role=row[1])
 
 

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 from kms import crypto, db
 from kms.audit.service import lookup_event, record
-from kms.auth.access import authenticate
+from kms.auth.access import TOKEN_NOT_LIVE, authenticate
 from kms.context import Context
 from kms.timefmt import rfc3339
 from kms.errors import BadRequest, Conflict, Gone, NotFound, StoredDataCorrupt, Unauthorized
@@ -113,25 +113,18 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
         db.execute_prepared(cur, "lookup_key", params, prefix=db.sql.relax_commit_durability + "; ")
         row = cur.fetchone()
     if row is None:
-        raise Unauthorized("The token has been revoked or has expired; log in again.")
-    (key_id, rotation_due, cur_version, cur_kek, cur_wrapped, req_version, _state, req_kek, req_wrapped,
-     outcome) = row
+        raise Unauthorized(TOKEN_NOT_LIVE)
+    key_id, rotation_due, cur_version, cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome = row
     if outcome == "not_found":
         raise NotFound(NO_SUCH_KEY if key_id is None else "The key has no such version.")
     if outcome == "gone":
         raise Gone("That version was retired and is no longer served.", code="version_retired")
 
-    if rotation_due:
-        rotated = _rotate_if_due(ctx, key_id)
-        if rotated is not None:
-            encrypt_with = rotated
-            if version is None or version == rotated.version:
-                return encrypt_with, encrypt_with
-            return _material(ctx, _unwrap(ctx, key_id, owner_id, ref_hash, req_version, req_kek, req_wrapped),
-                             req_version), encrypt_with
-    encrypt_with = _material(ctx, _unwrap(ctx, key_id, owner_id, ref_hash, cur_version, cur_kek, cur_wrapped),
-                             cur_version)
-    if version is None or version == cur_version:
+    encrypt_with = _rotate_if_due(ctx, key_id) if rotation_due else None
+    if encrypt_with is None:
+        encrypt_with = _material(ctx, _unwrap(ctx, key_id, owner_id, ref_hash, cur_version, cur_kek, cur_wrapped),
+                                 cur_version)
+    if version is None or version == encrypt_with.version:
         return encrypt_with, encrypt_with
     decrypt_with = _material(ctx, _unwrap(ctx, key_id, owner_id, ref_hash, req_version, req_kek, req_wrapped),
                              req_version)

@@ -30,8 +30,7 @@ WITH caller AS (
                         ELSE %(mac_gone)s::bytea END
     FROM found WHERE %(audit)s::boolean
 )
-SELECT key_id, rotation_due, cur_version, cur_kek, cur_wrapped, req_version, req_state, req_kek, req_wrapped,
-       outcome
+SELECT key_id, rotation_due, cur_version, cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome
 FROM found;
 
 -- name: lock_generate
