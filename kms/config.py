@@ -121,14 +121,20 @@ def _database_url(env: Mapping) -> str:
 
 
 def _keks(env: Mapping) -> tuple[dict, int]:
-    keks = {1: decode_key("KEK", env.get("KEK"))}
+    """KEK is version 1, KEK_2, KEK_3 ... further versions. After every DEK has been re-wrapped
+    under a newer one, an old version may be left out (start-up checks nothing still needs it)."""
+    keks = {}
+    if (env.get("KEK") or "").strip():
+        keks[1] = decode_key("KEK", env.get("KEK"))
     for variable, value in env.items():
         match = re.fullmatch(r"KEK_(\d+)", variable)
-        if match and variable != "KEK_ACTIVE":
+        if match:
             version = int(match.group(1))
             if version < 2:
                 raise ConfigError(variable, "KEK versions start at KEK_2 (KEK is version 1)")
             keks[version] = decode_key(variable, value)
+    if not keks:
+        raise ConfigError("KEK", "is not set; generate one with `python app.py gen-secret`")
     active = _int(env, "KEK_ACTIVE", max(keks), minimum=1)
     if active not in keks:
         raise ConfigError("KEK_ACTIVE", "names a KEK version that is not configured")

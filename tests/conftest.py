@@ -11,6 +11,7 @@ import psycopg2
 import pytest
 import requests
 import waitress
+from waitress import wasyncore
 
 from kms import create_app
 from kms.config import SECRET_VARIABLES, generate_secret
@@ -141,18 +142,35 @@ class HttpClient(requests.Session):
 
 
 def serve_in_thread(app, threads: int = 8):
+    """waitress on a free port, in a thread that runs waitress's own loop one pass at a time, so
+    that stop_server() can end it and close every socket from that same thread."""
     server = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server.kms_stop = threading.Event()
+
+    def run():
+        while not server.kms_stop.is_set():
+            wasyncore.loop(timeout=0.05, map=server._map, count=1)
+        server.task_dispatcher.shutdown(timeout=5)
+        for dispatcher in list(server._map.values()):
+            dispatcher.close()
+
+    server.kms_thread = threading.Thread(target=run, daemon=True)
+    server.kms_thread.start()
     return server, f"http://127.0.0.1:{server.effective_port}"
+
+
+def stop_server(server):
+    """Stop a test server for good: workers, listening socket and every open connection (left to
+    the garbage collector, those would surface later as unclosed-socket warnings)."""
+    server.kms_stop.set()
+    server.kms_thread.join(timeout=10)
 
 
 @pytest.fixture
 def live_server(app):
     server, base_url = serve_in_thread(app)
     yield base_url
-    server.close()
-    server.task_dispatcher.shutdown(timeout=5)
+    stop_server(server)
 
 
 @pytest.fixture
@@ -245,6 +263,5 @@ def auth_for():
             with HttpClient(base_url) as http:
                 return action(http, AuthActions(http).new_client())
         finally:
-            server.close()
-            server.task_dispatcher.shutdown(timeout=5)
+            stop_server(server)
     return run

@@ -10,7 +10,8 @@ from datetime import datetime, timedelta, timezone
 import jwt
 import pytest
 
-from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, bearer
+from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, AuthActions, HttpClient, bearer,
+                            serve_in_thread, stop_server)
 
 
 def signup(client, token, password=CLIENT_PASSWORD):
@@ -82,7 +83,6 @@ def test_signup_token_works_once(client, auth):
 def test_parallel_signups_with_one_token_create_exactly_one_client(make_app):
     # Enough server threads that all ten are admitted to hashing and race to consume the token.
     app = make_app(SERVER_THREADS=40)
-    from tests.conftest import HttpClient, serve_in_thread, AuthActions
     server, base_url = serve_in_thread(app, threads=40)
     try:
         with HttpClient(base_url) as http:
@@ -90,8 +90,7 @@ def test_parallel_signups_with_one_token_create_exactly_one_client(make_app):
             with ThreadPoolExecutor(10) as pool:
                 statuses = sorted(pool.map(lambda _: signup(http, token).status_code, range(10)))
     finally:
-        server.close()
-        server.task_dispatcher.shutdown(timeout=5)
+        stop_server(server)
     assert statuses == [200] + [401] * 9
     with app.extensions["kms"].pool.connection() as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM clients WHERE role = 'client'")
@@ -215,7 +214,6 @@ def test_failed_logins_are_throttled_per_clientname(make_app, client, auth):
 
 
 def test_failed_logins_are_throttled_per_source_address(make_app, base_env):
-    from tests.conftest import HttpClient, serve_in_thread
     app = make_app(LOGIN_MAX_FAILURES_PER_ADDRESS=3)
     server, base_url = serve_in_thread(app, threads=2)
     try:
@@ -226,13 +224,11 @@ def test_failed_logins_are_throttled_per_source_address(make_app, base_env):
             response = http.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD})
             assert response.status_code == 429 and int(response.headers["Retry-After"]) > 0
     finally:
-        server.close()
-        server.task_dispatcher.shutdown(timeout=5)
+        stop_server(server)
 
 
 def test_throttle_holds_across_server_processes(make_app, client, auth):
     """Failures are counted in PostgreSQL, so a second app (another process) sees them."""
-    from tests.conftest import HttpClient, serve_in_thread
     for _ in range(5):
         client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": "Wrong-passw0rd!"})
     other = make_app()
@@ -242,8 +238,7 @@ def test_throttle_holds_across_server_processes(make_app, client, auth):
             response = http.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD})
             assert response.status_code == 429
     finally:
-        server.close()
-        server.task_dispatcher.shutdown(timeout=5)
+        stop_server(server)
 
 
 def test_successful_login_resets_the_clientname_failures(client):
@@ -287,7 +282,6 @@ def test_disable_role_change_and_delete_revoke_tokens_at_once(client, auth, acti
 
 
 def test_revocation_is_seen_by_every_server_process(make_app, client, auth):
-    from tests.conftest import HttpClient, serve_in_thread
     token = auth.new_client()
     other = make_app()
     server, base_url = serve_in_thread(other, threads=2)
@@ -297,8 +291,7 @@ def test_revocation_is_seen_by_every_server_process(make_app, client, auth):
             client.post("/auth/logout", headers=bearer(token))
             assert http.get("/keys", headers=bearer(token)).status_code == 401
     finally:
-        server.close()
-        server.task_dispatcher.shutdown(timeout=5)
+        stop_server(server)
 
 
 # Token hygiene

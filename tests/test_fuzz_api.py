@@ -12,12 +12,14 @@ ST = Path(sys.executable).parent / "st"
 
 
 def fuzz(base_url: str, token: str, *exclude: str):
+    # One worker: with several, hypothesis sometimes trips over a CPython ast.parse thread-safety
+    # bug ("AST constructor recursion depth mismatch") and schemathesis reports a runtime error.
     excluded = [arg for path in ("/auth/logout", *exclude) for arg in ("--exclude-path", path)]
     return subprocess.run(
         [str(ST), "run", f"{base_url}/openapi.json", "-H", f"Authorization: Bearer {token}",
          "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
                      "response_schema_conformance",
-         "--max-examples", "25", "--workers", "2", "--no-color", "--seed", "1", *excluded],
+         "--max-examples", "25", "--workers", "1", "--no-color", "--seed", "1", *excluded],
         capture_output=True, text=True, timeout=600)
 
 

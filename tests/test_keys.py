@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.conftest import bearer
+from tests.conftest import CLIENT_PASSWORD, AuthActions, HttpClient, bearer, serve_in_thread, stop_server
 
 
 def b64(text):
@@ -270,9 +270,22 @@ def test_listing_keys_and_versions_never_carries_dek_material(client, token):
         assert dek not in response.text and "dek" not in response.text
 
 
+def current_dek_of_the_only_client(app, reference):
+    """Serve `app`, log in as its one non-admin client, and fetch the key's current DEK."""
+    server, base_url = serve_in_thread(app, threads=2)
+    try:
+        with HttpClient(base_url) as http:
+            admin = AuthActions(http)
+            clients = http.get("/clients", headers=bearer(admin.admin_token)).json()["clients"]
+            name = next(c["clientname"] for c in clients if c["role"] == "client")
+            token = admin.login(name, CLIENT_PASSWORD)
+            return http.get(f"/keys/{reference}", headers=bearer(token)).json()["encryptWith"]["dek"]
+    finally:
+        stop_server(server)
+
+
 def test_kek_rotation_rewraps_every_dek_and_keeps_serving_them(make_app, auth_for):
     from kms.config import generate_secret
-    from tests.conftest import CLIENT_PASSWORD, AuthActions, HttpClient, serve_in_thread
     app = make_app()
     served = auth_for(app, lambda http, t: (
         http.post("/keys/actions/generate", json={"keyReference": "k"}, headers=bearer(t)).json()["dek"]))
@@ -286,14 +299,17 @@ def test_kek_rotation_rewraps_every_dek_and_keeps_serving_them(make_app, auth_fo
         cur.execute("SELECT kek_version, c.id FROM key_versions, clients c WHERE c.role = 'client'")
         kek_version, _ = cur.fetchone()
     assert kek_version == 2
-    server, base_url = serve_in_thread(new_app, threads=2)
-    try:
-        with HttpClient(base_url) as http:
-            admin = AuthActions(http)
-            name = next(c["clientname"] for c in http.get("/clients", headers=bearer(admin.admin_token)).json()["clients"]
-                        if c["role"] == "client")
-            token = admin.login(name, CLIENT_PASSWORD)
-            assert http.get("/keys/k", headers=bearer(token)).json()["encryptWith"]["dek"] == served
-    finally:
-        server.close()
-        server.task_dispatcher.shutdown(timeout=5)
+    assert current_dek_of_the_only_client(new_app, "k") == served
+
+
+def test_an_old_kek_can_be_left_out_once_nothing_is_wrapped_with_it(make_app, base_env, auth_for):
+    from kms.config import generate_secret
+    app = make_app()
+    served = auth_for(app, lambda http, t: (
+        http.post("/keys/actions/generate", json={"keyReference": "k"}, headers=bearer(t)).json()["dek"]))
+    kek_2 = generate_secret()
+    rewrapping = make_app(KEK_2=kek_2)
+    assert rewrapping.test_cli_runner().invoke(args=["kms", "kek", "rewrap"]).exit_code == 0
+    only_kek_2 = make_app(KEK="", KEK_2=kek_2)  # KEK (version 1) retired from the configuration
+    assert only_kek_2.extensions["kms"].keyring.kek_versions == [2]
+    assert current_dek_of_the_only_client(only_kek_2, "k") == served

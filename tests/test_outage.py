@@ -5,7 +5,7 @@ import pytest
 
 from kms import create_app
 from kms.devdb import ThrowawayPostgres
-from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, AuthActions, HttpClient, bearer, serve_in_thread
+from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, AuthActions, HttpClient, bearer, serve_in_thread, stop_server
 
 
 @pytest.fixture
@@ -51,6 +51,5 @@ def test_database_outage_gives_503_then_recovers_without_restart(own_database, s
             assert statuses == [200] * 20
             assert client.get("/readyz").status_code == 200
     finally:
-        server.close()
-        server.task_dispatcher.shutdown(timeout=5)
+        stop_server(server)
         app.extensions["kms"].close()
