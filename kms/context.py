@@ -1,6 +1,7 @@
 """What a service call needs to know about who asks and from where; built by the web or CLI layer."""
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 
@@ -9,6 +10,16 @@ class TokenClaims:
     """The verified claims of a bearer token; still to be checked against its session row."""
     client_id: uuid.UUID
     jti: uuid.UUID
+
+    # Claims are cached with their token (kms.auth.tokencache), so these are formatted once per
+    # token rather than on every request.
+    @cached_property
+    def client_id_text(self) -> str:
+        return str(self.client_id)
+
+    @cached_property
+    def jti_text(self) -> str:
+        return str(self.jti)
 
 
 @dataclass(frozen=True)
@@ -35,4 +46,4 @@ class Context:
     def actor(self) -> str:
         if self.origin == "cli":
             return "cli"
-        return str(self.claims.client_id) if self.claims else "anonymous"
+        return self.claims.client_id_text if self.claims else "anonymous"

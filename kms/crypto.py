@@ -27,13 +27,29 @@ def b64url(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode()
 
 
+_LENGTH = struct.Struct(">I").pack
+
+
+def _length_prefixed(parts) -> bytes:
+    return b"".join([_LENGTH(len(part)) + part for part in parts])
+
+
 def keyed_hash(key: bytes, purpose: bytes, *parts: bytes) -> bytes:
     """HMAC-SHA256 over length-prefixed parts, so ("ab", "c") and ("a", "bc") differ."""
-    message = [purpose]
-    for part in parts:
-        message.append(struct.pack(">I", len(part)))
-        message.append(part)
-    return hmac.digest(key, b"".join(message), "sha256")
+    return hmac.digest(key, purpose + _length_prefixed(parts), "sha256")
+
+
+def keyed_hash_variants(key: bytes, purpose: bytes, parts: list[bytes], index: int, variants) -> list[bytes]:
+    """keyed_hash(key, purpose, *parts) once for each of `variants` in place of parts[index]; the
+    common prefix is hashed once."""
+    prefix = hmac.new(key, purpose + _length_prefixed(parts[:index]), "sha256")
+    suffix = _length_prefixed(parts[index + 1:])
+    macs = []
+    for variant in variants:
+        mac = prefix.copy()
+        mac.update(_LENGTH(len(variant)) + variant + suffix)
+        macs.append(mac.digest())
+    return macs
 
 
 def key_check_value(key: bytes) -> bytes:
@@ -46,10 +62,7 @@ def new_dek() -> bytes:
 
 
 def _associated_data(purpose: bytes, *parts: bytes) -> bytes:
-    data = bytearray(FORMAT_V1 + purpose)
-    for part in parts:
-        data += struct.pack(">I", len(part)) + part
-    return bytes(data)
+    return FORMAT_V1 + purpose + _length_prefixed(parts)
 
 
 def _seal(aead: AESGCM, plaintext: bytes, ad: bytes) -> bytes:
@@ -58,8 +71,7 @@ def _seal(aead: AESGCM, plaintext: bytes, ad: bytes) -> bytes:
 
 
 def _open(aead: AESGCM, blob: bytes, ad: bytes) -> bytes:
-    blob = bytes(blob)
-    if len(blob) < 1 + NONCE_BYTES + 16 or blob[:1] != FORMAT_V1:
+    if len(blob) < 1 + NONCE_BYTES + 16 or blob[0] != FORMAT_V1[0]:
         raise IntegrityError("unknown ciphertext format")
     try:
         return aead.decrypt(blob[1 : 1 + NONCE_BYTES], blob[1 + NONCE_BYTES :], ad)
@@ -68,9 +80,7 @@ def _open(aead: AESGCM, blob: bytes, ad: bytes) -> bytes:
 
 
 def dek_associated_data(owner_id: uuid.UUID, ref_hash: bytes, version: int, kek_version: int) -> bytes:
-    return _associated_data(
-        b"dek", owner_id.bytes, bytes(ref_hash), struct.pack(">I", version), struct.pack(">I", kek_version)
-    )
+    return _associated_data(b"dek", owner_id.bytes, bytes(ref_hash), _LENGTH(version), _LENGTH(kek_version))
 
 
 class Keyring:

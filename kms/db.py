@@ -118,9 +118,10 @@ class ConnectionPool:
 
 def get_db():
     """The request's connection, taken from the pool on first use."""
-    if "db" not in g:
-        g.db = current_app.extensions["kms"].pool.acquire()
-    return g.db
+    conn = g.get("db")
+    if conn is None:
+        conn = g.db = current_app.extensions["kms"].pool.acquire()
+    return conn
 
 
 def close_db(_error=None):

@@ -5,8 +5,10 @@ Messages are written for the caller and never carry secrets or internals.
 import logging
 
 import psycopg2
-from flask import g, jsonify
+from flask import jsonify
 from werkzeug.exceptions import HTTPException
+
+from kms.observability import request_id
 
 log = logging.getLogger("kms.errors")
 
@@ -83,7 +85,7 @@ HTTP_MESSAGES = {
 
 
 def error_response(status: int, code: str, message: str, fields: dict | None = None, headers: dict | None = None):
-    body = {"error": code, "message": message, "requestId": g.get("request_id")}
+    body = {"error": code, "message": message, "requestId": request_id()}
     if fields:
         body["fields"] = fields
     response = jsonify(body)

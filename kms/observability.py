@@ -8,12 +8,13 @@ import logging
 import sys
 import threading
 import time
-import uuid
 from collections import deque
 from datetime import datetime, timezone
 
-from flask import Response, g, request
+from flask import Response, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from kms.ids import random_uuid
 
 _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -21,9 +22,12 @@ _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"m
 class JsonFormatter(logging.Formatter):
     """One JSON object per line. Exception text is deliberately dropped: it may quote data."""
 
+    _encoder = json.JSONEncoder(default=str)  # json.dumps(default=...) would build one per line
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            # 2026-12-01T07:34:29.123+00:00; strftime costs half of datetime's isoformat
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}+00:00",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -33,7 +37,7 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info and record.exc_info[0] is not None:
             entry["exception"] = record.exc_info[0].__name__
-        return json.dumps(entry, default=str)
+        return self._encoder.encode(entry)
 
 
 class BatchingHandler(logging.Handler):
@@ -136,25 +140,51 @@ class Metrics:
 
 
 access_log = logging.getLogger("kms.access")
+REQUEST_ID = "kms.request_id"  # the WSGI environ key of the request's id
+
+
+def request_id() -> str | None:
+    """The current request's id (for error bodies and audit records)."""
+    return request.environ.get(REQUEST_ID)
+
+
+class RequestObserver:
+    """WSGI middleware around the Flask app: every request gets a fresh id (in the environ and the
+    X-Request-ID header), its latency in the metrics and one access-log line, by route template.
+
+    Middleware rather than before/after_request hooks: it sees the environ and the status line
+    directly, without the context-local look-ups hooks pay for on every request. The route template
+    is read off the Flask request (`environ["werkzeug.request"]`) when the response starts, while
+    Flask's request context is still live.
+    """
+
+    def __init__(self, wsgi_app, metrics: Metrics):
+        self.wsgi_app = wsgi_app
+        self.metrics = metrics
+
+    def __call__(self, environ, start_response):
+        started = time.perf_counter()
+        request_id = environ[REQUEST_ID] = random_uuid()
+        seen = ["<unmatched>", 500]  # route template, status
+
+        def start_with_request_id(status, headers, exc_info=None):
+            flask_request = environ.get("werkzeug.request")
+            if flask_request is not None and flask_request.url_rule is not None:
+                seen[0] = flask_request.url_rule.rule
+            seen[1] = int(status[:3])
+            headers.append(("X-Request-ID", request_id))
+            return start_response(status, headers, exc_info)
+
+        body = self.wsgi_app(environ, start_with_request_id)
+        elapsed = time.perf_counter() - started
+        (route, status), method = seen, environ["REQUEST_METHOD"]
+        self.metrics.observe(route, method, status, elapsed)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("request", extra={"requestId": request_id, "method": method, "route": route,
+                                              "status": status, "durationMs": round(elapsed * 1000, 2)})
+        return body
 
 
 def init_app(app, metrics: Metrics):
-    @app.before_request
-    def _start_request():
-        g.request_id = str(uuid.uuid4())
-        g.started = time.perf_counter()
-
-    @app.after_request
-    def _finish_request(response):
-        route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-        response.headers["X-Request-ID"] = g.get("request_id", "")
-        metrics.observe(route, request.method, response.status_code, elapsed)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info("request", extra={
-                "requestId": g.get("request_id"), "method": request.method, "route": route,
-                "status": response.status_code, "durationMs": round(elapsed * 1000, 2),
-            })
-        return response
-
+    app.wsgi_app = RequestObserver(app.wsgi_app, metrics)
     app.add_url_rule("/metrics", "metrics", metrics.render, methods=["GET"])

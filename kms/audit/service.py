@@ -5,13 +5,13 @@ no change commits without its record and a rolled-back change leaves none). A si
 gives sealed events consecutive chain positions and chains their MACs; appends never wait on it.
 No secret and no raw key reference is ever written here: keys are named by their HMAC.
 """
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import psycopg2.extras
 
 from kms import crypto, db
+from kms.ids import random_uuid
 from kms.auth.access import require_admin
 from kms.context import Context
 
@@ -19,12 +19,11 @@ GENESIS = b"\x00" * 32
 SEAL_BATCH = 2000
 
 
-def new_event(ctx: Context, action: str, outcome: str = "success", *, target: str | None = None,
-              version: int | None = None, actor: str | None = None) -> dict:
-    """The parameters of one insert_audit_event, with its MAC."""
-    event = {
-        "event_id": uuid.uuid4(),
-        "at": datetime.now(timezone.utc),
+def _event(ctx: Context, action: str, outcome: str, target: str | None, version: int | None,
+           actor: str | None) -> dict:
+    return {
+        "event_id": random_uuid(),
+        "at": datetime.now(timezone.utc).isoformat(),  # as _text() gives it: the MAC covers this text
         "actor": actor or ctx.actor,
         "action": action,
         "target": target,
@@ -33,19 +32,28 @@ def new_event(ctx: Context, action: str, outcome: str = "success", *, target: st
         "request_id": ctx.request_id,
         "source_ip": ctx.source_ip,
     }
+
+
+def new_event(ctx: Context, action: str, outcome: str = "success", *, target: str | None = None,
+              version: int | None = None, actor: str | None = None) -> dict:
+    """The parameters of one insert_audit_event, with its MAC."""
+    event = _event(ctx, action, outcome, target, version, actor)
     event["row_mac"] = row_mac(ctx.kms.audit_key, event)
     return event
 
 
+LOOKUP_OUTCOMES = ("success", "not_found", "gone")
+
+
 def lookup_event(ctx: Context, target: str, version: int | None) -> dict:
     """The audit parameters of a key look-up whose outcome the database decides: a MAC for each
-    possible outcome, so the record is written in the look-up's own statement."""
-    event = new_event(ctx, "key.lookup", "success", target=target, version=version)
-    parts = _mac_parts(event)
-    for outcome in ("not_found", "gone"):
-        parts[OUTCOME_PART] = outcome.encode()
-        event[f"mac_{outcome}"] = crypto.keyed_hash(ctx.kms.audit_key, ROW_MAC_PURPOSE, *parts)
-    event["mac_success"] = event["row_mac"]
+    possible outcome (mac_success, mac_not_found, mac_gone), so the record is written in the
+    look-up's own statement."""
+    event = _event(ctx, "key.lookup", "success", target, version, None)
+    macs = crypto.keyed_hash_variants(ctx.kms.audit_key, ROW_MAC_PURPOSE, _mac_parts(event), OUTCOME_PART,
+                                      _LOOKUP_OUTCOME_PARTS)
+    for outcome, mac in zip(LOOKUP_OUTCOMES, macs):
+        event["mac_" + outcome] = mac
     return event
 
 
@@ -73,6 +81,7 @@ def _text(value) -> bytes:
 MAC_FIELDS = ("event_id", "at", "actor", "action", "target", "version", "outcome", "request_id", "source_ip")
 OUTCOME_PART = MAC_FIELDS.index("outcome")
 ROW_MAC_PURPOSE = b"kms-audit-row-v1"
+_LOOKUP_OUTCOME_PARTS = [_text(outcome) for outcome in LOOKUP_OUTCOMES]
 
 
 def _mac_parts(event: dict) -> list[bytes]:

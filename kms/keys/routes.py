@@ -14,9 +14,9 @@ def _ref(ref: str) -> str:
 
 
 def _bundle(decrypt_with, encrypt_with):
-    headers = dict(web.NO_STORE)
-    headers["X-Key-Deprecated"] = "true" if decrypt_with.version != encrypt_with.version else "false"
-    return web.json_response({"decryptWith": decrypt_with.to_json(), "encryptWith": encrypt_with.to_json()}, headers)
+    deprecated = "true" if decrypt_with.version != encrypt_with.version else "false"
+    return web.json_response({"decryptWith": decrypt_with.to_json(), "encryptWith": encrypt_with.to_json()},
+                             [*web.NO_STORE, ("X-Key-Deprecated", deprecated)])
 
 
 def _key(material):

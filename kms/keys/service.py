@@ -25,11 +25,11 @@ NO_SUCH_KEY = "No key with that reference."
 class KeyMaterial:
     dek: bytes
     version: int
-    cache_until: datetime
+    expires_at: str  # RFC 3339: how long the caller may cache the DEK
 
     def to_json(self) -> dict:
         return {"dek": crypto.b64url(self.dek), "version": self.version, "encoding": ENCODING,
-                "expiresAt": rfc3339(self.cache_until)}
+                "expiresAt": self.expires_at}
 
 
 def hash_key_reference(kms, owner_id: uuid.UUID, reference: str) -> bytes:
@@ -57,8 +57,12 @@ def _lock_key(cur, owner_id: uuid.UUID, ref_hash: bytes) -> tuple[int, int]:
     return row
 
 
+def _expires_at(ctx: Context) -> str:
+    return rfc3339(datetime.now(timezone.utc) + timedelta(milliseconds=ctx.kms.settings.dek_cache_ms))
+
+
 def _material(ctx: Context, dek: bytes, version: int) -> KeyMaterial:
-    return KeyMaterial(dek, version, datetime.now(timezone.utc) + timedelta(milliseconds=ctx.kms.settings.dek_cache_ms))
+    return KeyMaterial(dek, version, _expires_at(ctx))
 
 
 def _unwrap(ctx: Context, key_id: int, owner_id, ref_hash: bytes, version: int, kek_version: int, wrapped) -> bytes:
@@ -106,8 +110,8 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
     owner_id, ref_hash = _address(ctx, reference)
     params = lookup_event(ctx, target=ref_hash.hex(), version=version)
     # UUIDs go as text (the statement casts them): psycopg2 adapts UUID objects in Python.
-    params.update(jti=str(ctx.claims.jti), client_id=str(owner_id), event_id=str(params["event_id"]),
-                  ref_hash=ref_hash, version=version, audit=ctx.kms.settings.audit_key_lookups)
+    params.update(jti=ctx.claims.jti_text, client_id=ctx.claims.client_id_text, ref_hash=ref_hash,
+                  audit=ctx.kms.settings.audit_key_lookups)
     with ctx.conn.cursor() as cur:  # one statement: its own transaction, no BEGIN/COMMIT round trips
         # Who fetched which key is recorded without waiting for the disk flush (README, "Audit").
         db.execute_prepared(cur, "lookup_key", params, prefix=db.sql.relax_commit_durability + "; ")
@@ -121,13 +125,14 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
         raise Gone("That version was retired and is no longer served.", code="version_retired")
 
     encrypt_with = _rotate_if_due(ctx, key_id) if rotation_due else None
+    expires_at = encrypt_with.expires_at if encrypt_with else _expires_at(ctx)
     if encrypt_with is None:
-        encrypt_with = _material(ctx, _unwrap(ctx, key_id, owner_id, ref_hash, cur_version, cur_kek, cur_wrapped),
-                                 cur_version)
+        encrypt_with = KeyMaterial(_unwrap(ctx, key_id, owner_id, ref_hash, cur_version, cur_kek, cur_wrapped),
+                                   cur_version, expires_at)
     if version is None or version == encrypt_with.version:
         return encrypt_with, encrypt_with
-    decrypt_with = _material(ctx, _unwrap(ctx, key_id, owner_id, ref_hash, req_version, req_kek, req_wrapped),
-                             req_version)
+    decrypt_with = KeyMaterial(_unwrap(ctx, key_id, owner_id, ref_hash, req_version, req_kek, req_wrapped),
+                               req_version, expires_at)
     return decrypt_with, encrypt_with
 
 
