@@ -15,7 +15,7 @@ from kms.db import get_db
 from kms.errors import BadRequest, Unauthorized
 from kms.observability import request_id
 
-NO_STORE = [("Cache-Control", "no-store"), ("Pragma", "no-cache")]
+NO_STORE = [("Cache-Control", "no-store")]
 
 
 def json_response(body: dict, headers: list[tuple[str, str]] | None = None) -> Response:

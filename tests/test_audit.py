@@ -94,12 +94,21 @@ def test_cli_actions_are_recorded_with_actor_cli(runner, db):
     assert events(db, action="signup_token.issue")[0][0] == "cli"
 
 
-def test_key_lookups_are_audited_including_misses(client, auth, db):
+def test_key_lookups_are_audited_including_misses_and_retired_versions(client, auth, db, runner):
     token = auth.new_client()
     client.post("/keys/actions/generate", json={"keyReference": "k"}, headers=bearer(token))
-    client.get("/keys/k", headers=bearer(token))
-    client.get("/keys/missing", headers=bearer(token))
-    assert [row[4] for row in events(db, action="key.lookup")] == ["success", "not_found"]
+    client.post("/keys/k/actions/rotate", headers=bearer(token))
+    client.post("/keys/k/actions/retire", json={"belowVersion": 2}, headers=bearer(token))
+    assert client.get("/keys/k", headers=bearer(token)).status_code == 200
+    assert client.get("/keys/missing", headers=bearer(token)).status_code == 404
+    assert client.get("/keys/k/9", headers=bearer(token)).status_code == 404
+    assert client.get("/keys/k/1", headers=bearer(token)).status_code == 410
+    lookups = events(db, action="key.lookup")
+    assert [(row[3], row[4]) for row in lookups] == [(None, "success"), (None, "not_found"), (9, "not_found"),
+                                                      (1, "gone")]
+    assert lookups[0][2] == lookups[2][2] == lookups[3][2] != lookups[1][2]  # hashed references
+    result = runner.invoke(args=["kms", "audit", "verify"])  # every outcome's MAC checks out
+    assert result.exit_code == 0, result.output
 
 
 def test_a_rolled_back_change_leaves_no_event(client, auth, db, monkeypatch):

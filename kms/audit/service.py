@@ -42,21 +42,6 @@ def new_event(ctx: Context, action: str, outcome: str = "success", *, target: st
     return event
 
 
-LOOKUP_OUTCOMES = ("success", "not_found", "gone")
-
-
-def lookup_event(ctx: Context, target: str, version: int | None) -> dict:
-    """The audit parameters of a key look-up whose outcome the database decides: a MAC for each
-    possible outcome (mac_success, mac_not_found, mac_gone), so the record is written in the
-    look-up's own statement."""
-    event = _event(ctx, "key.lookup", "success", target, version, None)
-    macs = crypto.keyed_hash_variants(ctx.kms.audit_key, ROW_MAC_PURPOSE, _mac_parts(event), OUTCOME_PART,
-                                      _LOOKUP_OUTCOME_PARTS)
-    for outcome, mac in zip(LOOKUP_OUTCOMES, macs):
-        event["mac_" + outcome] = mac
-    return event
-
-
 def record(cur, ctx: Context, action: str, outcome: str = "success", *, target: str | None = None,
            version: int | None = None, actor: str | None = None):
     """Write an event in the caller's transaction: it commits with the change it describes."""
@@ -79,9 +64,7 @@ def _text(value) -> bytes:
 
 
 MAC_FIELDS = ("event_id", "at", "actor", "action", "target", "version", "outcome", "request_id", "source_ip")
-OUTCOME_PART = MAC_FIELDS.index("outcome")
 ROW_MAC_PURPOSE = b"kms-audit-row-v1"
-_LOOKUP_OUTCOME_PARTS = [_text(outcome) for outcome in LOOKUP_OUTCOMES]
 
 
 def _mac_parts(event: dict) -> list[bytes]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from kms import crypto, db
-from kms.audit.service import lookup_event, record
+from kms.audit.service import new_event, record, record_alone
 from kms.auth.access import TOKEN_NOT_LIVE, authenticate
 from kms.context import Context
 from kms.timefmt import rfc3339
@@ -106,9 +106,10 @@ def generate_key(ctx: Context, reference: str) -> KeyMaterial:
 
 def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[KeyMaterial, KeyMaterial]:
     """(decryptWith, encryptWith). One statement, one round trip: it checks the token, reads both
-    versions and writes the audit record."""
+    versions and writes the audit record of a successful look-up."""
     owner_id, ref_hash = _address(ctx, reference)
-    params = lookup_event(ctx, target=ref_hash.hex(), version=version)
+    target = ref_hash.hex()
+    params = new_event(ctx, "key.lookup", "success", target=target, version=version)
     # UUIDs go as text (the statement casts them): psycopg2 adapts UUID objects in Python.
     params.update(jti=ctx.claims.jti_text, client_id=ctx.claims.client_id_text, ref_hash=ref_hash,
                   audit=ctx.kms.settings.audit_key_lookups)
@@ -119,10 +120,12 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
     if row is None:
         raise Unauthorized(TOKEN_NOT_LIVE)
     key_id, rotation_due, cur_version, cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome = row
-    if outcome == "not_found":
+    if outcome != "success":
+        if ctx.kms.settings.audit_key_lookups:
+            record_alone(ctx, "key.lookup", outcome, target=target, version=version)
+        if outcome == "gone":
+            raise Gone("That version was retired and is no longer served.", code="version_retired")
         raise NotFound(NO_SUCH_KEY if key_id is None else "The key has no such version.")
-    if outcome == "gone":
-        raise Gone("That version was retired and is no longer served.", code="version_retired")
 
     encrypt_with = _rotate_if_due(ctx, key_id) if rotation_due else None
     expires_at = encrypt_with.expires_at if encrypt_with else _expires_at(ctx)

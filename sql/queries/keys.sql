@@ -1,6 +1,7 @@
 -- name: lookup_key
 -- The hot path in one statement and one round trip: the token check, the key, its current version,
--- the requested one, and the audit record of the look-up (its MAC precomputed for each outcome).
+-- the requested one, and the audit record of a successful look-up (its MAC made beforehand, over
+-- action 'key.lookup' and outcome 'success'; the service records refusals itself).
 -- No row at all means the token is not live; outcome says what the caller gets.
 WITH caller AS (
     SELECT c.id
@@ -24,11 +25,8 @@ WITH caller AS (
 ), audited AS (
     INSERT INTO audit_events (event_id, at, actor, action, target, version, outcome, request_id, source_ip, row_mac)
     SELECT %(event_id)s::uuid, %(at)s::timestamptz, %(actor)s::text, 'key.lookup', %(target)s::text,
-           %(version)s::integer, outcome, %(request_id)s::uuid, %(source_ip)s::text,
-           CASE outcome WHEN 'success' THEN %(mac_success)s::bytea
-                        WHEN 'not_found' THEN %(mac_not_found)s::bytea
-                        ELSE %(mac_gone)s::bytea END
-    FROM found WHERE %(audit)s::boolean
+           %(version)s::integer, 'success', %(request_id)s::uuid, %(source_ip)s::text, %(row_mac)s::bytea
+    FROM found WHERE outcome = 'success' AND %(audit)s::boolean
 )
 SELECT key_id, rotation_due, cur_version, cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome
 FROM found;
