@@ -8,8 +8,6 @@ No secret and no raw key reference is ever written here: keys are named by their
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import psycopg2.extras
-
 from kms import crypto, db
 from kms.ids import random_uuid
 from kms.auth.access import require_admin
@@ -97,12 +95,15 @@ def seal_pending(conn, key: bytes, *, wait: bool = False) -> int:
             position, previous = (head[0], bytes(head[1])) if head else (0, GENESIS)
             cur.execute(db.sql.unsealed_audit_events, {"limit": SEAL_BATCH})
             rows = cur.fetchall()
-            updates = []
-            for row in rows:
+            seqs, positions, hashes = [], [], []
+            for seq, mac in rows:
                 position += 1
-                previous = chain_hash(key, previous, position, bytes(row[10]))
-                updates.append({"seq": row[0], "chain_pos": position, "chain_hash": previous})
-            psycopg2.extras.execute_batch(cur, db.sql.seal_audit_event, updates, page_size=500)
+                previous = chain_hash(key, previous, position, bytes(mac))
+                seqs.append(seq)
+                positions.append(position)
+                hashes.append(previous)
+            if rows:
+                cur.execute(db.sql.seal_audit_events, {"seqs": seqs, "positions": positions, "hashes": hashes})
         sealed += len(rows)
         if len(rows) < SEAL_BATCH:
             return sealed

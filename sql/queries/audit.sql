@@ -18,11 +18,14 @@ SELECT chain_pos, chain_hash FROM audit_events
 WHERE chain_pos IS NOT NULL ORDER BY chain_pos DESC LIMIT 1;
 
 -- name: unsealed_audit_events
-SELECT seq, event_id, at, actor, action, target, version, outcome, request_id, source_ip, row_mac
-FROM audit_events WHERE chain_pos IS NULL ORDER BY seq LIMIT %(limit)s;
+-- Chaining needs only each row's MAC, which covers the rest of the row.
+SELECT seq, row_mac FROM audit_events WHERE chain_pos IS NULL ORDER BY seq LIMIT %(limit)s;
 
--- name: seal_audit_event
-UPDATE audit_events SET chain_pos = %(chain_pos)s, chain_hash = %(chain_hash)s WHERE seq = %(seq)s;
+-- name: seal_audit_events
+-- A whole batch in one statement: the i-th seq gets the i-th chain position and hash.
+UPDATE audit_events e SET chain_pos = batch.chain_pos, chain_hash = batch.chain_hash
+FROM unnest(%(seqs)s::bigint[], %(positions)s::bigint[], %(hashes)s::bytea[]) AS batch (seq, chain_pos, chain_hash)
+WHERE e.seq = batch.seq;
 
 -- name: sealed_audit_chain
 SELECT seq, event_id, at, actor, action, target, version, outcome, request_id, source_ip, row_mac,
