@@ -41,12 +41,15 @@ class JsonFormatter(logging.Formatter):
 
 
 class BatchingHandler(logging.Handler):
-    """Formats in the calling thread, appends to a deque, and writes batches from one timer thread.
+    """Appends records to a deque; one timer thread formats and writes them in batches.
 
     Measured on this service with 64 connections: a plain StreamHandler made request threads queue
     on its lock (each hand-off also waits for the GIL) and cut /healthz from 1,400 to 60 req/s; a
     background thread woken per record cost every request about 0.5 ms of GIL hand-offs. Appending
-    to a deque takes no lock, and the writer wakes a few times a second.
+    to a deque takes no lock, and the writer wakes a few times a second. Formatting a batch in a
+    row, rather than one record in each request, keeps the formatter's code in the CPU's caches.
+    A record is formatted when it is written, up to `interval` later: log constant messages with
+    values in `extra` (as this service does), not mutable objects as arguments.
     """
 
     def __init__(self, stream, interval: float = 0.25, max_pending: int = 100_000):
@@ -67,16 +70,17 @@ class BatchingHandler(logging.Handler):
         return False
 
     def emit(self, record):
-        try:
-            self._pending.append(self.format(record))
-        except Exception:  # noqa: BLE001 - logging must never break a request
-            self.handleError(record)
+        self._pending.append(record)
 
     def flush(self):
         with self._write_lock:
             lines = []
             while self._pending:
-                lines.append(self._pending.popleft())
+                record = self._pending.popleft()
+                try:
+                    lines.append(self.format(record))
+                except Exception:  # noqa: BLE001 - one bad record must not lose the batch
+                    self.handleError(record)
             if lines:
                 # One write for the batch: a line-buffered text stream (stderr is one) would make
                 # a syscall per line, each giving up the GIL and queueing to get it back.
