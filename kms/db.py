@@ -3,6 +3,7 @@ from sql/queries/*.sql and numbered migrations from sql/migrations/.
 """
 import queue
 import re
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,20 +47,32 @@ class ConnectionPool:
     """A fixed-size pool: `size` connections at most, opened up front and kept open.
 
     (psycopg2's ThreadedConnectionPool closes every connection returned above minconn, which
-    costs a connect per request under load.) The pool is a queue of `size` slots, each holding a
-    connection or None (not connected yet): taking a slot is one C-level queue operation. After the
-    database goes away, connections are replaced as they are found broken, and the idle ones of
-    the old generation with them, so the service heals without a restart.
+    costs a connect per request under load.) Free slots are a stack, each slot a connection or
+    None (not connected yet), counted by a queue of as many tokens: waiting for a slot is one
+    C-level queue operation. Last in, first out, as PgBouncer does by default: under light load
+    the connections used last serve the next requests, and their server processes are still warm
+    in the CPU's caches. (First in, first out spread one-at-a-time look-ups over all 16 server
+    processes.) After the database goes away, connections are replaced as they are found broken,
+    and the idle ones of the old generation with them, so the service heals without a restart.
     """
 
     def __init__(self, dsn: str, size: int, acquire_timeout: float = 5.0):
         self.dsn = dsn
         self.size = size
         self.acquire_timeout = acquire_timeout
-        self._slots: queue.SimpleQueue = queue.SimpleQueue()
+        self._free: deque = deque()
+        self._tokens: queue.SimpleQueue = queue.SimpleQueue()  # one per slot on the stack
         for _ in range(size):
-            self._slots.put(None)
+            self._push(None)
         self._generation = 0
+
+    def _push(self, conn):
+        self._free.append(conn)  # before its token, so a token always finds a slot
+        self._tokens.put(True)
+
+    def _pop(self, timeout: float):
+        self._tokens.get(timeout=timeout)
+        return self._free.pop()
 
     def warm(self):
         """Open every connection now (min = max), so the first requests pay no connect."""
@@ -69,7 +82,7 @@ class ConnectionPool:
 
     def acquire(self):
         try:
-            conn = self._slots.get(timeout=self.acquire_timeout)
+            conn = self._pop(self.acquire_timeout)
         except queue.Empty:
             raise ServiceUnavailable("The server is busy; retry shortly.") from None
         if conn is not None and (conn.closed or conn.kms_generation != self._generation):
@@ -79,7 +92,7 @@ class ConnectionPool:
             try:
                 conn = connect(self.dsn)
             except BaseException:
-                self._slots.put(None)
+                self._push(None)
                 raise
             conn.kms_generation = self._generation
         return conn
@@ -96,12 +109,12 @@ class ConnectionPool:
             if conn.kms_generation == self._generation:
                 self._generation += 1
             conn = None
-        self._slots.put(conn)
+        self._push(conn)
 
     def close(self):
         for _ in range(self.size):
             try:
-                conn = self._slots.get(timeout=self.acquire_timeout)
+                conn = self._pop(self.acquire_timeout)
             except queue.Empty:
                 return
             if conn is not None:
