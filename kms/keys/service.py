@@ -5,15 +5,15 @@ version's DEK is stored only wrapped under a KEK, bound to owner, reference, ver
 """
 import logging
 import uuid
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
+from typing import NamedTuple
 
 from kms import crypto, db
 from kms.audit.service import new_event, record, record_alone
 from kms.auth.access import TOKEN_NOT_LIVE, authenticate
 from kms.context import Context
-from kms.timefmt import rfc3339
 from kms.errors import BadRequest, Conflict, Gone, NotFound, StoredDataCorrupt, Unauthorized
+from kms.timefmt import rfc3339_from_now
 
 log = logging.getLogger("kms.keys")
 
@@ -21,8 +21,7 @@ ENCODING = "base64url (RFC 4648)"
 NO_SUCH_KEY = "No key with that reference."
 
 
-@dataclass(frozen=True)
-class KeyMaterial:
+class KeyMaterial(NamedTuple):
     dek: bytes
     version: int
     expires_at: str  # RFC 3339: how long the caller may cache the DEK
@@ -58,7 +57,7 @@ def _lock_key(cur, owner_id: uuid.UUID, ref_hash: bytes) -> tuple[int, int]:
 
 
 def _expires_at(ctx: Context) -> str:
-    return rfc3339(datetime.now(timezone.utc) + timedelta(milliseconds=ctx.kms.settings.dek_cache_ms))
+    return rfc3339_from_now(ctx.kms.settings.dek_cache_ms)
 
 
 def _material(ctx: Context, dek: bytes, version: int) -> KeyMaterial:

@@ -1,7 +1,8 @@
 -- name: lookup_key
 -- The hot path in one statement and one round trip: the token check, the key, its current version,
--- the requested one, and the audit record of a successful look-up (its MAC made beforehand, over
--- action 'key.lookup' and outcome 'success'; the service records refusals itself).
+-- the requested one, and the audit record of a successful look-up. Its MAC is made beforehand over
+-- the same values: action 'key.lookup', outcome 'success', the caller as actor and the hashed
+-- reference in hex as target. The service records refusals itself.
 -- No row at all means the token is not live; outcome says what the caller gets.
 WITH caller AS (
     SELECT c.id
@@ -24,7 +25,7 @@ WITH caller AS (
     LEFT JOIN key_versions req ON req.key_id = k.id AND req.version = %(version)s::integer
 ), audited AS (
     INSERT INTO audit_events (event_id, at, actor, action, target, version, outcome, request_id, source_ip, row_mac)
-    SELECT %(event_id)s::uuid, %(at)s::timestamptz, %(actor)s::text, 'key.lookup', %(target)s::text,
+    SELECT %(event_id)s::uuid, %(at)s::timestamptz, %(client_id)s::text, 'key.lookup', encode(%(ref_hash)s, 'hex'),
            %(version)s::integer, 'success', %(request_id)s::uuid, %(source_ip)s::text, %(row_mac)s::bytea
     FROM found WHERE outcome = 'success' AND %(audit)s::boolean
 )
