@@ -13,6 +13,20 @@ from kms.runtime import Kms
 log = logging.getLogger("kms")
 
 
+class KmsFlask(Flask):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sync_functions: dict = {}
+
+    def ensure_sync(self, func):
+        """Flask asks this of every hook and view on every request, and each answer costs an
+        inspect.iscoroutinefunction(); the functions are few and fixed, so remember the answers."""
+        sync = self._sync_functions.get(func)
+        if sync is None:
+            sync = self._sync_functions[func] = super().ensure_sync(func)
+        return sync
+
+
 def create_app(env=None, *, settings: Settings | None = None) -> Flask:
     """Build the app: validate settings, migrate the schema, check secrets against the stored
     data, open the connection pool and register the routes. Nothing happens at import time.
@@ -20,7 +34,7 @@ def create_app(env=None, *, settings: Settings | None = None) -> Flask:
     `env` is a mapping of environment variables (default: os.environ).
     """
     settings = settings or load_settings(env)
-    app = Flask(__name__)
+    app = KmsFlask(__name__)
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         API_TITLE="KMS",

@@ -13,7 +13,7 @@ from kms.auth.service import Grant
 from kms.context import Context, TokenClaims
 from kms.db import get_db
 from kms.errors import BadRequest, Unauthorized
-from kms.observability import request_id
+from kms.observability import REQUEST_ID
 
 NO_STORE = [("Cache-Control", "no-store")]
 
@@ -33,11 +33,11 @@ class Blueprint(flask_smorest.Blueprint):
     ARGUMENTS_PARSER = Parser()
 
 
-def bearer_claims(kms) -> TokenClaims:
-    """Verify the bearer token's signature, expiry and type (flask-jwt-extended), once per token.
-    Whether its session is still live is checked by the service, against the database."""
+def bearer_claims(kms, header: str) -> TokenClaims:
+    """Verify the bearer token (the Authorization header) once per token: its signature, expiry
+    and type (flask-jwt-extended). Whether its session is still live is checked by the service,
+    against the database."""
     cache = kms.verified_tokens
-    header = request.headers.get("Authorization", "")
     cached = cache.get(header)
     if cached is not None:
         return cached
@@ -53,12 +53,13 @@ def bearer_claims(kms) -> TokenClaims:
 
 def context(*, authenticated: bool = True) -> Context:
     kms = current_app.extensions["kms"]
+    this_request = request._get_current_object()  # one context-local hop, not one per attribute
     return Context(
         kms=kms,
         conn=get_db(),
-        request_id=request_id(),
-        source_ip=request.remote_addr,
-        claims=bearer_claims(kms) if authenticated else None,
+        request_id=this_request.environ.get(REQUEST_ID),
+        source_ip=this_request.remote_addr,
+        claims=bearer_claims(kms, this_request.headers.get("Authorization", "")) if authenticated else None,
     )
 
 
