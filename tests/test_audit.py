@@ -4,7 +4,6 @@ import base64
 import threading
 import uuid
 
-import psycopg2
 import pytest
 
 from kms.audit.service import record, seal_pending, verify_chain

@@ -1,9 +1,6 @@
 """The HTTP rules every route shares, operations endpoints, the factory and restarts."""
-import psycopg2
-import pytest
 
-from kms import create_app
-from tests.conftest import ADMIN_NAME, bearer
+from tests.conftest import bearer
 
 
 def assert_envelope(response, status, code=None):
