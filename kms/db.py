@@ -131,9 +131,10 @@ class ConnectionPool:
 
 def get_db():
     """The request's connection, taken from the pool on first use."""
-    conn = g.get("db")
+    request_globals = g._get_current_object()  # one context-local hop, not three
+    conn = request_globals.get("db")
     if conn is None:
-        conn = g.db = current_app.extensions["kms"].pool.acquire()
+        conn = request_globals.db = current_app.extensions["kms"].pool.acquire()
     return conn
 
 

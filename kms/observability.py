@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 from collections import deque
-from datetime import datetime, timezone
 
 from flask import Response, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
