@@ -2,11 +2,19 @@
 bare Flask + waitress + psycopg2 endpoint doing one SELECT; the cost of auditing lookups; and
 lookup latency with 1k versus 1M stored keys.
 
-    python bench/bench_keys.py          (needs wrk; BENCH_SECONDS, BENCH_THREADS, BENCH_DATABASE_URL)
+Every comparison runs its two servers side by side and alternates their runs for BENCH_ROUNDS
+rounds: on a shared VM throughput drifts by 10-20 % over minutes, so a ratio is only meaningful
+between runs made back to back. A ratio reported is the median of the rounds' ratios; a row is
+the run with the median throughput.
+
+    python bench/bench_keys.py          (needs wrk; BENCH_SECONDS, BENCH_ROUNDS, BENCH_THREADS,
+                                         BENCH_DATABASE_URL)
 """
 import os
+import statistics
 import sys
 import uuid
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -17,8 +25,10 @@ from bench.common import (ROOT, bench_database, call, free_port, kms_env, new_cl
                           server_process, wrk)
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 THREADS = int(os.environ.get("BENCH_THREADS", "16"))
 CONNECTIONS = (1, 16, 64)
+LOOKUP = "/keys/bench-key/1"  # decryptWith version 1, encryptWith version 2: two unwraps
 
 
 def add_filler_keys(database_url: str, total: int):
@@ -26,12 +36,9 @@ def add_filler_keys(database_url: str, total: int):
     conn = psycopg2.connect(database_url)
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute("SELECT id FROM clients WHERE password_hash = 'filler'")
-        found = cur.fetchone()
-        owner = found[0] if found else uuid.uuid4()
-        if not found:
-            cur.execute("INSERT INTO clients (id, name_hash, name_enc, password_hash, role) "
-                        "VALUES (%s, '\\x01', '\\x00', 'filler', 'client')", (str(owner),))
+        owner = uuid.uuid4()
+        cur.execute("INSERT INTO clients (id, name_hash, name_enc, password_hash, role) "
+                    "VALUES (%s, %s, '\\x00', 'filler', 'client')", (str(owner), owner.bytes))
         cur.execute("SELECT count(*) FROM keys")
         have = cur.fetchone()[0]
         cur.execute("""
@@ -45,62 +52,97 @@ def add_filler_keys(database_url: str, total: int):
                     (str(owner), have + 1, total))
         cur.execute("VACUUM ANALYZE keys")
         cur.execute("VACUUM ANALYZE key_versions")
+        cur.execute("SELECT count(*) FROM keys")
+        stored = cur.fetchone()[0]
     conn.close()
+    return stored
+
+
+@contextmanager
+def kms_server(env: dict, **settings):
+    """A KMS in its own process, with a client of its own whose key bench-key has versions 1 and 2.
+    `env` is a database's: servers sharing a database share its secrets."""
+    port = free_port()
+    with server_process([sys.executable, "app.py"], {**env, "SERVER_PORT": str(port), **settings}, port) as url:
+        token = new_client(url, f"bench-{uuid.uuid4().hex[:8]}")
+        call(url, "POST", "/keys/actions/generate", {"keyReference": "bench-key"}, token)
+        call(url, "POST", "/keys/bench-key/actions/rotate", None, token)
+        yield url, token
+
+
+def median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda run: run["rps"])[len(runs) // 2]
+
+
+def alternate(first, second, connections: int):
+    """ROUNDS rounds of (first, second) runs; the median runs and the median ratio first/second."""
+    firsts, seconds = [], []
+    for _ in range(ROUNDS):
+        firsts.append(first(connections))
+        seconds.append(second(connections))
+    ratios = [a["rps"] / b["rps"] for a, b in zip(firsts, seconds)]
+    return median_run(firsts), median_run(seconds), statistics.median(ratios), ratios
+
+
+def rounds(ratios) -> str:
+    return "rounds " + " ".join(f"{ratio:.2f}" for ratio in ratios)
+
+
+def lookups(server, connections: int) -> dict:
+    url, token = server
+    return wrk(url, "GET", LOOKUP, connections=connections, seconds=SECONDS, token=token)
 
 
 def main():
     require_wrk()
-    print(f"# {SECONDS}s per run, {THREADS} server threads, pool {THREADS} (min = max), wrk on 127.0.0.1", flush=True)
+    print(f"# {SECONDS}s per run, {THREADS} server threads, pool {THREADS} (min = max), wrk on 127.0.0.1, "
+          f"{ROUNDS} alternating rounds per comparison", flush=True)
     with bench_database() as url:
-        port = free_port()
-        env = kms_env(url, port, THREADS)
-        with server_process([sys.executable, "app.py"], env, port) as kms:
-            token = new_client(kms, "bench-svc")
-            call(kms, "POST", "/keys/actions/generate", {"keyReference": "bench-key"}, token)
-            call(kms, "POST", "/keys/bench-key/actions/rotate", None, token)
-            call(kms, "POST", "/keys/actions/generate", {"keyReference": "rotated-key"}, token)
-            results = {}
-            print("## KMS (GET /keys/bench-key/1: token check, two versions, two unwraps, audited)", flush=True)
+        env = kms_env(url, 0, THREADS)
+        bare_port = free_port()
+        bare_env = {**os.environ, "DATABASE_URL": url, "SERVER_PORT": str(bare_port), "SERVER_THREADS": str(THREADS)}
+        with kms_server(env) as kms, \
+                server_process([sys.executable, str(ROOT / "bench" / "bare_app.py")], bare_env, bare_port) as bare:
+            print(f"## KMS GET {LOOKUP} (token check, two versions, two unwraps, audited) against the bare "
+                  "Flask + waitress + psycopg2 endpoint doing one SELECT", flush=True)
             for connections in CONNECTIONS:
-                results[("lookup", connections)] = wrk(kms, "GET", "/keys/bench-key/1", connections=connections,
-                                                       seconds=SECONDS, token=token)
-                print(row(f"lookup    c={connections}", results[("lookup", connections)]), flush=True)
+                lookup, bare_run, ratio, ratios = alternate(
+                    lambda c: lookups(kms, c),
+                    lambda c: wrk(bare, "GET", "/bare/bench-key", connections=c, seconds=SECONDS), connections)
+                print(row(f"lookup    c={connections}", lookup), flush=True)
+                print(row(f"bare      c={connections}", bare_run) + f"   KMS lookup / bare = {ratio:.2f}x "
+                      f"({rounds(ratios)})", flush=True)
+
+            kms_url, token = kms
+            call(kms_url, "POST", "/keys/actions/generate", {"keyReference": "rotated-key"}, token)
             for connections in CONNECTIONS:
-                result = wrk(kms, "POST", "/keys/actions/generate", connections=connections, seconds=SECONDS,
+                result = wrk(kms_url, "POST", "/keys/actions/generate", connections=connections, seconds=SECONDS,
                              body_kind="generate", token=token, prefix=f"g{connections}")
                 print(row(f"generate  c={connections}", result), flush=True)
             for connections in CONNECTIONS:
-                result = wrk(kms, "POST", "/keys/rotated-key/actions/rotate", connections=connections,
+                result = wrk(kms_url, "POST", "/keys/rotated-key/actions/rotate", connections=connections,
                              seconds=SECONDS, token=token)
                 print(row(f"rotate one key c={connections}", result), flush=True)
 
-        bare_port = free_port()
-        bare_env = {**env, "SERVER_PORT": str(bare_port)}
-        with server_process([sys.executable, str(ROOT / "bench" / "bare_app.py")], bare_env, bare_port) as bare:
-            print("## bare Flask + waitress + psycopg2, one SELECT", flush=True)
-            for connections in CONNECTIONS:
-                result = wrk(bare, "GET", "/bare/bench-key", connections=connections, seconds=SECONDS)
-                ratio = results[("lookup", connections)]["rps"] / result["rps"]
-                print(row(f"bare      c={connections}", result) + f"   KMS lookup / bare = {ratio:.2f}x", flush=True)
-
-        print("## audit cost on lookups (c=16; same database, fresh server each, alternating, 2 runs each)",
+        print("## audit cost on lookups (c=16; audited and unaudited servers side by side, one database)",
               flush=True)
-        runs = {False: [], True: []}
-        for audited in (False, True, False, True):
-            with server_process([sys.executable, "app.py"], {**env, "AUDIT_KEY_LOOKUPS": str(audited).lower()},
-                                port) as kms:
-                result = wrk(kms, "GET", "/keys/bench-key/1", connections=16, seconds=SECONDS, token=token)
-                runs[audited].append(result["rps"])
-                print(row(f"lookup audited={audited}", result), flush=True)
-        cost = 1 - sum(runs[True]) / sum(runs[False])
-        print(f"auditing lookups costs {cost * 100:.1f}% of throughput (mean of the runs)", flush=True)
+        with kms_server(env) as audited, kms_server(env, AUDIT_KEY_LOOKUPS="false") as unaudited:
+            with_audit, without_audit, ratio, ratios = alternate(
+                lambda c: lookups(audited, c), lambda c: lookups(unaudited, c), 16)
+            print(row("lookup audited", with_audit), flush=True)
+            print(row("lookup unaudited", without_audit), flush=True)
+            print(f"auditing lookups costs {(1 - ratio) * 100:.1f}% of throughput ({rounds(ratios)})", flush=True)
 
-        print("## lookup with many stored keys (c=16)", flush=True)
-        for total in (1_000, 1_000_000):
-            add_filler_keys(url, total)
-            with server_process([sys.executable, "app.py"], env, port) as kms:
-                result = wrk(kms, "GET", "/keys/bench-key/1", connections=16, seconds=SECONDS, token=token)
-                print(row(f"lookup with {total:,} keys stored", result), flush=True)
+    print("## lookup with 1,000 and 1,000,000 stored keys (c=16; two databases side by side)", flush=True)
+    with ExitStack() as stack:
+        small_url, large_url = stack.enter_context(bench_database()), stack.enter_context(bench_database())
+        small = stack.enter_context(kms_server(kms_env(small_url, 0, THREADS)))
+        large = stack.enter_context(kms_server(kms_env(large_url, 0, THREADS)))
+        stored = {small_url: add_filler_keys(small_url, 1_000), large_url: add_filler_keys(large_url, 1_000_000)}
+        with_small, with_large, ratio, ratios = alternate(lambda c: lookups(small, c), lambda c: lookups(large, c), 16)
+        print(row(f"lookup with {stored[small_url]:,} keys stored", with_small), flush=True)
+        print(row(f"lookup with {stored[large_url]:,} keys stored", with_large) +
+              f"   1k / 1M = {ratio:.2f}x ({rounds(ratios)})", flush=True)
 
 
 if __name__ == "__main__":
