@@ -69,8 +69,16 @@ def _open(aead: AESGCM, blob: bytes, ad: bytes) -> bytes:
         raise IntegrityError("ciphertext failed authentication") from None
 
 
+# What _associated_data(b"dek", owner, ref_hash, version, kek_version) lays out, for parts of fixed
+# size (a 16-byte owner id, a 32-byte reference hash, two 32-bit numbers), in one precompiled pack:
+# every DEK wrap and unwrap builds one.
+_DEK_PARTS = struct.Struct(">I16sI32sIIII")
+
+
 def dek_associated_data(owner_id: uuid.UUID, ref_hash: bytes, version: int, kek_version: int) -> bytes:
-    return _associated_data(b"dek", owner_id.bytes, bytes(ref_hash), _LENGTH(version), _LENGTH(kek_version))
+    if len(ref_hash) != 32:
+        raise ValueError("a key reference hash is 32 bytes")
+    return FORMAT_V1 + b"dek" + _DEK_PARTS.pack(16, owner_id.bytes, 32, bytes(ref_hash), 4, version, 4, kek_version)
 
 
 class Keyring:

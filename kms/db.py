@@ -1,11 +1,13 @@
 """PostgreSQL: the connection pool, a connection per request on `g`, transactions, named queries
 from sql/queries/*.sql and numbered migrations from sql/migrations/.
 """
+import operator
 import queue
 import re
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import psycopg2
 import psycopg2.extensions
@@ -183,13 +185,13 @@ class Queries:
         except KeyError:
             raise AttributeError(f"no query named {name}") from None
 
-    def prepared(self, name: str) -> tuple[str, str, list[str]]:
-        """(PREPARE statement, EXECUTE template, parameter names in order) for a named query."""
+    def prepared(self, name: str) -> tuple[str, str, Callable[[dict], tuple]]:
+        """(PREPARE statement, EXECUTE template, params dict -> values in order) for a named query."""
         if name not in self._prepared:
             self._prepared[name] = self._prepare(name)
         return self._prepared[name]
 
-    def _prepare(self, name: str) -> tuple[str, str, list[str]]:
+    def _prepare(self, name: str) -> tuple[str, str, Callable[[dict], tuple]]:
         names: list[str] = []
 
         def positional(match):
@@ -199,7 +201,15 @@ class Queries:
 
         body = _PARAMETER.sub(positional, getattr(self, name))
         placeholders = ", ".join(["%s"] * len(names))
-        return f"PREPARE {name} AS {body}", f"EXECUTE {name} ({placeholders})" if names else f"EXECUTE {name}", names
+        execute = f"EXECUTE {name} ({placeholders})" if names else f"EXECUTE {name}"
+        return f"PREPARE {name} AS {body}", execute, _values_in_order(names)
+
+
+def _values_in_order(names: list[str]) -> Callable[[dict], tuple]:
+    """params -> (params[names[0]], params[names[1]], ...), by operator.itemgetter (in C)."""
+    if len(names) > 1:
+        return operator.itemgetter(*names)
+    return lambda params: tuple(params[name] for name in names)
 
 
 sql = Queries()
@@ -209,11 +219,11 @@ def execute_prepared(cur, name: str, params: dict, *, prefix: str = "", suffix: 
     """Run a named query as a server-side prepared statement, for the hot path: PostgreSQL plans
     it once per connection instead of on every request. `prefix` and `suffix` (other statements)
     travel in the same round trip; the cursor holds the result of the last statement."""
-    prepare, execute, names = sql.prepared(name)
+    prepare, execute, values = sql.prepared(name)
     if name not in cur.connection.kms_prepared:
         cur.execute(prepare)
         cur.connection.kms_prepared.add(name)
-    cur.execute(prefix + execute + suffix, [params[key] for key in names])
+    cur.execute(prefix + execute + suffix, values(params))
 
 
 def migration_files() -> list[tuple[int, str, Path]]:
