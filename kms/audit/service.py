@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from kms import crypto, db
-from kms.ids import random_uuid
 from kms.auth.access import require_admin
 from kms.context import Context
+from kms.ids import random_uuid
 
 GENESIS = b"\x00" * 32
 SEAL_BATCH = 2000
