@@ -25,7 +25,7 @@ from bench.common import (ROOT, bench_database, call, free_port, kms_env, new_cl
                           server_process, wrk)
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 THREADS = int(os.environ.get("BENCH_THREADS", "16"))
 CONNECTIONS = (1, 16, 64)
 LOOKUP = "/keys/bench-key/1"  # decryptWith version 1, encryptWith version 2: two unwraps
