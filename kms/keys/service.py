@@ -127,14 +127,13 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
         raise NotFound(NO_SUCH_KEY if key_id is None else "The key has no such version.")
 
     encrypt_with = _rotate_if_due(ctx, key_id) if rotation_due else None
-    expires_at = encrypt_with.expires_at if encrypt_with else _expires_at(ctx)
     if encrypt_with is None:
-        encrypt_with = KeyMaterial(_unwrap(ctx, key_id, owner_id, ref_hash, cur_version, cur_kek, cur_wrapped),
-                                   cur_version, expires_at)
+        encrypt_with = _material(ctx, _unwrap(ctx, key_id, owner_id, ref_hash, cur_version, cur_kek, cur_wrapped),
+                                 cur_version)
     if version is None or version == encrypt_with.version:
         return encrypt_with, encrypt_with
     decrypt_with = KeyMaterial(_unwrap(ctx, key_id, owner_id, ref_hash, req_version, req_kek, req_wrapped),
-                               req_version, expires_at)
+                               req_version, encrypt_with.expires_at)
     return decrypt_with, encrypt_with
 
 
