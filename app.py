@@ -19,13 +19,12 @@ log = logging.getLogger("kms")
 
 def serve(app):
     """Serve with waitress until SIGTERM or Ctrl-C, then stop cleanly."""
-    import waitress
     from kms.audit.sealer import start_sealer
+    from kms.serving.http import create_server
 
     kms = app.extensions["kms"]
     settings = kms.settings
-    server = waitress.create_server(app, host=settings.server_host, port=settings.server_port,
-                                    threads=settings.server_threads, ident="kms", clear_untrusted_proxy_headers=True)
+    server = create_server(app, settings)
     sealer = start_sealer(kms)
 
     def stop(signum, _frame):

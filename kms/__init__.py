@@ -48,6 +48,7 @@ def create_app(env=None, *, settings: Settings | None = None) -> Flask:
         JWT_TOKEN_LOCATION=["headers"],
         JWT_ACCESS_TOKEN_EXPIRES=timedelta(milliseconds=settings.jwt_ttl_ms),
         JWT_IDENTITY_CLAIM="sub",
+        PROVIDE_AUTOMATIC_OPTIONS=False,  # no CORS here: OPTIONS is a 405 like any unsupported method
     )
     if settings.trusted_proxy_hops:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops, x_proto=settings.trusted_proxy_hops)

@@ -5,7 +5,7 @@ from flask import current_app, jsonify, request
 from flask_jwt_extended import JWTManager
 from flask_smorest import Api
 
-from kms import db, errors
+from kms import db, errors, web
 from schemas.common import ErrorSchema
 
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -38,8 +38,16 @@ def _register_jwt(app):
     app.register_error_handler(jwt.exceptions.PyJWTError, _unauthorized)
 
 
-def _require_json_bodies():
-    """A body must be JSON (415 otherwise); routes without a body accept an empty one."""
+# Endpoints anyone may call; every other route needs a valid bearer token before anything else.
+PUBLIC_ENDPOINTS = frozenset({"auth.signup", "auth.login", "healthz", "readyz", "metrics", "api-docs.openapi_json"})
+
+
+def _check_request():
+    """Before any route: a bearer token where one is needed (401 before 400, so an anonymous
+    caller learns nothing of what a route accepts), then a JSON body (415 otherwise); routes
+    without a body accept an empty one."""
+    if request.endpoint is not None and request.endpoint not in PUBLIC_ENDPOINTS:
+        web.verify_bearer_first(current_app.extensions["kms"], request._get_current_object())
     if request.method in BODY_METHODS and (request.content_length or request.headers.get("Transfer-Encoding")):
         if not request.is_json:
             return errors.error_response(415, "unsupported_media_type", errors.HTTP_MESSAGES[415])
@@ -66,10 +74,14 @@ def readyz():
 
 def register_api(app):
     _register_jwt(app)
-    app.before_request(_require_json_bodies)
+    app.before_request(_check_request)
     api = KmsApi(app, spec_kwargs={"info": {"description": "Envelope-encryption key management service."},
                                     "security": [{"bearerAuth": []}]})
     api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"})
+
+    for name, (converter, schema) in web.PATH_SEGMENTS.items():
+        app.url_map.converters[name] = converter
+        api.register_converter(converter, lambda _converter, schema=schema: schema)
 
     from kms.audit.routes import bp as audit_bp
     from kms.auth.routes import bp as auth_bp

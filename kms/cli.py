@@ -10,9 +10,11 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from kms import db
-from kms.auth.passwords import password_problem
+from kms.rules import password_problem
 from kms.config import generate_secret
 from kms.context import Context
+
+EXIT_INTEGRITY = 4  # stored data failed an integrity check (README, "Command line")
 
 DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
@@ -75,6 +77,23 @@ def create_admin(clientname):
     click.echo(f"Created admin {clientname} ({client_id}).")
 
 
+@kms_cli.group("clients")
+def clients():
+    """Clients (service accounts)."""
+
+
+@clients.command("unlock")
+@click.argument("clientname")
+def unlock(clientname):
+    """Lift a client's login lock after failed logins (its failures are forgotten)."""
+    from kms.auth.service import unlock_client
+    with cli_context() as ctx:
+        found = unlock_client(ctx, clientname=clientname)
+    if not found:
+        raise click.ClickException(f"no client named {clientname}")
+    click.echo(f"unlocked {clientname}")
+
+
 @kms_cli.command("migrate")
 def migrate():
     """Apply pending schema migrations."""
@@ -112,8 +131,15 @@ def kek_rewrap():
     """Re-wrap every DEK under the active KEK (after adding KEK_n and setting KEK_ACTIVE)."""
     from kms.keys.service import rewrap_keys
     with cli_context() as ctx:
-        count = rewrap_keys(ctx)
-    click.echo(f"re-wrapped {count} DEK versions under KEK version {current_app.extensions['kms'].keyring.kek_active}")
+        result = rewrap_keys(ctx)
+    active = current_app.extensions["kms"].keyring.kek_active
+    for key_id, version in result.failed:
+        click.echo(f"key {key_id} version {version}: stored DEK failed authentication; left as it is", err=True)
+    click.echo(f"re-wrapped {result.rewrapped} DEK versions under KEK version {active}")
+    if result.failed:
+        click.echo(f"{len(result.failed)} DEK versions could not be re-wrapped (see above; recorded in the audit "
+                   "trail as kek.rewrap integrity_error)", err=True)
+        sys.exit(EXIT_INTEGRITY)
 
 
 @kms_cli.group("keys")
@@ -127,7 +153,9 @@ def rotate_due():
     clear expired sessions and old records."""
     from kms.clients.service import purge_stale_records
     from kms.keys.service import destroy_due_keys, rotate_due_keys
+    from kms.audit.service import flush_refusals
     with cli_context() as ctx:
+        flush_refusals(ctx)
         rotated = rotate_due_keys(ctx)
         destroyed = destroy_due_keys(ctx)
         purge_stale_records(ctx)
@@ -151,8 +179,9 @@ def audit_seal():
 @audit.command("verify")
 def audit_verify():
     """Seal what is pending, walk the chain, exit 1 naming the first bad row."""
-    from kms.audit.service import record_alone, verify_chain
+    from kms.audit.service import flush_refusals, record_alone, verify_chain
     with cli_context() as ctx:
+        flush_refusals(ctx)
         result = verify_chain(ctx.conn, ctx.kms.audit_key)
         record_alone(ctx, "audit.verify", "success" if result.ok else "broken",
                      target=None if result.ok else str(result.seq))

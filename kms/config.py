@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import click
 
-from kms.auth.passwords import password_problem
+from kms.rules import password_problem
 
 KEY_BYTES = 32
 DAY_MS = 24 * 60 * 60 * 1000
@@ -52,6 +52,8 @@ class Settings:
     login_failure_window_ms: int = 15 * 60 * 1000
     trusted_proxy_hops: int = 0
     max_body_bytes: int = 64 * 1024
+    connection_limit: int = 1000
+    request_read_timeout_ms: int = 10_000
     audit_seal_interval_ms: int = 2000
     audit_key_lookups: bool = True
     dek_cache_ms: int = 5 * 60 * 1000
@@ -183,7 +185,9 @@ def load_settings(env: Mapping | None = None) -> Settings:
         login_max_failures_per_address=_int(env, "LOGIN_MAX_FAILURES_PER_ADDRESS", 50, minimum=1),
         login_failure_window_ms=_int(env, "LOGIN_FAILURE_WINDOW", 15 * 60 * 1000, minimum=1000),
         trusted_proxy_hops=_int(env, "TRUSTED_PROXY_HOPS", 0, maximum=5),
-        max_body_bytes=_int(env, "MAX_BODY_BYTES", 64 * 1024, minimum=1024),
+        max_body_bytes=_int(env, "MAX_BODY_BYTES", 64 * 1024, minimum=1024, maximum=16 * 1024 * 1024),
+        connection_limit=_int(env, "SERVER_CONNECTION_LIMIT", 1000, minimum=16, maximum=100_000),
+        request_read_timeout_ms=_int(env, "REQUEST_READ_TIMEOUT", 10_000, minimum=1000, maximum=300_000),
         audit_seal_interval_ms=_int(env, "AUDIT_SEAL_INTERVAL", 2000),
         audit_key_lookups=_bool(env, "AUDIT_KEY_LOOKUPS", True),
     )

@@ -116,7 +116,10 @@ def handle_http_exception(error: HTTPException):
             return error_response(400, "bad_request", "The body must be a JSON object.", fields)
         return error_response(400, "validation_failed", "Some fields are not valid; see fields.", fields)
     message = HTTP_MESSAGES.get(status) or (error.description if status < 500 else ApiError.message)
-    return error_response(status, HTTP_CODES.get(status, "error"), message, headers=data.get("headers"))
+    headers = dict(data.get("headers") or {})
+    if getattr(error, "valid_methods", None):  # 405 names what is allowed (RFC 9110)
+        headers["Allow"] = ", ".join(sorted(error.valid_methods))
+    return error_response(status, HTTP_CODES.get(status, "error"), message, headers=headers)
 
 
 def register_error_handlers(app):

@@ -5,6 +5,7 @@ key reference. Bodies and headers are never logged.
 """
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -99,6 +100,13 @@ class BatchingHandler(logging.Handler):
         super().close()
 
 
+class _DropRawPaths(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "while serving" in record.msg:
+            record.msg, record.args = record.msg.split(" %s")[0], ()
+        return True
+
+
 def configure_logging(level: str = "INFO", stream=None) -> logging.Handler:
     """JSON lines on stderr, written in batches (see BatchingHandler)."""
     handler = BatchingHandler(stream or sys.stderr)
@@ -115,7 +123,15 @@ def configure_logging(level: str = "INFO", stream=None) -> logging.Handler:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     # waitress logs the request line of a failed request; keep its own log terse.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    # and it names the raw path (which carries a key reference) when a client disconnects or a
+    # request fails: keep the message, drop the path.
+    waitress_log = logging.getLogger("waitress")
+    if not any(isinstance(f, _DropRawPaths) for f in waitress_log.filters):
+        waitress_log.addFilter(_DropRawPaths())
     return handler
+
+
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class Metrics:
@@ -129,6 +145,10 @@ class Metrics:
         self._children: dict = {}
 
     def observe(self, route: str, method: str, status: int, seconds: float):
+        # Labels come from closed sets (route templates, known methods, statuses the server
+        # writes): a caller inventing methods or paths must not grow memory or /metrics.
+        if method not in KNOWN_METHODS:
+            method = "other"
         # labels() takes a lock and builds a key on every call; remember the children instead.
         key = (route, method, status)
         children = self._children.get(key)
@@ -164,6 +184,13 @@ class RequestObserver:
     def __init__(self, wsgi_app, metrics: Metrics):
         self.wsgi_app = wsgi_app
         self.metrics = metrics
+        self._templates: dict = {}  # rule -> its template without converter names, once per rule
+
+    def _template(self, rule: str) -> str:
+        template = self._templates.get(rule)
+        if template is None:  # /keys/<keyref:ref> -> /keys/<ref>
+            template = self._templates[rule] = re.sub(r"<\w+:(\w+)>", r"<\1>", rule)
+        return template
 
     def __call__(self, environ, start_response):
         started = time.perf_counter()
@@ -173,7 +200,7 @@ class RequestObserver:
         def start_with_request_id(status, headers, exc_info=None):
             flask_request = environ.get("werkzeug.request")
             if flask_request is not None and flask_request.url_rule is not None:
-                seen[0] = flask_request.url_rule.rule
+                seen[0] = self._template(flask_request.url_rule.rule)
             seen[1] = int(status[:3])
             headers.append(("X-Request-ID", request_id))
             return start_response(status, headers, exc_info)

@@ -8,12 +8,14 @@ from flask import Response, current_app, request
 from flask_jwt_extended import create_access_token, get_jwt, verify_jwt_in_request
 from marshmallow import ValidationError
 from webargs.flaskparser import FlaskParser
+from werkzeug.routing import BaseConverter
 
 from kms.auth.service import Grant
 from kms.context import Context, TokenClaims
 from kms.db import get_db
 from kms.errors import BadRequest, Unauthorized
 from kms.observability import REQUEST_ID
+from kms.rules import KEY_REFERENCE_PATTERN, MAX_VERSION
 
 NO_STORE = [("Cache-Control", "no-store")]
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps(separators=...) builds one per call
@@ -27,11 +29,75 @@ def json_response(body: dict, headers: list[tuple[str, str]] | None = None) -> R
 
 
 class Parser(FlaskParser):
+    """webargs's JSON loading, made total: whatever bytes arrive, the caller gets a 400 envelope.
+
+    json.loads itself raises RecursionError on deep nesting and ValueError on an integer literal
+    past Python's 4,300-digit limit, and it accepts lone surrogates ("\\ud800"), which no database
+    or hash can encode later; webargs catches none of these."""
+
     DEFAULT_VALIDATION_STATUS = 400
+
+    def _raw_load_json(self, req):
+        try:
+            data = super()._raw_load_json(req)
+        except json.JSONDecodeError:
+            raise
+        except (RecursionError, ValueError):
+            raise json.JSONDecodeError("not a JSON value this server accepts", "?", 0) from None
+        if not _is_encodable(data):
+            raise json.JSONDecodeError("a string is not valid Unicode (lone surrogate)", "?", 0)
+        return data
+
+
+def _is_encodable(data) -> bool:
+    """Every string (and object key) in parsed JSON encodes as UTF-8. Iterative: the depth that
+    json.loads allowed must not overflow the stack here either."""
+    pending = [data]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return True
 
 
 class Blueprint(flask_smorest.Blueprint):
     ARGUMENTS_PARSER = Parser()
+
+
+class _PathSegment(BaseConverter):
+    """Any one path segment, as werkzeug's default; the route validates it after authenticating
+    the caller (400 with the envelope), and /openapi.json documents what it accepts."""
+
+
+class KeyReferenceSegment(_PathSegment):
+    pass
+
+
+class VersionSegment(_PathSegment):
+    """Any segment but `generate`, so that /keys/actions/generate is not also the GET of version
+    "generate" of a key named "actions" (its Allow header then names POST alone)."""
+    regex = "(?!generate$)[^/]+"
+
+
+class ClientIdSegment(_PathSegment):
+    pass
+
+
+# converter name -> (class, the parameter's schema in /openapi.json)
+PATH_SEGMENTS = {
+    "keyref": (KeyReferenceSegment, {"type": "string", "pattern": KEY_REFERENCE_PATTERN, "minLength": 1,
+                                     "maxLength": 64}),
+    "version": (VersionSegment, {"type": "integer", "minimum": 1, "maximum": MAX_VERSION}),
+    "clientid": (ClientIdSegment, {"type": "string", "format": "uuid"}),
+}
 
 
 def bearer_claims(kms, header: str) -> TokenClaims:
@@ -46,22 +112,33 @@ def bearer_claims(kms, header: str) -> TokenClaims:
     claims = get_jwt()
     try:
         verified = TokenClaims(client_id=uuid.UUID(claims["sub"]), jti=uuid.UUID(claims["jti"]))
-    except (KeyError, TypeError, ValueError):
+        expires = claims["exp"]
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise Unauthorized("The token is not a KMS access token.") from None
-    cache.put(header, verified, claims["exp"])
+    if not isinstance(expires, int) or isinstance(expires, bool):  # we never sign a token without exp
+        raise Unauthorized("The token is not a KMS access token.")
+    cache.put(header, verified, expires)
     return verified
+
+
+CLAIMS = "kms.claims"  # the WSGI environ key of the request's verified token claims
+
+
+def verify_bearer_first(kms, this_request):
+    """Before a route parses its body or path: a caller without a valid token gets 401 and
+    learns nothing of what the route would accept."""
+    this_request.environ[CLAIMS] = bearer_claims(kms, this_request.headers.get("Authorization", ""))
 
 
 def context(*, authenticated: bool = True) -> Context:
     kms = current_app.extensions["kms"]
     this_request = request._get_current_object()  # one context-local hop, not one per attribute
-    return Context(
-        kms=kms,
-        conn=get_db(),
-        request_id=this_request.environ.get(REQUEST_ID),
-        source_ip=this_request.remote_addr,
-        claims=bearer_claims(kms, this_request.headers.get("Authorization", "")) if authenticated else None,
-    )
+    environ = this_request.environ
+    claims = None
+    if authenticated:
+        claims = environ.get(CLAIMS) or bearer_claims(kms, this_request.headers.get("Authorization", ""))
+    return Context(kms=kms, conn=get_db(), request_id=environ.get(REQUEST_ID), source_ip=this_request.remote_addr,
+                   claims=claims)
 
 
 def parse_path(schema, **values):

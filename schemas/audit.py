@@ -18,6 +18,8 @@ class AuditEvent(Schema):
     outcome = fields.String(required=True)
     requestId = fields.String(allow_none=True)
     sourceIp = fields.String(allow_none=True)
+    repeats = fields.Integer(allow_none=True, metadata={
+        "description": "How many more times the same refusal came from this source in its minute (null: once)."})
 
 
 class AuditList(Schema):

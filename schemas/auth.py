@@ -1,5 +1,6 @@
 from marshmallow import fields, validate
 
+from kms.rules import PASSWORD_MAX, PASSWORD_MIN, PASSWORD_PATTERN
 from schemas.common import CLIENTNAME, DAY_MS, Milliseconds, Schema, StrictSchema, Timestamp, validate_password
 
 
@@ -16,7 +17,10 @@ class SignupTokenResponse(Schema):
 
 class SignupRequest(StrictSchema):
     token = fields.String(required=True, validate=validate.Length(min=1, max=4096))
-    password = fields.String(required=True, validate=validate_password, load_only=True)
+    password = fields.String(required=True, validate=validate_password, load_only=True, metadata={
+        "minLength": PASSWORD_MIN, "maxLength": PASSWORD_MAX, "pattern": PASSWORD_PATTERN,
+        "description": "12-128 characters with at least 3 of: lowercase, uppercase, digit, symbol (any other "
+                       "character)."})
 
 
 class LoginRequest(StrictSchema):

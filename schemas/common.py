@@ -1,10 +1,11 @@
 from marshmallow import Schema, ValidationError, fields, validate
 
-from kms.auth.passwords import password_problem
+from kms.rules import password_problem
 from kms.timefmt import rfc3339
 
 CLIENTNAME = validate.Regexp(r"^[A-Za-z0-9-]{4,64}\Z", error="Must be 4-64 characters of A-Z a-z 0-9 -.")
 KEY_REFERENCE = validate.Regexp(r"^[A-Za-z0-9-]{1,64}\Z", error="Must be 1-64 characters of A-Z a-z 0-9 -.")
+
 DAY_MS = 24 * 60 * 60 * 1000
 
 
@@ -26,6 +27,16 @@ class StrictSchema(Schema):
 
     class Meta:
         unknown = "raise"
+
+
+class AsciiInteger(fields.Integer):
+    """A whole number written in ASCII digits only, as a path segment carries it: int() alone
+    would also take " 1" and fullwidth digits."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not (isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 10):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
 
 
 def Milliseconds(**kwargs):

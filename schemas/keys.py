@@ -1,6 +1,7 @@
 from marshmallow import fields, validate
 
-from schemas.common import DAY_MS, KEY_REFERENCE, Milliseconds, Schema, StrictSchema, Timestamp
+from kms.rules import MAX_VERSION
+from schemas.common import DAY_MS, KEY_REFERENCE, AsciiInteger, Milliseconds, Schema, StrictSchema, Timestamp
 
 KEY_STATES = ("in-use", "deprecated", "retired")
 
@@ -14,7 +15,7 @@ class KeyReferencePath(StrictSchema):
 
 
 class KeyVersionPath(KeyReferencePath):
-    version = fields.Integer(required=True, validate=validate.Range(min=1, max=2**31 - 1))
+    version = AsciiInteger(required=True, validate=validate.Range(min=1, max=MAX_VERSION))
 
 
 class KeyObject(Schema):

@@ -10,17 +10,18 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg2
 import pytest
 import requests
-import waitress
 from waitress import wasyncore
 
 from kms import create_app
 from kms.config import SECRET_VARIABLES, generate_secret
 from kms.observability import JsonFormatter
+from kms.serving.http import create_server
 
 ADMIN_NAME = "root-admin"
 ADMIN_PASSWORD = "Root-admin-passw0rd"
 CLIENT_PASSWORD = "Client-passw0rd!"
-APP_TABLES = "clients, sessions, signup_tokens, login_failures, keys, key_versions, secret_checks, audit_events"
+APP_TABLES = ("clients, sessions, signup_tokens, login_failures, keys, key_versions, secret_checks, audit_events, "
+              "audit_refusals")
 
 
 def with_database(url: str, name: str) -> str:
@@ -144,12 +145,12 @@ class HttpClient(requests.Session):
 def serve_in_thread(app, threads: int = 8):
     """waitress on a free port, in a thread that runs waitress's own loop one pass at a time, so
     that stop_server() can end it and close every socket from that same thread."""
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads)
+    server = create_server(app, app.extensions["kms"].settings, host="127.0.0.1", port=0, threads=threads)
     server.kms_stop = threading.Event()
 
     def run():
         while not server.kms_stop.is_set():
-            wasyncore.loop(timeout=0.05, map=server._map, count=1)
+            wasyncore.loop(timeout=0.05, map=server._map, count=1, use_poll=True)
         server.task_dispatcher.shutdown(timeout=5)
         for dispatcher in list(server._map.values()):
             dispatcher.close()

@@ -3,7 +3,8 @@ import logging
 import threading
 
 from kms import db
-from kms.audit.service import seal_pending
+from kms.audit.service import flush_refusals, seal_pending
+from kms.context import Context
 
 log = logging.getLogger("kms.audit")
 
@@ -21,6 +22,7 @@ class Sealer(threading.Thread):
             try:
                 if conn is None or conn.closed:
                     conn = db.connect(self.kms.settings.database_url, application_name="kms-audit-sealer")
+                flush_refusals(Context(kms=self.kms, conn=conn))
                 seal_pending(conn, self.kms.audit_key)
             except Exception as error:  # noqa: BLE001 - keep sealing after an outage
                 log.warning("audit sealing failed; will retry", extra={"error_code": type(error).__name__})

@@ -5,7 +5,7 @@ no change commits without its record and a rolled-back change leaves none). A si
 gives sealed events consecutive chain positions and chains their MACs; appends never wait on it.
 No secret and no raw key reference is ever written here: keys are named by their HMAC.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from kms import crypto, db
@@ -17,8 +17,11 @@ GENESIS = b"\x00" * 32
 SEAL_BATCH = 2000
 
 
+REFUSAL_WINDOW_S = 60
+
+
 def _event(ctx: Context, action: str, outcome: str, target: str | None, version: int | None,
-           actor: str | None) -> dict:
+           actor: str | None, repeats: int | None = None) -> dict:
     return {
         "event_id": random_uuid(),
         "at": datetime.now(timezone.utc).isoformat(),  # as _text() gives it: the MAC covers this text
@@ -29,13 +32,14 @@ def _event(ctx: Context, action: str, outcome: str, target: str | None, version:
         "outcome": outcome,
         "request_id": ctx.request_id,
         "source_ip": ctx.source_ip,
+        "repeats": repeats,
     }
 
 
 def new_event(ctx: Context, action: str, outcome: str = "success", *, target: str | None = None,
-              version: int | None = None, actor: str | None = None) -> dict:
+              version: int | None = None, actor: str | None = None, repeats: int | None = None) -> dict:
     """The parameters of one insert_audit_event, with its MAC."""
-    event = _event(ctx, action, outcome, target, version, actor)
+    event = _event(ctx, action, outcome, target, version, actor, repeats)
     event["row_mac"] = row_mac(ctx.kms.audit_key, event)
     return event
 
@@ -45,6 +49,31 @@ def record(cur, ctx: Context, action: str, outcome: str = "success", *, target: 
     """Write an event in the caller's transaction: it commits with the change it describes."""
     event = new_event(ctx, action, outcome, target=target, version=version, actor=actor)
     db.execute_prepared(cur, "insert_audit_event", event)
+
+
+def record_refusal(cur, ctx: Context, action: str, outcome: str):
+    """Record a refusal of an unauthenticated caller without letting a flood of them fill the
+    table: the first in a minute from one source is an event at once, the others are counted and
+    written as one event with `repeats` when the minute is over (flush_refusals)."""
+    cur.execute(db.sql.count_refusal, {"action": action, "outcome": outcome, "source_ip": ctx.source_ip or "unknown",
+                                       "window_s": REFUSAL_WINDOW_S})
+    if cur.fetchone()[0] == 1:
+        record(cur, ctx, action, outcome)
+
+
+def flush_refusals(ctx: Context, *, everything: bool = False) -> int:
+    """Write the counted refusals of closed windows (all of them with `everything`) as events
+    with `repeats`, in one transaction with their removal from the counters."""
+    written = 0
+    with db.transaction(ctx.conn) as cur:
+        cur.execute(db.sql.take_closed_refusal_windows, {"window_s": REFUSAL_WINDOW_S, "all": everything})
+        for action, outcome, source_ip, _window_start, count in cur.fetchall():
+            if count > 1:  # the first was recorded when it happened
+                event = new_event(replace(ctx, source_ip=source_ip), action, outcome, actor="anonymous",
+                                  repeats=count - 1)
+                db.execute_prepared(cur, "insert_audit_event", event)
+                written += 1
+    return written
 
 
 def record_alone(ctx: Context, action: str, outcome: str, **fields):
@@ -66,7 +95,10 @@ ROW_MAC_PURPOSE = b"kms-audit-row-v1"
 
 
 def _mac_parts(event: dict) -> list[bytes]:
-    return [_text(event[name]) for name in MAC_FIELDS]
+    parts = [_text(event[name]) for name in MAC_FIELDS]
+    if event.get("repeats") is not None:  # a part only when set: rows from before it keep their MAC
+        parts.append(b"repeats=" + _text(event["repeats"]))
+    return parts
 
 
 def row_mac(key: bytes, event: dict) -> bytes:
@@ -78,7 +110,7 @@ def chain_hash(key: bytes, previous: bytes, position: int, mac: bytes) -> bytes:
 
 
 EVENT_COLUMNS = ("seq", "event_id", "at", "actor", "action", "target", "version", "outcome", "request_id",
-                 "source_ip", "row_mac")
+                 "source_ip", "repeats", "row_mac")
 
 
 def seal_pending(conn, key: bytes, *, wait: bool = False) -> int:
@@ -132,7 +164,7 @@ def verify_chain(conn, key: bytes) -> VerifyResult:
             return VerifyResult(checked)
         for row in rows:
             event = dict(zip(EVENT_COLUMNS, row))
-            position, stored_hash = row[11], bytes(row[12])
+            position, stored_hash = row[12], bytes(row[13])
             if position != expected_position:
                 return VerifyResult(checked, f"chain position {expected_position} is missing (row deleted?)",
                                     event["seq"])
@@ -145,9 +177,10 @@ def verify_chain(conn, key: bytes) -> VerifyResult:
 
 
 def public_event(row) -> dict:
-    seq, at, actor, action, target, version, outcome, request_id, source_ip = row
+    seq, at, actor, action, target, version, outcome, request_id, source_ip, repeats = row
     return {"seq": seq, "at": at, "actor": actor, "action": action, "target": target, "version": version,
-            "outcome": outcome, "requestId": str(request_id) if request_id else None, "sourceIp": source_ip}
+            "outcome": outcome, "requestId": str(request_id) if request_id else None, "sourceIp": source_ip,
+            "repeats": repeats}
 
 
 def list_events(ctx: Context, after: int, limit: int) -> list[dict]:
@@ -164,10 +197,10 @@ def export_events(conn, after: int = 0, page: int = 5000):
             cur.execute(db.sql.audit_export_page, {"after": after, "limit": page})
             rows = cur.fetchall()
         for row in rows:
-            event = public_event(row[:9])
+            event = public_event(row[:10])
             event["at"] = row[1].astimezone(timezone.utc).isoformat()
-            event["chainPos"] = row[9]
-            event["chainHash"] = bytes(row[10]).hex() if row[10] is not None else None
+            event["chainPos"] = row[10]
+            event["chainHash"] = bytes(row[11]).hex() if row[11] is not None else None
             yield event
             after = row[0]
         if len(rows) < page:

@@ -24,9 +24,14 @@ class PasswordHasher:
     than the machine has, so hashing never takes every core), and at most `admitted` logins or
     signups are in progress (see admission()); a further one is refused at once with 429 instead
     of holding a server thread that key requests need. Measured: without the second bound, a login
-    flood took every waitress thread and cut key look-ups to 7 % of their throughput."""
+    flood took every waitress thread and cut key look-ups to 7 % of their throughput.
 
-    def __init__(self, concurrency: int | None = None, admitted: int | None = None):
+    An admitted login waits up to `wait_s` for a hashing slot, so a short burst (the original Go
+    SDK logs in before nearly every call, from every goroutine at once, and never retries a 429)
+    queues and succeeds; only a flood that outlasts the wait gets 429."""
+
+    def __init__(self, concurrency: int | None = None, admitted: int | None = None, wait_s: float = 2.0):
+        self.wait_s = wait_s
         self.concurrency = concurrency or max(1, (os.cpu_count() or 2) - 1)
         self._hashing = threading.BoundedSemaphore(self.concurrency)
         self._admitted = threading.BoundedSemaphore(admitted or 4 * self.concurrency)
@@ -49,36 +54,24 @@ class PasswordHasher:
         finally:
             self._admitted.release()
 
+    @contextmanager
+    def _slot(self):
+        if not self._hashing.acquire(timeout=self.wait_s):
+            raise Throttled(1, "Too many logins in progress; retry in a second.")
+        try:
+            yield
+        finally:
+            self._hashing.release()
+
     def hash(self, password: str) -> str:
-        with self._hashing:
+        with self._slot():
             return self._derive(password.encode())
 
     def verify(self, password: str, phc: str | None) -> bool:
         """Constant work whether or not the client exists: pass phc=None for an unknown client."""
-        with self._hashing:
+        with self._slot():
             try:
                 Argon2id.verify_phc_encoded(password.encode(), phc or self._dummy)
             except (InvalidKey, ValueError):
                 return False
             return phc is not None
-
-
-PASSWORD_MIN, PASSWORD_MAX = 12, 128
-
-
-def password_problem(password: str) -> str | None:
-    """What a password lacks under the policy, in words the caller can act on; None if it passes.
-    Never quotes the password."""
-    if not PASSWORD_MIN <= len(password) <= PASSWORD_MAX:
-        return f"Must be {PASSWORD_MIN} to {PASSWORD_MAX} characters long."
-    classes = {
-        "a lowercase letter": any(ch.islower() for ch in password),
-        "an uppercase letter": any(ch.isupper() for ch in password),
-        "a digit": any(ch.isdigit() for ch in password),
-        "a symbol": any(not ch.isalnum() for ch in password),
-    }
-    if sum(classes.values()) < 3:
-        missing = [name for name, present in classes.items() if not present]
-        return "Must contain at least 3 of: lowercase letter, uppercase letter, digit, symbol; add " + \
-            " or ".join(missing) + "."
-    return None

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from kms import crypto, db
-from kms.audit.service import record, record_alone
+from kms.audit.service import record, record_refusal
 from kms.auth.access import authenticate, require_admin
 from kms.context import Context
 from kms.errors import Conflict, Throttled, Unauthorized
@@ -76,7 +76,8 @@ def signup(ctx: Context, token: str, password: str) -> Grant:
         cur.execute(db.sql.find_usable_signup_token, {"token_hash": token_hash})
         usable = cur.fetchone() is not None
     if not usable:
-        record_alone(ctx, "signup", "denied")
+        with db.transaction(ctx.conn) as cur:
+            record_refusal(cur, ctx, "signup", "denied")
         raise Unauthorized(SIGNUP_TOKEN_REFUSED, code="invalid_signup_token")
     with kms.passwords.admission():
         password_hash = kms.passwords.hash(password)
@@ -105,16 +106,22 @@ def _register(ctx: Context, token_hash: bytes, password_hash: str) -> Grant:
         return _open_session(cur, kms, client_id, role)
 
 
-def _check_throttle(cur, ctx: Context, client_subject: str):
+def _reserve_attempt(cur, ctx: Context, client_subject: str, address: str) -> tuple[int | None, list[int]]:
+    """Count this attempt before its password is checked: (seconds until the throttle lifts, [])
+    when a limit is reached, else (None, the reservation's row ids). Under the locks, no more
+    than the limit are ever checked in a window, however many guesses arrive at once."""
     settings = ctx.kms.settings
+    cur.execute(db.sql.lock_login_client, {"client": client_subject})
+    cur.execute(db.sql.lock_login_address, {"address": address})
     cur.execute(db.sql.login_failures_in_window, {
         "window": timedelta(milliseconds=settings.login_failure_window_ms),
-        "client": client_subject, "address": ctx.source_ip or "unknown"})
+        "client": client_subject, "address": address})
     limits = {"client": settings.login_max_failures_per_client, "address": settings.login_max_failures_per_address}
     for scope, failures, seconds_left in cur.fetchall():
         if failures >= limits[scope]:
-            return seconds_left
-    return None
+            return seconds_left, []
+    cur.execute(db.sql.reserve_login_attempt, {"client": client_subject, "address": address})
+    return None, [row[0] for row in cur.fetchall()]
 
 
 def login(ctx: Context, clientname: str, password: str) -> Grant:
@@ -127,11 +134,11 @@ def login(ctx: Context, clientname: str, password: str) -> Grant:
 def _login(ctx: Context, clientname: str, password: str) -> Grant:
     kms = ctx.kms
     name_hash = hash_clientname(kms, clientname)
-    subject = name_hash.hex()
+    subject, address = name_hash.hex(), ctx.source_ip or "unknown"
     with db.transaction(ctx.conn) as cur:
-        retry_after = _check_throttle(cur, ctx, subject)
+        retry_after, reservation = _reserve_attempt(cur, ctx, subject, address)
         if retry_after is not None:
-            record(cur, ctx, "login", "throttled")
+            record_refusal(cur, ctx, "login", "throttled")
         cur.execute(db.sql.client_for_login, {"name_hash": name_hash})
         row = cur.fetchone()
     if retry_after is not None:
@@ -139,11 +146,11 @@ def _login(ctx: Context, clientname: str, password: str) -> Grant:
     client_id, password_hash, role, status = row if row else (None, None, None, None)
     password_ok = kms.passwords.verify(password, password_hash)
     with db.transaction(ctx.conn) as cur:
-        if not (password_ok and status == "active"):
-            cur.execute(db.sql.insert_login_failure, {"client": subject, "address": ctx.source_ip or "unknown"})
+        if not (password_ok and status == "active"):  # the reservation stays, as the failure
             record(cur, ctx, "login", "denied", target=str(client_id) if client_id else None)
             failed = True
         else:
+            cur.execute(db.sql.release_login_attempt, {"ids": reservation})
             cur.execute(db.sql.clear_client_login_failures, {"client": subject})
             cur.execute(db.sql.record_login, {"client_id": client_id})
             grant = _open_session(cur, kms, client_id, role)
@@ -152,6 +159,28 @@ def _login(ctx: Context, clientname: str, password: str) -> Grant:
     if failed:
         raise Unauthorized(LOGIN_FAILED, code="invalid_credentials")
     return grant
+
+
+def unlock_client(ctx: Context, clientname: str | None = None, client_id: uuid.UUID | None = None) -> bool:
+    """Lift the per-name login lock of a client (its failures are forgotten), by name (CLI) or id
+    (admin API). False when no such client exists."""
+    with db.transaction(ctx.conn) as cur:
+        if ctx.origin != "cli":
+            require_admin(cur, ctx)
+        if client_id is not None:
+            cur.execute(db.sql.client_name_hash, {"client_id": client_id})
+            row = cur.fetchone()
+            name_hash = bytes(row[0]) if row else None
+        else:
+            name_hash = hash_clientname(ctx.kms, clientname)
+            cur.execute(db.sql.client_for_login, {"name_hash": name_hash})
+            row = cur.fetchone()
+            client_id = row[0] if row else None
+        if name_hash is None or client_id is None:
+            return False
+        cur.execute(db.sql.clear_client_login_failures, {"client": name_hash.hex()})
+        record(cur, ctx, "client.unlock", target=str(client_id))
+    return True
 
 
 def logout(ctx: Context):

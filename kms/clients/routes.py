@@ -1,5 +1,7 @@
 from kms import web
+from kms.auth.service import unlock_client
 from kms.clients import service
+from kms.errors import NotFound
 from schemas.clients import ClientList, ClientPath, RoleRequest
 
 bp = web.Blueprint("clients", __name__, url_prefix="/clients", description="Client management (admin)")
@@ -18,7 +20,7 @@ def list_clients():
     return {"clients": service.list_clients(web.context())}
 
 
-@bp.route("/<client_id>/role", methods=["POST"])
+@bp.route("/<clientid:client_id>/role", methods=["POST"])
 @bp.arguments(RoleRequest)
 @bp.response(204)
 def set_role(body, client_id):
@@ -26,22 +28,32 @@ def set_role(body, client_id):
     service.set_role(web.context(), _id(client_id), body["role"])
 
 
-@bp.route("/<client_id>/actions/disable", methods=["POST"])
+@bp.route("/<clientid:client_id>/actions/disable", methods=["POST"])
 @bp.response(204)
 def disable(client_id):
     """Disable a client; its tokens stop working at once."""
     service.set_enabled(web.context(), _id(client_id), False)
 
 
-@bp.route("/<client_id>/actions/enable", methods=["POST"])
+@bp.route("/<clientid:client_id>/actions/enable", methods=["POST"])
 @bp.response(204)
 def enable(client_id):
     """Enable a disabled client."""
     service.set_enabled(web.context(), _id(client_id), True)
 
 
-@bp.route("/<client_id>", methods=["DELETE"])
+@bp.route("/<clientid:client_id>", methods=["DELETE"])
 @bp.response(204)
 def delete(client_id):
     """Delete a client: its tokens stop working and its keys are scheduled for deletion."""
     service.delete_client(web.context(), _id(client_id))
+
+
+@bp.route("/<clientid:client_id>/actions/unlock", methods=["POST"])
+@bp.response(204)
+def unlock(client_id):
+    """Lift the client's login lock after failed logins (anyone may cause one: 5 failures lock the
+    name for the failure window)."""
+    ctx = web.context()
+    if not unlock_client(ctx, client_id=_id(client_id)):
+        raise NotFound("No client with that id.")

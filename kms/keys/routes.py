@@ -38,14 +38,14 @@ def list_keys():
     return {"keys": service.list_keys(web.context())}
 
 
-@bp.route("/<ref>", methods=["GET"])
+@bp.route("/<keyref:ref>", methods=["GET"])
 @bp.response(200, KeyBundle)
 def get_current(ref):
     """The current version, as both decryptWith and encryptWith."""
     return _bundle(*service.get_key(web.context(), _ref(ref)))
 
 
-@bp.route("/<ref>/<version>", methods=["GET"])
+@bp.route("/<keyref:ref>/<version:version>", methods=["GET"])
 @bp.response(200, KeyBundle)
 def get_version(ref, version):
     """A given version to decrypt with, and the current one to encrypt with."""
@@ -53,35 +53,35 @@ def get_version(ref, version):
     return _bundle(*service.get_key(web.context(), path["ref"], path["version"]))
 
 
-@bp.route("/<ref>/versions", methods=["GET"])
+@bp.route("/<keyref:ref>/versions", methods=["GET"])
 @bp.response(200, KeyVersionList)
 def versions(ref):
     """Every version of a key with its state: metadata only."""
     return {"versions": service.list_versions(web.context(), _ref(ref))}
 
 
-@bp.route("/<ref>/actions/rotate", methods=["POST"])
+@bp.route("/<keyref:ref>/actions/rotate", methods=["POST"])
 @bp.response(200, KeyObject)
 def rotate(ref):
     """Make a new version current; the previous one is kept for decryption."""
     return _key(service.rotate_key(web.context(), _ref(ref)))
 
 
-@bp.route("/<ref>/actions/delete", methods=["DELETE"])
+@bp.route("/<keyref:ref>/actions/delete", methods=["DELETE"])
 @bp.response(204)
 def delete(ref):
     """Stop serving the key at once; destroy it after KEY_DELETION_WAIT."""
     service.delete_key(web.context(), _ref(ref))
 
 
-@bp.route("/<ref>/actions/restore", methods=["POST"])
+@bp.route("/<keyref:ref>/actions/restore", methods=["POST"])
 @bp.response(200, KeyMetadata)
 def restore(ref):
     """Cancel a pending deletion."""
     return service.restore_key(web.context(), _ref(ref))
 
 
-@bp.route("/<ref>/actions/retire", methods=["POST"])
+@bp.route("/<keyref:ref>/actions/retire", methods=["POST"])
 @bp.arguments(RetireRequest)
 @bp.response(200, KeyMetadata)
 def retire(body, ref):
@@ -89,7 +89,7 @@ def retire(body, ref):
     return service.retire_versions(web.context(), _ref(ref), body["belowVersion"])
 
 
-@bp.route("/<ref>/actions/set-rotation-period", methods=["POST"])
+@bp.route("/<keyref:ref>/actions/set-rotation-period", methods=["POST"])
 @bp.arguments(RotationPeriodRequest)
 @bp.response(200, KeyMetadata)
 def set_rotation_period(body, ref):

@@ -12,7 +12,7 @@ from kms import crypto, db
 from kms.audit.service import new_event, record, record_alone
 from kms.auth.access import TOKEN_NOT_LIVE, authenticate
 from kms.context import Context
-from kms.errors import BadRequest, Conflict, Gone, NotFound, StoredDataCorrupt, Unauthorized
+from kms.errors import Conflict, Gone, NotFound, StoredDataCorrupt, Unauthorized
 from kms.timefmt import rfc3339_from_now
 
 log = logging.getLogger("kms.keys")
@@ -199,9 +199,9 @@ def retire_versions(ctx: Context, reference: str, below_version: int) -> dict:
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
         key_id, current = _lock_key(cur, owner_id, ref_hash)
-        if below_version > current:
-            raise BadRequest("belowVersion may be at most the current version; the in-use version cannot be retired.",
-                             code="validation_failed", fields={"belowVersion": [f"Must be at most {current}."]})
+        if below_version > current:  # a fact of the key's state, not of the request's form: 409
+            raise Conflict(f"belowVersion may be at most the current version ({current}); the in-use version "
+                           "cannot be retired.", code="version_in_use")
         cur.execute(db.sql.retire_versions_below, {"key_id": key_id, "below": below_version})
         for (retired,) in cur.fetchall():
             record(cur, ctx, "key.retire", target=ref_hash.hex(), version=retired)
@@ -279,26 +279,43 @@ def kek_usage(ctx: Context) -> dict:
         return dict(cur.fetchall())
 
 
-def rewrap_keys(ctx: Context, batch: int = 500) -> int:
-    """Re-wrap every DEK not under the active KEK, in batches, each batch one transaction."""
+class RewrapResult(NamedTuple):
+    rewrapped: int
+    failed: list  # (key id, version) of DEK versions that failed authentication: never material
+
+
+def rewrap_keys(ctx: Context, batch: int = 500, progress=None) -> RewrapResult:
+    """Re-wrap every DEK not under the active KEK, in batches, each batch one transaction. A
+    version whose wrapped DEK fails authentication is left as it is, logged, audited and reported;
+    every other one is moved."""
     keyring = ctx.kms.keyring
-    rewrapped = 0
+    rewrapped, failed = 0, []
+    after = (0, 0)
     while True:
         with db.transaction(ctx.conn) as cur:
-            cur.execute(db.sql.versions_to_rewrap, {"active": keyring.kek_active, "limit": batch})
+            cur.execute(db.sql.versions_to_rewrap, {"active": keyring.kek_active, "limit": batch,
+                                                   "after_key": after[0], "after_version": after[1]})
             rows = cur.fetchall()
+            moved = 0
             for key_id, version, kek_version, wrapped, owner_id, ref_hash in rows:
+                after = (key_id, version)
                 ref_hash = bytes(ref_hash)
                 try:
                     dek = keyring.unwrap_dek(bytes(wrapped), owner_id, ref_hash, version, kek_version)
                 except crypto.IntegrityError:
-                    log.error("stored key material failed authentication", extra={"keyId": key_id, "version": version})
-                    raise StoredDataCorrupt() from None
+                    log.error("stored key material failed authentication; not re-wrapped",
+                              extra={"keyId": key_id, "version": version})
+                    record(cur, ctx, "kek.rewrap", outcome="integrity_error", target=ref_hash.hex(), version=version)
+                    failed.append((key_id, version))
+                    continue
                 new_wrapped, new_kek = keyring.wrap_dek(dek, owner_id, ref_hash, version)
                 cur.execute(db.sql.rewrap_version, {"key_id": key_id, "version": version, "kek_version": new_kek,
                                                     "wrapped_dek": new_wrapped})
-            if rows:
+                moved += 1
+            if moved:
                 record(cur, ctx, "kek.rewrap", outcome="success", version=keyring.kek_active)
-        rewrapped += len(rows)
+        rewrapped += moved
+        if progress is not None:
+            progress(rewrapped, len(failed))
         if len(rows) < batch:
-            return rewrapped
+            return RewrapResult(rewrapped, failed)

@@ -1,10 +1,24 @@
 -- name: insert_audit_event
-INSERT INTO audit_events (event_id, at, actor, action, target, version, outcome, request_id, source_ip, row_mac)
+INSERT INTO audit_events (event_id, at, actor, action, target, version, outcome, request_id, source_ip, repeats,
+                          row_mac)
 VALUES (%(event_id)s, %(at)s, %(actor)s, %(action)s, %(target)s, %(version)s, %(outcome)s,
-        %(request_id)s, %(source_ip)s, %(row_mac)s);
+        %(request_id)s, %(source_ip)s, %(repeats)s, %(row_mac)s);
+
+-- name: count_refusal
+-- This refusal's count in its window (per action, outcome and source): 1 means it is the first.
+INSERT INTO audit_refusals AS r (action, outcome, source_ip, window_start, count)
+VALUES (%(action)s, %(outcome)s, %(source_ip)s,
+        to_timestamp(floor(extract(epoch FROM now()) / %(window_s)s) * %(window_s)s), 1)
+ON CONFLICT (action, outcome, source_ip, window_start) DO UPDATE SET count = r.count + 1
+RETURNING count;
+
+-- name: take_closed_refusal_windows
+DELETE FROM audit_refusals
+WHERE window_start <= now() - %(window_s)s * interval '1 second' OR %(all)s::boolean
+RETURNING action, outcome, source_ip, window_start, count;
 
 -- name: audit_events_after
-SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip
+SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip, repeats
 FROM audit_events WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s;
 
 -- name: try_lock_audit_sealer
@@ -28,7 +42,7 @@ FROM unnest(%(seqs)s::bigint[], %(positions)s::bigint[], %(hashes)s::bytea[]) AS
 WHERE e.seq = batch.seq;
 
 -- name: sealed_audit_chain
-SELECT seq, event_id, at, actor, action, target, version, outcome, request_id, source_ip, row_mac,
+SELECT seq, event_id, at, actor, action, target, version, outcome, request_id, source_ip, repeats, row_mac,
        chain_pos, chain_hash
 FROM audit_events WHERE chain_pos > %(after_pos)s ORDER BY chain_pos LIMIT %(limit)s;
 
@@ -36,5 +50,5 @@ FROM audit_events WHERE chain_pos > %(after_pos)s ORDER BY chain_pos LIMIT %(lim
 SET LOCAL synchronous_commit TO off;
 
 -- name: audit_export_page
-SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip, chain_pos, chain_hash
+SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip, repeats, chain_pos, chain_hash
 FROM audit_events WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s;

@@ -46,8 +46,18 @@ SELECT id, password_hash, role, status FROM clients WHERE name_hash = %(name_has
 -- name: record_login
 UPDATE clients SET last_login_at = now() WHERE id = %(client_id)s;
 
+-- name: lock_login_client
+-- A login attempt's reservation is counted and made under these two locks (name first, then
+-- address, always in that order), so parallel guesses cannot all pass the check before any of
+-- them is counted, in one process or many.
+SELECT pg_advisory_xact_lock(7100003, hashtext(%(client)s));
+
+-- name: lock_login_address
+SELECT pg_advisory_xact_lock(7100004, hashtext(%(address)s));
+
 -- name: login_failures_in_window
--- Failures per scope inside the window, and how long until the oldest one leaves it.
+-- Failures (and attempts still being checked) per scope inside the window, and how long until
+-- the oldest one leaves it.
 SELECT scope, count(*),
        ceil(extract(epoch FROM min(failed_at) + %(window)s - now()))::integer
 FROM login_failures
@@ -55,8 +65,13 @@ WHERE failed_at > now() - %(window)s
   AND ((scope = 'client' AND subject = %(client)s) OR (scope = 'address' AND subject = %(address)s))
 GROUP BY scope;
 
--- name: insert_login_failure
-INSERT INTO login_failures (scope, subject) VALUES ('client', %(client)s), ('address', %(address)s);
+-- name: reserve_login_attempt
+-- Counted as a failure from now on; a login that succeeds takes its reservation back.
+INSERT INTO login_failures (scope, subject) VALUES ('client', %(client)s), ('address', %(address)s)
+RETURNING id;
+
+-- name: release_login_attempt
+DELETE FROM login_failures WHERE id = ANY(%(ids)s);
 
 -- name: clear_client_login_failures
 DELETE FROM login_failures WHERE scope = 'client' AND subject = %(client)s;

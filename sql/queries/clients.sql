@@ -30,3 +30,6 @@ DELETE FROM login_failures WHERE failed_at < now() - %(window)s;
 
 -- name: purge_old_signup_tokens
 DELETE FROM signup_tokens WHERE expires_at < now() - interval '30 days';
+
+-- name: client_name_hash
+SELECT name_hash FROM clients WHERE id = %(client_id)s AND status <> 'deleted';

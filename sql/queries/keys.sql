@@ -124,9 +124,13 @@ SELECT kek_version, count(*) FROM key_versions WHERE wrapped_dek IS NOT NULL
 GROUP BY kek_version ORDER BY kek_version;
 
 -- name: versions_to_rewrap
+-- In (key, version) order from where the last batch ended, so a version that cannot be
+-- re-wrapped (it fails authentication) is passed over once, not met again in every batch.
 SELECT v.key_id, v.version, v.kek_version, v.wrapped_dek, k.client_id, k.ref_hash
 FROM key_versions v JOIN keys k ON k.id = v.key_id
 WHERE v.wrapped_dek IS NOT NULL AND v.kek_version <> %(active)s
+  AND (v.key_id, v.version) > (%(after_key)s, %(after_version)s)
+ORDER BY v.key_id, v.version
 LIMIT %(limit)s
 FOR UPDATE OF v SKIP LOCKED;
 

@@ -1,0 +1,31 @@
+"""Input rules that several layers share (settings, request schemas, the CLI): pure, no Flask."""
+import re
+
+CLIENTNAME_PATTERN = "^[A-Za-z0-9-]{4,64}$"
+KEY_REFERENCE_PATTERN = "^[A-Za-z0-9-]{1,64}$"
+MAX_VERSION = 2**31 - 1
+
+PASSWORD_MIN, PASSWORD_MAX = 12, 128
+# Character classes, as /openapi.json's pattern states them: anything not an ASCII letter or digit
+# is a symbol, so the server's check and the documented pattern agree exactly.
+_CLASSES = {"a lowercase letter": "a-z", "an uppercase letter": "A-Z", "a digit": "0-9"}
+_SYMBOL = "^A-Za-z0-9"
+_ALL = [*_CLASSES.values(), _SYMBOL]
+# At least 3 of the 4 classes: each way of leaving one out, as lookaheads.
+PASSWORD_PATTERN = "^(?:" + "|".join(
+    "".join(f"(?=[\\s\\S]*[{cls}])" for cls in _ALL if cls != left_out) for left_out in _ALL
+) + f")[\\s\\S]{{{PASSWORD_MIN},{PASSWORD_MAX}}}$"
+
+
+def password_problem(password: str) -> str | None:
+    """What a password lacks under the policy, in words the caller can act on; None if it passes.
+    Never quotes the password."""
+    if not PASSWORD_MIN <= len(password) <= PASSWORD_MAX:
+        return f"Must be {PASSWORD_MIN} to {PASSWORD_MAX} characters long."
+    present = {name: re.search(f"[{cls}]", password) is not None for name, cls in _CLASSES.items()}
+    present["a symbol"] = re.search(f"[{_SYMBOL}]", password) is not None
+    if sum(present.values()) < 3:
+        missing = [name for name, found in present.items() if not found]
+        return "Must contain at least 3 of: lowercase letter, uppercase letter, digit, symbol; add " + \
+            " or ".join(missing) + "."
+    return None

@@ -1,0 +1,1 @@
+"""How the KMS is served: the hardened waitress server and its edge limits."""

@@ -1,0 +1,146 @@
+"""waitress, hardened for an edge that strangers can reach.
+
+What waitress does not bound by itself, and what this module adds:
+- Slow clients. waitress closes a connection only after `channel_timeout` of silence, so a client
+  that sends one header byte every few seconds holds its connection for ever; about a hundred of
+  them filled the default connection limit and took the service down. Here a request must arrive
+  whole (headers and body) within `REQUEST_READ_TIMEOUT`, the connection limit is sized for
+  hundreds of idle sockets, and the event loop uses poll(), which has no 1,024-descriptor ceiling.
+- Bodies. waitress buffers up to 1 GiB of a request to disk before the application can say 413;
+  here it stops reading at `MAX_BODY_BYTES` and closes the connection.
+- Request smuggling. A request with both Content-Length and Transfer-Encoding is refused with 400
+  and its connection closed (RFC 9112, section 6.3), so no trailing bytes run as a second request.
+- Its own error pages (400, 413, 431, 501) are text; here they are the JSON envelope of API.md.
+- Proxy headers are left for the application (werkzeug's ProxyFix, `TRUSTED_PROXY_HOPS`): waitress's
+  own clearing removed X-Forwarded-For before ProxyFix could see it.
+"""
+import json
+import logging
+import resource
+import socket
+import time
+
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser, ParsingError
+from waitress.server import TcpWSGIServer
+from waitress.task import ErrorTask, ThreadedTaskDispatcher
+
+from kms.ids import random_uuid
+
+log = logging.getLogger("kms.http")
+
+MAX_HEADER_BYTES = 32 * 1024
+IDLE_TIMEOUT_S = 60  # a keep-alive connection with no request in progress
+MAINTENANCE_INTERVAL_S = 1  # how often slow requests are looked for
+
+# waitress error class name -> the envelope's code
+_ERROR_CODES = {400: "bad_request", 413: "payload_too_large", 431: "request_header_fields_too_large",
+                500: "internal_error", 501: "not_implemented"}
+_ERROR_MESSAGES = {
+    400: "The request is not valid HTTP/1.1.",
+    413: "The request body is too large.",
+    431: "The request headers are too large.",
+    500: "The server failed to handle the request; try again later.",
+    501: "That transfer coding is not supported; send the body with Content-Length or chunked.",
+}
+
+
+class RequestParser(HTTPRequestParser):
+    def parse_header(self, header_plus):
+        super().parse_header(header_plus)
+        # (waitress pops Transfer-Encoding from an HTTP/1.1 request's headers and sets `chunked`)
+        if (self.chunked or "TRANSFER_ENCODING" in self.headers) and "CONTENT_LENGTH" in self.headers:
+            # Which one frames the body is what smuggling exploits: answer neither.
+            raise ParsingError("Content-Length and Transfer-Encoding together")
+
+
+class JsonErrorTask(ErrorTask):
+    """waitress's answer to a request it could not parse, as our JSON envelope; the connection
+    is closed after it."""
+
+    def execute(self):
+        status = self.request.error.code
+        request_id = random_uuid()
+        body = json.dumps({"error": _ERROR_CODES.get(status, "bad_request"),
+                           "message": _ERROR_MESSAGES.get(status, _ERROR_MESSAGES[400]),
+                           "requestId": request_id}).encode()
+        self.status = f"{status} {self.request.error.reason}"
+        self.response_headers.extend([("Content-Type", "application/json"), ("X-Request-ID", request_id)])
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+        log.info("request refused before the application", extra={"requestId": request_id, "status": status})
+        metrics = getattr(self.channel.server, "kms_metrics", None)
+        if metrics is not None:
+            metrics.observe("<unparsed>", "other", status, 0.0)
+
+
+class Channel(HTTPChannel):
+    parser_class = RequestParser
+    error_task_class = JsonErrorTask
+    request_started = None  # time.time() when the first byte of the request in progress came
+
+    def received(self, data):
+        if self.request is None and self.request_started is None and data:
+            self.request_started = time.time()
+        result = super().received(data)
+        if self.request is None:  # nothing half-received: the clock stops
+            self.request_started = None
+        return result
+
+
+class Server(TcpWSGIServer):
+    channel_class = Channel
+    read_timeout_s = 10.0
+    kms_metrics = None
+
+    def maintenance(self, now):
+        super().maintenance(now)
+        cutoff = now - self.read_timeout_s
+        for channel in list(self.active_channels.values()):
+            started = channel.request_started
+            if started is not None and started < cutoff and not channel.requests:
+                channel.will_close = True
+
+
+def _allow_descriptors(connection_limit: int):
+    """poll() has no descriptor ceiling, the process limit does: raise the soft limit if needed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connection_limit + 256  # database connections, logs, the listening socket
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+
+
+def create_server(app, settings, *, host: str | None = None, port: int | None = None,
+                  threads: int | None = None, sock: socket.socket | None = None, map: dict | None = None) -> Server:
+    """A waitress server for `app` with the limits of `settings`; it listens at once (on `sock`
+    when given, already bound)."""
+    if sock is not None:
+        listen = {"sockets": [sock]}
+    else:
+        listen = {"host": settings.server_host if host is None else host,
+                  "port": settings.server_port if port is None else port}
+    adj = Adjustments(
+        **listen,
+        threads=threads or settings.server_threads,
+        ident="kms",
+        clear_untrusted_proxy_headers=False,  # see the module's docstring
+        connection_limit=settings.connection_limit,
+        channel_timeout=IDLE_TIMEOUT_S,
+        cleanup_interval=MAINTENANCE_INTERVAL_S,
+        max_request_header_size=MAX_HEADER_BYTES,
+        max_request_body_size=settings.max_body_bytes + 1,  # waitress refuses at >=; Flask allows ==
+        asyncore_use_poll=True,
+    )
+    _allow_descriptors(adj.connection_limit)
+    dispatcher = ThreadedTaskDispatcher()
+    dispatcher.set_thread_count(adj.threads)
+    server = Server(app, {} if map is None else map, True, sock, dispatcher=dispatcher, adj=adj,
+                    **({"bind_socket": False, "sockinfo": (sock.family, sock.type, sock.proto, sock.getsockname())}
+                       if sock is not None else {}))
+    server.read_timeout_s = settings.request_read_timeout_ms / 1000
+    kms = getattr(app, "extensions", {}).get("kms")
+    server.kms_metrics = kms.metrics if kms is not None else None
+    return server
