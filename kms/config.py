@@ -56,6 +56,7 @@ class Settings:
     request_read_timeout_ms: int = 10_000
     audit_seal_interval_ms: int = 2000
     audit_key_lookups: bool = True
+    legacy_signup_tokens: bool = True
     dek_cache_ms: int = 5 * 60 * 1000
 
     def __repr__(self):  # never print secrets, even by accident
@@ -190,6 +191,7 @@ def load_settings(env: Mapping | None = None) -> Settings:
         request_read_timeout_ms=_int(env, "REQUEST_READ_TIMEOUT", 10_000, minimum=1000, maximum=300_000),
         audit_seal_interval_ms=_int(env, "AUDIT_SEAL_INTERVAL", 2000),
         audit_key_lookups=_bool(env, "AUDIT_KEY_LOOKUPS", True),
+        legacy_signup_tokens=_bool(env, "LEGACY_SIGNUP_TOKENS", True),
     )
 
 

@@ -24,7 +24,14 @@ class IntegrityError(Exception):
 
 
 def b64url(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).decode()
+    """base64url without padding (RFC 4648, section 5), as the original KMS and Go's
+    base64.RawURLEncoding write it: a DEK is 43 characters."""
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def b64url_decode(text: str) -> bytes:
+    """base64url with or without padding; binascii.Error on anything else."""
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 _LENGTH = struct.Struct(">I").pack

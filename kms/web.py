@@ -163,5 +163,6 @@ def mint_token(grant: Grant) -> dict:
         additional_claims={"jti": str(grant.jti), "role": grant.role},
         expires_delta=timedelta(milliseconds=grant.ttl_ms),
     )
-    return {"token": token, "ttl": grant.ttl_ms, "expiresAt": grant.expires_at}
+    # No `ttl`: the original's Go SDK decodes it as a time.Duration (nanoseconds) and deadlocks.
+    return {"token": token, "expiresAt": grant.expires_at}
 

@@ -22,7 +22,7 @@ def _client(args) -> Client:
 
 
 def _key_json(key) -> dict:
-    return {"dek": base64.urlsafe_b64encode(key.dek).decode(), "version": key.version}
+    return {"dek": base64.urlsafe_b64encode(key.dek).rstrip(b"=").decode(), "version": key.version}
 
 
 def main(argv=None) -> int:
@@ -65,7 +65,8 @@ def main(argv=None) -> int:
             blob = client.encrypt(args.ref, sys.stdin.buffer.read(), args.aad.encode())
             print(base64.urlsafe_b64encode(blob).decode())
         elif args.command == "decrypt":
-            blob = base64.urlsafe_b64decode(sys.stdin.read().strip())
+            text = sys.stdin.read().strip()
+            blob = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))  # padded or not
             sys.stdout.buffer.write(client.decrypt(args.ref, blob, args.aad.encode()))
     except KmsError as error:
         print(f"kms: {error}", file=sys.stderr)

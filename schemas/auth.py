@@ -30,5 +30,4 @@ class LoginRequest(StrictSchema):
 
 class TokenResponse(Schema):
     token = fields.String(required=True)
-    ttl = fields.Integer(required=True, metadata={"description": "Token lifetime in milliseconds."})
-    expiresAt = Timestamp(required=True)
+    expiresAt = Timestamp(required=True, metadata={"description": "When the token stops working."})

@@ -78,7 +78,7 @@ def test_retries_503_and_429_honouring_retry_after():
     class Flaky(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
             status, headers = answers.pop(0)
-            body = json.dumps({"token": "t", "ttl": 1, "expiresAt": "2099-01-01T00:00:00Z"} if status == 200 else
+            body = json.dumps({"token": "t", "expiresAt": "2099-01-01T00:00:00Z"} if status == 200 else
                               {"error": "busy", "message": "retry", "requestId": "x"}).encode()
             self.send_response(status)
             for name, value in headers.items():

@@ -1,13 +1,17 @@
 """Signup tokens, signup, login, logout and the per-request token check."""
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from psycopg2.errors import LockNotAvailable
+
 from kms import crypto, db
 from kms.audit.service import record, record_refusal
 from kms.auth.access import authenticate, require_admin
+from kms.auth.legacy import looks_legacy, read_legacy_signup_token
 from kms.context import Context
 from kms.errors import Conflict, Throttled, Unauthorized
 
@@ -40,7 +44,7 @@ def issue_signup_token(ctx: Context, clientname: str, ttl_ms: int, role: str | N
     """Issue a one-time signup token bound to `clientname`. From the API the caller must be an
     admin; from the CLI, host access is the authority."""
     kms = ctx.kms
-    token = SIGNUP_TOKEN_PREFIX + crypto.b64url(os.urandom(32)).rstrip("=")
+    token = SIGNUP_TOKEN_PREFIX + crypto.b64url(os.urandom(32))
     token_id = uuid.uuid4()
     expires_at = datetime.now(timezone.utc) + timedelta(milliseconds=ttl_ms)
     with db.transaction(ctx.conn) as cur:
@@ -69,23 +73,19 @@ def _open_session(cur, kms, client_id: uuid.UUID, role: str) -> Grant:
 
 def signup(ctx: Context, token: str, password: str) -> Grant:
     """Register the client a signup token was issued for. The token is consumed atomically: of
-    many parallel signups with one token exactly one succeeds. A refused signup leaves it unused."""
+    many parallel signups with one token exactly one succeeds. A refused signup leaves it unused.
+    Tokens minted offline by the original KMS's admin tool work too, once (kms.auth.legacy)."""
     kms = ctx.kms
+    if kms.settings.legacy_signup_tokens and looks_legacy(token):
+        return _signup_legacy(ctx, token, password)
     token_hash = hash_signup_token(kms, token)
     with db.transaction(ctx.conn) as cur:  # cheap check first: a bad token costs no hashing
         cur.execute(db.sql.find_usable_signup_token, {"token_hash": token_hash})
         usable = cur.fetchone() is not None
     if not usable:
-        with db.transaction(ctx.conn) as cur:
-            record_refusal(cur, ctx, "signup", "denied")
-        raise Unauthorized(SIGNUP_TOKEN_REFUSED, code="invalid_signup_token")
+        _refuse_signup(ctx)
     with kms.passwords.admission():
         password_hash = kms.passwords.hash(password)
-    return _register(ctx, token_hash, password_hash)
-
-
-def _register(ctx: Context, token_hash: bytes, password_hash: str) -> Grant:
-    kms = ctx.kms
     client_id = uuid.uuid4()
     with db.transaction(ctx.conn) as cur:
         cur.execute(db.sql.consume_signup_token, {"token_hash": token_hash})
@@ -94,39 +94,81 @@ def _register(ctx: Context, token_hash: bytes, password_hash: str) -> Grant:
             raise Unauthorized(SIGNUP_TOKEN_REFUSED, code="invalid_signup_token")
         token_id, name_hash, name_enc, role = row
         clientname = kms.keyring.decrypt_field(bytes(name_enc), b"signup-name", token_id.bytes)
-        cur.execute(db.sql.insert_client, {
-            "id": client_id, "name_hash": bytes(name_hash),
-            "name_enc": kms.keyring.encrypt_field(clientname, b"client-name", client_id.bytes),
-            "password_hash": password_hash, "role": role,
-        })
-        if cur.fetchone() is None:
-            raise Conflict("A client with that name already exists.", code="client_exists")
         record(cur, ctx, "signup_token.use", target=str(token_id))
-        record(cur, ctx, "client.signup", target=str(client_id), actor=str(client_id))
-        return _open_session(cur, kms, client_id, role)
+        return _register(cur, ctx, client_id, bytes(name_hash), clientname, password_hash, role)
 
 
-def _reserve_attempt(cur, ctx: Context, client_subject: str, address: str) -> tuple[int | None, list[int]]:
-    """Count this attempt before its password is checked: (seconds until the throttle lifts, [])
-    when a limit is reached, else (None, the reservation's row ids). Under the locks, no more
-    than the limit are ever checked in a window, however many guesses arrive at once."""
-    settings = ctx.kms.settings
-    cur.execute(db.sql.lock_login_client, {"client": client_subject})
-    cur.execute(db.sql.lock_login_address, {"address": address})
-    cur.execute(db.sql.login_failures_in_window, {
-        "window": timedelta(milliseconds=settings.login_failure_window_ms),
-        "client": client_subject, "address": address})
-    limits = {"client": settings.login_max_failures_per_client, "address": settings.login_max_failures_per_address}
-    for scope, failures, seconds_left in cur.fetchall():
-        if failures >= limits[scope]:
-            return seconds_left, []
-    cur.execute(db.sql.reserve_login_attempt, {"client": client_subject, "address": address})
-    return None, [row[0] for row in cur.fetchall()]
+def _refuse_signup(ctx: Context):
+    with db.transaction(ctx.conn) as cur:
+        record_refusal(cur, ctx, "signup", "denied")
+    raise Unauthorized(SIGNUP_TOKEN_REFUSED, code="invalid_signup_token")
+
+
+def _signup_legacy(ctx: Context, token: str, password: str) -> Grant:
+    kms = ctx.kms
+    legacy = read_legacy_signup_token(kms.settings.signup_secret, token, time.time_ns() // 1_000_000)
+    token_hash = crypto.keyed_hash(kms.settings.signup_secret, b"kms-legacy-signup-token-v1", token.encode())
+    if legacy is not None:
+        with db.transaction(ctx.conn) as cur:
+            cur.execute(db.sql.legacy_signup_token_used, {"token_hash": token_hash})
+            if cur.fetchone() is not None:
+                legacy = None  # a replay
+    if legacy is None:
+        _refuse_signup(ctx)
+    with kms.passwords.admission():
+        password_hash = kms.passwords.hash(password)
+    client_id = uuid.uuid4()
+    with db.transaction(ctx.conn) as cur:
+        cur.execute(db.sql.use_legacy_signup_token, {"token_hash": token_hash, "expires_at": legacy.expires_at})
+        if cur.fetchone() is None:
+            raise Unauthorized(SIGNUP_TOKEN_REFUSED, code="invalid_signup_token")
+        record(cur, ctx, "signup_token.use_legacy", target=token_hash[:8].hex())
+        return _register(cur, ctx, client_id, hash_clientname(kms, legacy.clientname), legacy.clientname,
+                         password_hash, kms.settings.default_role)
+
+
+def _register(cur, ctx: Context, client_id: uuid.UUID, name_hash: bytes, clientname: str, password_hash: str,
+              role: str) -> Grant:
+    """Create the client of a signup in the caller's transaction, and open its first session."""
+    kms = ctx.kms
+    cur.execute(db.sql.insert_client, {
+        "id": client_id, "name_hash": name_hash,
+        "name_enc": kms.keyring.encrypt_field(clientname, b"client-name", client_id.bytes),
+        "password_hash": password_hash, "role": role,
+    })
+    if cur.fetchone() is None:
+        raise Conflict("A client with that name already exists.", code="client_exists")
+    record(cur, ctx, "client.signup", target=str(client_id), actor=str(client_id))
+    return _open_session(cur, kms, client_id, role)
+
+
+def _failures(cur, ctx: Context, scope: str, subject: str) -> tuple[int, int]:
+    """(failures in the window, seconds until the oldest leaves it) for one scope and subject."""
+    window = timedelta(milliseconds=ctx.kms.settings.login_failure_window_ms)
+    cur.execute(db.sql.login_failures_in_window, {"scope": scope, "subject": subject, "window": window})
+    return cur.fetchone()
+
+
+def _reserve_address_attempt(ctx: Context, address: str) -> tuple[int | None, int | None]:
+    """Count this attempt against its address before its password is checked: (seconds until the
+    throttle lifts, None) when the limit is reached, else (None, the reservation's id)."""
+    with db.transaction(ctx.conn) as cur:
+        cur.execute(db.sql.lock_login_address, {"address": address})
+        failures, seconds_left = _failures(cur, ctx, "address", address)
+        if failures >= ctx.kms.settings.login_max_failures_per_address:
+            record_refusal(cur, ctx, "login", "throttled")
+            return seconds_left, None
+        cur.execute(db.sql.insert_login_failure, {"scope": "address", "subject": address})
+        return None, cur.fetchone()[0]
 
 
 def login(ctx: Context, clientname: str, password: str) -> Grant:
     """Unknown client, wrong password and disabled client get the same answer in about the same
-    time: an unknown client's password is checked against a dummy hash."""
+    time: an unknown client's password is checked against a dummy hash.
+
+    No more passwords are checked than the limits allow, however many guesses arrive at once: an
+    attempt counts against its address before the check (a success takes it back), and attempts
+    on one client name take turns under a lock, each seeing the failures before it."""
     with ctx.kms.passwords.admission():
         return _login(ctx, clientname, password)
 
@@ -135,27 +177,42 @@ def _login(ctx: Context, clientname: str, password: str) -> Grant:
     kms = ctx.kms
     name_hash = hash_clientname(kms, clientname)
     subject, address = name_hash.hex(), ctx.source_ip or "unknown"
-    with db.transaction(ctx.conn) as cur:
-        retry_after, reservation = _reserve_attempt(cur, ctx, subject, address)
-        if retry_after is not None:
-            record_refusal(cur, ctx, "login", "throttled")
-        cur.execute(db.sql.client_for_login, {"name_hash": name_hash})
-        row = cur.fetchone()
+    retry_after, reservation = _reserve_address_attempt(ctx, address)
     if retry_after is not None:
         raise Throttled(retry_after, "Too many failed logins; wait before trying again.")
-    client_id, password_hash, role, status = row if row else (None, None, None, None)
-    password_ok = kms.passwords.verify(password, password_hash)
-    with db.transaction(ctx.conn) as cur:
-        if not (password_ok and status == "active"):  # the reservation stays, as the failure
-            record(cur, ctx, "login", "denied", target=str(client_id) if client_id else None)
-            failed = True
-        else:
-            cur.execute(db.sql.release_login_attempt, {"ids": reservation})
-            cur.execute(db.sql.clear_client_login_failures, {"client": subject})
-            cur.execute(db.sql.record_login, {"client_id": client_id})
-            grant = _open_session(cur, kms, client_id, role)
-            record(cur, ctx, "login", target=str(client_id), actor=str(client_id))
-            failed = False
+    failed = True
+    try:
+        with db.transaction(ctx.conn) as cur:
+            try:
+                cur.execute(db.sql.lock_login_client, {"client": subject})
+            except LockNotAvailable:
+                raise Throttled(1, "Too many logins for this client at once; retry in a second.") from None
+            failures, retry_after = _failures(cur, ctx, "client", subject)
+            if failures >= kms.settings.login_max_failures_per_client:
+                cur.execute(db.sql.release_login_attempt, {"id": reservation})  # not a password check
+                record_refusal(cur, ctx, "login", "throttled")
+            else:
+                retry_after = None
+                cur.execute(db.sql.client_for_login, {"name_hash": name_hash})
+                row = cur.fetchone()
+                client_id, password_hash, role, status = row if row else (None, None, None, None)
+                if kms.passwords.verify(password, password_hash) and status == "active":
+                    cur.execute(db.sql.release_login_attempt, {"id": reservation})
+                    cur.execute(db.sql.clear_client_login_failures, {"client": subject})
+                    cur.execute(db.sql.record_login, {"client_id": client_id})
+                    grant = _open_session(cur, kms, client_id, role)
+                    record(cur, ctx, "login", target=str(client_id), actor=str(client_id))
+                    failed = False
+                else:  # the address's reservation stays, as the failure, and the name's is added
+                    cur.execute(db.sql.insert_login_failure, {"scope": "client", "subject": subject})
+                    record(cur, ctx, "login", "denied", target=str(client_id) if client_id else None)
+        reservation = None
+    finally:
+        if reservation is not None:  # the check never happened (no hashing slot, a lock wait)
+            with db.transaction(ctx.conn) as cur:
+                cur.execute(db.sql.release_login_attempt, {"id": reservation})
+    if retry_after is not None:
+        raise Throttled(retry_after, "Too many failed logins; wait before trying again.")
     if failed:
         raise Unauthorized(LOGIN_FAILED, code="invalid_credentials")
     return grant

@@ -93,4 +93,5 @@ def purge_stale_records(ctx: Context):
         cur.execute(db.sql.purge_expired_sessions)
         cur.execute(db.sql.purge_old_login_failures, {"window": window})
         cur.execute(db.sql.purge_old_signup_tokens)
+        cur.execute(db.sql.purge_expired_legacy_signup_tokens)
         cur.execute(db.sql.purge_deleted_clients)

@@ -46,35 +46,41 @@ SELECT id, password_hash, role, status FROM clients WHERE name_hash = %(name_has
 -- name: record_login
 UPDATE clients SET last_login_at = now() WHERE id = %(client_id)s;
 
--- name: lock_login_client
--- A login attempt's reservation is counted and made under these two locks (name first, then
--- address, always in that order), so parallel guesses cannot all pass the check before any of
--- them is counted, in one process or many.
-SELECT pg_advisory_xact_lock(7100003, hashtext(%(client)s));
-
 -- name: lock_login_address
+-- An attempt is counted against its source address before its password is checked, under this
+-- lock, so parallel guesses cannot all pass the check before any of them is counted.
 SELECT pg_advisory_xact_lock(7100004, hashtext(%(address)s));
 
--- name: login_failures_in_window
--- Failures (and attempts still being checked) per scope inside the window, and how long until
--- the oldest one leaves it.
-SELECT scope, count(*),
-       ceil(extract(epoch FROM min(failed_at) + %(window)s - now()))::integer
-FROM login_failures
-WHERE failed_at > now() - %(window)s
-  AND ((scope = 'client' AND subject = %(client)s) OR (scope = 'address' AND subject = %(address)s))
-GROUP BY scope;
+-- name: lock_login_client
+-- Held while the password is checked: attempts on one client name take turns, so each sees every
+-- earlier failure, in one process or many. Waits at most 2 s (the caller then gets 429).
+SET LOCAL lock_timeout TO '2s';
+SELECT pg_advisory_xact_lock(7100003, hashtext(%(client)s));
 
--- name: reserve_login_attempt
--- Counted as a failure from now on; a login that succeeds takes its reservation back.
-INSERT INTO login_failures (scope, subject) VALUES ('client', %(client)s), ('address', %(address)s)
-RETURNING id;
+-- name: login_failures_in_window
+-- Failures (and attempts still being checked) in the window for one scope and subject, and how
+-- long until the oldest one leaves it.
+SELECT count(*), ceil(extract(epoch FROM min(failed_at) + %(window)s - now()))::integer
+FROM login_failures
+WHERE scope = %(scope)s AND subject = %(subject)s AND failed_at > now() - %(window)s;
+
+-- name: insert_login_failure
+INSERT INTO login_failures (scope, subject) VALUES (%(scope)s, %(subject)s) RETURNING id;
 
 -- name: release_login_attempt
-DELETE FROM login_failures WHERE id = ANY(%(ids)s);
+DELETE FROM login_failures WHERE id = %(id)s;
 
 -- name: clear_client_login_failures
 DELETE FROM login_failures WHERE scope = 'client' AND subject = %(client)s;
 
 -- name: active_admin_exists
 SELECT EXISTS (SELECT 1 FROM clients WHERE role = 'admin' AND status = 'active');
+
+-- name: legacy_signup_token_used
+SELECT 1 FROM legacy_signup_tokens_used WHERE token_hash = %(token_hash)s;
+
+-- name: use_legacy_signup_token
+-- Nothing returned: another signup used it first.
+INSERT INTO legacy_signup_tokens_used (token_hash, expires_at) VALUES (%(token_hash)s, %(expires_at)s)
+ON CONFLICT (token_hash) DO NOTHING
+RETURNING 1;

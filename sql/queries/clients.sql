@@ -31,5 +31,9 @@ DELETE FROM login_failures WHERE failed_at < now() - %(window)s;
 -- name: purge_old_signup_tokens
 DELETE FROM signup_tokens WHERE expires_at < now() - interval '30 days';
 
+-- name: purge_expired_legacy_signup_tokens
+-- An expired legacy token is refused for its expiry alone; its record is no longer needed.
+DELETE FROM legacy_signup_tokens_used WHERE expires_at < now() - interval '1 day';
+
 -- name: client_name_hash
 SELECT name_hash FROM clients WHERE id = %(client_id)s AND status <> 'deleted';
