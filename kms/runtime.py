@@ -33,7 +33,7 @@ class Kms:
             keyring=crypto.Keyring(settings.keks, settings.kek_active, settings.db_secret),
             pool=db.ConnectionPool(settings.database_url, size=settings.server_threads),
             metrics=Metrics(),
-            passwords=PasswordHasher(admitted=max(2, settings.server_threads // 2)),
+            passwords=PasswordHasher(admitted=max(2, settings.server_threads // 4)),
             # Its own key, derived from DB_SECRET: someone with database access alone cannot
             # recompute the audit chain.
             audit_key=crypto.keyed_hash(settings.db_secret, b"kms-audit-chain-v1"),

@@ -2,6 +2,7 @@
 import base64
 import json
 import statistics
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -97,20 +98,71 @@ def test_parallel_signups_with_one_token_create_exactly_one_client(make_app):
         assert cur.fetchone()[0] == 1
 
 
-def test_a_login_flood_is_turned_away_instead_of_taking_every_server_thread(client, auth):
-    """SERVER_THREADS=4 admits 2 logins at a time: the rest get 429 at once, and key requests
-    still find free threads."""
+def test_login_admission_queues_a_burst_and_turns_a_flood_away_at_once():
+    """Two places, two waiting: a burst after a quiet spell waits its turn; once one login was
+    refused, the next ones are refused at once (a flood holds no more threads than the places)."""
+    from kms.auth.passwords import PasswordHasher
+    from kms.errors import Throttled
+    hasher = PasswordHasher(admitted=2, wait_s=0.5)
+    release = threading.Event()
+    admitted, outcomes = threading.Barrier(3), []
+
+    def login(hold: bool):
+        try:
+            with hasher.admission():
+                if hold:
+                    admitted.wait()
+                    release.wait()
+            outcomes.append("ok")
+        except Throttled as refused:
+            outcomes.append(("429", refused.headers["Retry-After"]))
+
+    holders = [threading.Thread(target=login, args=(True,)) for _ in range(2)]
+    for thread in holders:
+        thread.start()
+    admitted.wait()  # both places taken
+    waiter = threading.Thread(target=login, args=(False,))
+    waiter.start()
+    time.sleep(0.1)
+    release.set()  # the burst drains: the waiter gets a place
+    for thread in [*holders, waiter]:
+        thread.join()
+    assert outcomes == ["ok", "ok", "ok"]
+
+    release.clear()
+    admitted = threading.Barrier(3)
+    holders = [threading.Thread(target=login, args=(True,)) for _ in range(2)]
+    for thread in holders:
+        thread.start()
+    admitted.wait()
+    outcomes.clear()
+    login(False)  # waits 0.5 s in line, then is refused: a flood is on
+    started = time.monotonic()
+    login(False)  # refused at once, without waiting
+    assert time.monotonic() - started < 0.1
+    release.set()
+    for thread in holders:
+        thread.join()
+    assert outcomes[:2] == [("429", "1"), ("429", "1")]
+
+
+def test_key_requests_keep_answering_during_a_login_flood(client, auth):
+    """SERVER_THREADS=4 admits 2 logins at a time: key requests still find free threads."""
     token = auth.new_client()
     body = {"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}
-    with ThreadPoolExecutor(12) as pool:
-        logins = [pool.submit(client.post, "/auth/login", json=body) for _ in range(12)]
-        lookup = pool.submit(client.get, "/keys", headers=bearer(token))
-        statuses = [future.result().status_code for future in logins]
-        assert lookup.result().status_code == 200
-    assert 200 in statuses and 429 in statuses
-    assert set(statuses) <= {200, 429}
-    refused = next(f.result() for f in logins if f.result().status_code == 429)
-    assert refused.headers["Retry-After"] == "1"
+    statuses, lookups = [], []
+    deadline = time.monotonic() + 3
+    with ThreadPoolExecutor(16) as pool:
+        while time.monotonic() < deadline:
+            logins = [pool.submit(client.post, "/auth/login", json=body) for _ in range(14)]
+            started = time.monotonic()
+            assert client.get("/keys", headers=bearer(token)).status_code == 200
+            lookups.append(time.monotonic() - started)
+            statuses += [future.result() for future in logins]
+    codes = [r.status_code for r in statuses]
+    assert 200 in codes and set(codes) <= {200, 429}
+    assert all(r.headers["Retry-After"] == "1" for r in statuses if r.status_code == 429)
+    assert max(lookups) < 1.5, lookups
 
 
 def test_expired_signup_token_is_401(client, auth, db):

@@ -5,6 +5,7 @@ instead of starving key requests of CPU and server threads.
 """
 import os
 import threading
+import time
 from contextlib import contextmanager
 
 from cryptography.exceptions import InvalidKey
@@ -26,15 +27,22 @@ class PasswordHasher:
     of holding a server thread that key requests need. Measured: without the second bound, a login
     flood took every waitress thread and cut key look-ups to 7 % of their throughput.
 
-    An admitted login waits up to `wait_s` for a hashing slot, so a short burst (the original Go
-    SDK logs in before nearly every call, from every goroutine at once, and never retries a 429)
-    queues and succeeds; only a flood that outlasts the wait gets 429."""
+    A short burst (the original Go SDK logs in before nearly every call, from every goroutine at
+    once, and never retries a 429) must queue and succeed, but every login that waits holds a
+    server thread. So a login that finds every place taken waits (up to `wait_s`, as many waiting
+    as there are places) only while logins are not being refused: once one was refused in the last
+    `wait_s`, a flood is on, and further ones are refused at once until it has been quiet that
+    long. A burst after a quiet spell queues; a sustained flood holds no more threads than
+    `admitted` (measured: with waiting always allowed, look-ups during a flood fell to a quarter)."""
 
     def __init__(self, concurrency: int | None = None, admitted: int | None = None, wait_s: float = 2.0):
         self.wait_s = wait_s
         self.concurrency = concurrency or max(1, (os.cpu_count() or 2) - 1)
         self._hashing = threading.BoundedSemaphore(self.concurrency)
-        self._admitted = threading.BoundedSemaphore(admitted or 4 * self.concurrency)
+        places = admitted or 4 * self.concurrency
+        self._admitted = threading.BoundedSemaphore(places)
+        self._waiting = threading.BoundedSemaphore(places)  # places in the line for a place
+        self._last_refusal = float("-inf")
         # Verified against when a client does not exist, so unknown names cost the same time.
         self._dummy = self._derive(os.urandom(32))
 
@@ -47,12 +55,24 @@ class PasswordHasher:
     def admission(self):
         """Hold a place in the line for hashing for a whole login or signup, taken before any
         other work, so a refused request costs next to nothing."""
-        if not self._admitted.acquire(blocking=False):
+        if not self._admitted.acquire(blocking=False) and not self._wait_for_place():
+            self._last_refusal = time.monotonic()
             raise Throttled(1, "Too many logins in progress; retry in a second.")
         try:
             yield
+        except Throttled:  # no hashing slot or client lock in time: a flood is on
+            self._last_refusal = time.monotonic()
+            raise
         finally:
             self._admitted.release()
+
+    def _wait_for_place(self) -> bool:
+        if time.monotonic() - self._last_refusal < self.wait_s or not self._waiting.acquire(blocking=False):
+            return False
+        try:
+            return self._admitted.acquire(timeout=self.wait_s)
+        finally:
+            self._waiting.release()
 
     @contextmanager
     def _slot(self):
