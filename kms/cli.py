@@ -170,26 +170,43 @@ def audit():
 @audit.command("seal")
 def audit_seal():
     """Seal pending events into the hash chain."""
-    from kms.audit.service import seal_pending
+    from kms.audit.service import ChainTampered, flush_refusals, seal_pending
     with cli_context() as ctx:
-        count = seal_pending(ctx.conn, ctx.kms.audit_key, wait=True)
-    click.echo(f"sealed {count} events")
+        flush_refusals(ctx)
+        try:
+            count, head = seal_pending(ctx.conn, ctx.kms.audit_key, wait=True)
+        except ChainTampered as tampered:
+            click.echo(f"audit chain tampered with at seq {tampered.seq}: {tampered.problem}; nothing sealed", err=True)
+            sys.exit(EXIT_INTEGRITY)
+    click.echo(f"sealed {count} events; head {head or 'none (empty chain)'}")
+
+
+def _parse_head(_ctx, _param, value):
+    from kms.audit.service import ChainHead
+    if value is None:
+        return None
+    match = re.fullmatch(r"(\d+):([0-9a-fA-F]{64})", value.strip())
+    if not match:
+        raise click.BadParameter("POSITION:MAC, as the server logs it (`audit chain head`) or /metrics shows it")
+    return ChainHead(int(match.group(1)), bytes.fromhex(match.group(2)))
 
 
 @audit.command("verify")
-def audit_verify():
+@click.option("--head", callback=_parse_head, metavar="POSITION:MAC",
+              help="A chain head recorded outside the database; the chain must still contain it.")
+def audit_verify(head):
     """Seal what is pending, walk the chain, exit 1 naming the first bad row."""
     from kms.audit.service import flush_refusals, record_alone, verify_chain
     with cli_context() as ctx:
         flush_refusals(ctx)
-        result = verify_chain(ctx.conn, ctx.kms.audit_key)
+        result = verify_chain(ctx.conn, ctx.kms.audit_key, head)
         record_alone(ctx, "audit.verify", "success" if result.ok else "broken",
                      target=None if result.ok else str(result.seq))
     if not result.ok:
         click.echo(f"audit chain BROKEN at seq {result.seq}: {result.problem} ({result.checked} rows verified before it)",
                    err=True)
         sys.exit(1)
-    click.echo(f"audit chain intact: {result.checked} events verified")
+    click.echo(f"audit chain intact: {result.checked} events verified; head {result.head or 'none'}")
 
 
 @audit.command("export")

@@ -24,9 +24,10 @@ class TokenClaims:
 
 @dataclass(frozen=True)
 class Caller:
-    """An authenticated client, as its database row says."""
+    """An authenticated client, as its database row says (its MAC checked)."""
     id: uuid.UUID
     role: str
+    session: tuple = ()  # (jti, client id, expires at, epoch) of the session it called with
 
     @property
     def is_admin(self) -> bool:

@@ -10,6 +10,7 @@ import hmac
 import os
 import struct
 import uuid
+from datetime import datetime, timezone
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -88,6 +89,66 @@ def dek_associated_data(owner_id: uuid.UUID, ref_hash: bytes, version: int, kek_
     return FORMAT_V1 + b"dek" + _DEK_PARTS.pack(16, owner_id.bytes, 32, bytes(ref_hash), 4, version, 4, kek_version)
 
 
+ROW_MAC_V1 = b"\x01"
+
+
+def _field_bytes(value) -> bytes:
+    """A column value as MAC input, tagged by type, so None, "", 0 and False all differ."""
+    if value is None:
+        return b"N"
+    if isinstance(value, bool):
+        return b"T" if value else b"F"
+    if isinstance(value, int):
+        return b"i" + str(value).encode()
+    if isinstance(value, str):
+        return b"s" + value.encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return b"b" + bytes(value)
+    if isinstance(value, uuid.UUID):
+        return b"u" + value.bytes
+    if isinstance(value, datetime):
+        return b"d" + value.astimezone(timezone.utc).isoformat().encode()
+    raise TypeError(f"no MAC encoding for {type(value).__name__}")
+
+
+class RowMacs:
+    """MACs over database rows: `format byte || HMAC-SHA256(key, table, column values...)`.
+
+    The first column given is the row's identity. A row whose MAC does not match was written by
+    someone without DB_SECRET (or moved from another row) and must not be obeyed. Verified rows are
+    remembered by their exact content, so the hot path pays for one HMAC per distinct row, not per
+    request; the memory is bounded and holds no secret (MACs and column values already stored)."""
+
+    def __init__(self, key: bytes, remembered: int = 8192):
+        self._key = key
+        self._verified: dict = {}
+        self._remembered = remembered
+
+    def __repr__(self):
+        return "RowMacs()"
+
+    def mac(self, table: bytes, *columns) -> bytes:
+        return ROW_MAC_V1 + keyed_hash(self._key, b"kms-row-v1:" + table, *[_field_bytes(c) for c in columns])
+
+    def verify(self, table: bytes, stored, *columns) -> bool:
+        if stored is None:
+            return False
+        stored = bytes(stored)
+        memo = (table, stored, columns)
+        try:
+            if memo in self._verified:
+                return True
+        except TypeError:  # an unhashable column value (memoryview): just compute
+            memo = None
+        if not hmac.compare_digest(stored, self.mac(table, *columns)):
+            return False
+        if memo is not None:
+            if len(self._verified) >= self._remembered:
+                self._verified.clear()
+            self._verified[memo] = True
+        return True
+
+
 class Keyring:
     """The KEKs and the database secret, ready to use. Holds key material: never log it."""
 
@@ -95,6 +156,7 @@ class Keyring:
         self._keks = {version: AESGCM(key) for version, key in keks.items()}
         self.kek_active = kek_active
         self._db = AESGCM(db_secret)
+        self.rows = RowMacs(keyed_hash(db_secret, b"kms-derive-v1", b"row-mac"))
 
     def __repr__(self):
         return f"Keyring(kek_versions={sorted(self._keks)}, active={self.kek_active})"

@@ -239,10 +239,17 @@ def latest_schema_version() -> int:
     return max(version for version, _, _ in migration_files())
 
 
-def migrate(dsn: str) -> list[str]:
+class MigrationNeedsSecrets(RuntimeError):
+    """A migration has a step that needs the service's secrets, and stored rows to apply it to."""
+
+
+def migrate(dsn: str, steps: dict | None = None) -> list[str]:
     """Apply pending migrations in order, each in its own transaction; returns what was applied.
 
     An advisory lock makes concurrent start-ups take turns: the second one finds nothing left to do.
+    A migration whose first line is `-- then: NAME` runs `steps[NAME](cursor)` after its SQL, in its
+    transaction (for work that needs the service's secrets, like computing row MACs); without the
+    step it may only run on a database with no rows for the step to do.
     """
     applied = []
     conn = connect(dsn, options="-c lock_timeout=0 -c statement_timeout=0", application_name="kms-migrate")
@@ -260,8 +267,12 @@ def migrate(dsn: str) -> list[str]:
                 for version, name, path in migration_files():
                     if version in done:
                         continue
+                    text = path.read_text()
+                    step = re.match(r"-- then: (\w+)\n", text)
                     with transaction(conn) as tx:
-                        tx.execute(path.read_text())
+                        tx.execute(text)
+                        if step:
+                            _run_step(tx, step.group(1), steps or {}, f"{version:03d}_{name}")
                         tx.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name))
                     applied.append(f"{version:03d}_{name}")
             finally:
@@ -269,6 +280,16 @@ def migrate(dsn: str) -> list[str]:
     finally:
         conn.close()
     return applied
+
+
+def _run_step(cur, name: str, steps: dict, migration: str):
+    if name in steps:
+        steps[name](cur)
+        return
+    cur.execute(sql.rows_needing_macs)
+    if cur.fetchone()[0]:
+        raise MigrationNeedsSecrets(f"migration {migration} needs the service's secrets: start the KMS (or run "
+                                    "`flask --app app kms migrate`) with its configuration")
 
 
 def schema_version(conn) -> int:

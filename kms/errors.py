@@ -70,6 +70,23 @@ class StoredDataCorrupt(ApiError):
     status, code, message = 500, "integrity_error", "Stored key material failed its integrity check; an operator has been alerted."
 
 
+class IntegrityFailure(ApiError):
+    """A stored row failed its MAC check (kms.rows): it is not obeyed. The caller gets 401 for a
+    session or signup token (as if it did not exist) and 500 integrity_error for anything else;
+    the operator gets a log line, a metric and an audit event (register_error_handlers)."""
+    code = "integrity_error"
+    message = StoredDataCorrupt.message
+
+    def __init__(self, table: str, row_id, status: int = 500):
+        if status == 401:
+            super().__init__(Unauthorized.message, code="unauthorized")
+        else:
+            super().__init__()
+        self.status = status
+        self.table = table
+        self.row_id = str(row_id)
+
+
 HTTP_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
     409: "conflict", 410: "gone", 413: "payload_too_large", 415: "unsupported_media_type",
@@ -129,6 +146,11 @@ def register_error_handlers(app):
             log.error("request failed", extra={"error_code": error.code})
         return error_response(error.status, error.code, error.message, error.fields, error.headers)
 
+    @app.errorhandler(IntegrityFailure)
+    def _integrity_failure(error: IntegrityFailure):
+        report_integrity_failure(error.table, error.row_id)
+        return error_response(error.status, error.code, error.message)
+
     @app.errorhandler(psycopg2.OperationalError)
     @app.errorhandler(psycopg2.InterfaceError)
     def _database_down(error):
@@ -153,3 +175,21 @@ def _where(error: BaseException) -> str:
         frames.append(f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}")
         tb = tb.tb_next
     return " > ".join(frames[-6:])
+
+
+def report_integrity_failure(table: str, row_id: str, ctx=None):
+    """Tell the operator a stored row failed its check: a log line (no secrets: a table and a row
+    id), a metric, and an audit event in a transaction of its own."""
+    from flask import has_request_context
+    log.error("stored row failed its integrity check; not obeyed", extra={"table": table, "rowId": row_id})
+    try:
+        if ctx is None:
+            if not has_request_context():
+                return
+            from kms.web import context
+            ctx = context(authenticated=False)
+        ctx.kms.metrics.integrity_failures.labels(table).inc()
+        from kms.audit.service import record_alone
+        record_alone(ctx, "integrity.failure", "detected", target=f"{table}:{row_id}", actor="kms")
+    except Exception as failure:  # noqa: BLE001 - the answer to the caller must not depend on this
+        log.error("could not record an integrity failure", extra={"error_code": type(failure).__name__})

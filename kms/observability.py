@@ -12,7 +12,7 @@ import time
 from collections import deque
 
 from flask import Response, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from kms.ids import random_uuid
 
@@ -142,6 +142,18 @@ class Metrics:
         self.latency = Histogram("kms_http_request_duration_seconds", "HTTP request latency by route template",
                                  ["route", "method"], registry=self.registry,
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.integrity_failures = Counter("kms_integrity_failures", "Stored rows refused for a failed MAC check",
+                                          ["table"], registry=self.registry)
+        self.audit_head_position = Gauge("kms_audit_chain_head_position", "Position of the audit chain's head",
+                                         registry=self.registry)
+        self.audit_head = Info("kms_audit_chain_head", "The audit chain's head: record it outside the database "
+                               "and check with `audit verify --head POSITION:MAC`", registry=self.registry)
+        self.audit_unsealed = Gauge("kms_audit_unsealed_events", "Audit events not yet sealed into the chain",
+                                    registry=self.registry)
+        self.audit_unsealed_age = Gauge("kms_audit_unsealed_oldest_seconds", "Age of the oldest unsealed audit event",
+                                        registry=self.registry)
+        self.audit_chain_tampered = Gauge("kms_audit_chain_tampered", "1 once the sealer found the chain tampered with",
+                                          registry=self.registry)
         self._children: dict = {}
 
     def observe(self, route: str, method: str, status: int, seconds: float):

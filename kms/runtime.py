@@ -3,6 +3,7 @@ import logging
 from dataclasses import dataclass
 
 from kms import crypto, db
+from kms.rows import backfill_row_macs
 from kms.auth.passwords import PasswordHasher
 from kms.auth.tokencache import VerifiedTokenCache
 from kms.config import ConfigError, Settings
@@ -27,7 +28,6 @@ class Kms:
 
     @classmethod
     def start(cls, settings: Settings) -> "Kms":
-        db.migrate(settings.database_url)
         kms = cls(
             settings=settings,
             keyring=crypto.Keyring(settings.keks, settings.kek_active, settings.db_secret),
@@ -39,8 +39,13 @@ class Kms:
             audit_key=crypto.keyed_hash(settings.db_secret, b"kms-audit-chain-v1"),
             verified_tokens=VerifiedTokenCache(),
         )
-        with kms.pool.connection() as conn:
-            check_secrets(conn, settings)
+        def row_macs(cur):  # migration 004: MACs of the stored rows, with secrets checked first
+            _check_secrets(cur, settings)
+            backfill_row_macs(cur, kms)
+
+        db.migrate(settings.database_url, steps={"row_macs": row_macs})
+        with kms.pool.connection() as conn, db.transaction(conn) as cur:
+            _check_secrets(cur, settings)
         from kms.auth.service import ensure_master_admin
         ensure_master_admin(kms)
         kms.pool.warm()
@@ -58,17 +63,16 @@ def _configured_secrets(settings: Settings) -> dict:
     return secrets
 
 
-def check_secrets(conn, settings: Settings):
+def _check_secrets(cur, settings: Settings):
     """Refuse to start when a secret differs from the one the stored data was written with,
     or when stored keys are wrapped under a KEK version that is not configured."""
     configured = _configured_secrets(settings)
-    with db.transaction(conn) as cur:
-        for name, key in configured.items():
-            cur.execute(db.sql.remember_secret_check, {"name": name, "check_value": crypto.key_check_value(key)})
-        cur.execute(db.sql.secret_checks)
-        stored = {name: bytes(value) for name, value in cur.fetchall()}
-        cur.execute(db.sql.kek_versions_in_use)
-        kek_versions_in_use = [row[0] for row in cur.fetchall()]
+    for name, key in configured.items():
+        cur.execute(db.sql.remember_secret_check, {"name": name, "check_value": crypto.key_check_value(key)})
+    cur.execute(db.sql.secret_checks)
+    stored = {name: bytes(value) for name, value in cur.fetchall()}
+    cur.execute(db.sql.kek_versions_in_use)
+    kek_versions_in_use = [row[0] for row in cur.fetchall()]
     for name, key in configured.items():
         if stored[name] != crypto.key_check_value(key):
             raise StartupError(name, "does not match the key the stored data was written with")

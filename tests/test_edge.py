@@ -387,6 +387,7 @@ def test_throttled_logins_are_counted_and_the_chain_still_verifies(client, app, 
     with db.cursor() as cur:
         cur.execute("SELECT repeats FROM audit_events WHERE action = 'login' AND outcome = 'throttled' ORDER BY seq")
         assert cur.fetchall() == [(None,), (29,)]
+        cur.execute("SET session_replication_role = replica")  # a writer who got past the trigger
         cur.execute("UPDATE audit_events SET repeats = 1 WHERE repeats = 29")
     tampered = runner.invoke(args=["kms", "audit", "verify"])
     assert tampered.exit_code == 1 and "MAC" in tampered.output

@@ -3,18 +3,25 @@ import logging
 import threading
 
 from kms import db
-from kms.audit.service import flush_refusals, seal_pending
+from kms.audit.service import ChainTampered, flush_refusals, record_alone, seal_pending, unsealed_summary
 from kms.context import Context
 
 log = logging.getLogger("kms.audit")
 
 
 class Sealer(threading.Thread):
+    """Seals every AUDIT_SEAL_INTERVAL. After each seal the chain's head (position and MAC) goes to
+    the log and to /metrics, so that it is recorded outside the database: `audit verify --head`
+    checks the chain against such a record. The head this process last saw is remembered, and a
+    chain that no longer contains it is not built upon."""
+
     def __init__(self, kms):
         super().__init__(name="audit-sealer", daemon=True)
         self.kms = kms
         self.interval = kms.settings.audit_seal_interval_ms / 1000
         self.stopping = threading.Event()
+        self.head = None
+        self.tampered = False
 
     def run(self):
         conn = None
@@ -22,8 +29,7 @@ class Sealer(threading.Thread):
             try:
                 if conn is None or conn.closed:
                     conn = db.connect(self.kms.settings.database_url, application_name="kms-audit-sealer")
-                flush_refusals(Context(kms=self.kms, conn=conn))
-                seal_pending(conn, self.kms.audit_key)
+                self.seal_once(conn)
             except Exception as error:  # noqa: BLE001 - keep sealing after an outage
                 log.warning("audit sealing failed; will retry", extra={"error_code": type(error).__name__})
                 if conn is not None:
@@ -31,6 +37,29 @@ class Sealer(threading.Thread):
                 conn = None
         if conn is not None:
             conn.close()
+
+    def seal_once(self, conn):
+        metrics = self.kms.metrics
+        flush_refusals(Context(kms=self.kms, conn=conn))
+        try:
+            sealed, head = seal_pending(conn, self.kms.audit_key, known=self.head)
+        except ChainTampered as tampered:
+            metrics.audit_chain_tampered.set(1)
+            if not self.tampered:  # once, not every interval
+                self.tampered = True
+                log.error("audit chain tampered with; sealing stopped",
+                          extra={"problem": tampered.problem, "seq": tampered.seq})
+                record_alone(Context(kms=self.kms, conn=conn), "audit.tamper", "detected",
+                             target=None if tampered.seq is None else str(tampered.seq), actor="kms")
+            return
+        if head is not None and head != self.head:
+            self.head = head
+            metrics.audit_head_position.set(head.position)
+            metrics.audit_head.info({"position": str(head.position), "mac": head.mac.hex()})
+            log.info("audit chain head", extra={"position": head.position, "mac": head.mac.hex(), "sealed": sealed})
+        count, age = unsealed_summary(conn)
+        metrics.audit_unsealed.set(count)
+        metrics.audit_unsealed_age.set(age)
 
     def stop(self):
         self.stopping.set()

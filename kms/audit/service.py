@@ -106,39 +106,103 @@ def row_mac(key: bytes, event: dict) -> bytes:
 
 
 def chain_hash(key: bytes, previous: bytes, position: int, mac: bytes) -> bytes:
+    """Chain format 1, for rows sealed before format 2 existed."""
     return crypto.keyed_hash(key, b"kms-audit-chain-v1", previous, position.to_bytes(8, "big"), mac)
+
+
+def chain_hash_v2(key: bytes, previous: bytes, position: int, seq: int, txid: int, mac: bytes) -> bytes:
+    """Chain format 2: also covers the row's seq and the transaction that wrote it."""
+    return crypto.keyed_hash(key, b"kms-audit-chain-v2", previous, position.to_bytes(8, "big"),
+                             seq.to_bytes(8, "big"), txid.to_bytes(8, "big"), mac)
+
+
+def _expected_hash(key: bytes, previous: bytes, chain_format: int, position: int, seq: int, txid: int,
+                   mac: bytes) -> bytes | None:
+    if chain_format == 1:
+        return chain_hash(key, previous, position, mac)
+    if chain_format == 2:
+        return chain_hash_v2(key, previous, position, seq, txid, mac)
+    return None
 
 
 EVENT_COLUMNS = ("seq", "event_id", "at", "actor", "action", "target", "version", "outcome", "request_id",
                  "source_ip", "repeats", "row_mac")
 
 
-def seal_pending(conn, key: bytes, *, wait: bool = False) -> int:
-    """Seal every unsealed event into the chain; returns how many. One sealer at a time: without
-    `wait`, a caller that finds another sealer at work returns 0 at once."""
-    sealed = 0
+class ChainTampered(Exception):
+    """The chain in the database is not the one the sealers made: sealing stops."""
+
+    def __init__(self, problem: str, seq: int | None = None):
+        super().__init__(problem)
+        self.problem, self.seq = problem, seq
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    position: int
+    mac: bytes
+
+    def __str__(self):  # as `audit verify --head` takes it
+        return f"{self.position}:{self.mac.hex()}"
+
+
+def _checked_head(cur, key: bytes, known: ChainHead | None) -> tuple[int, bytes, int]:
+    """(position, hash, txid) of the chain's head, after checking it is the head a sealer made and
+    that it is not behind one this process saw earlier; ChainTampered otherwise."""
+    if known is not None:
+        cur.execute(db.sql.audit_chain_hash_at, {"position": known.position})
+        row = cur.fetchone()
+        if row is None or bytes(row[0]) != known.mac:
+            raise ChainTampered(f"chain position {known.position}, sealed by this process, is gone or changed "
+                                "(rows deleted and the chain rebuilt?)")
+    cur.execute(db.sql.audit_chain_head)
+    rows = cur.fetchall()
+    if not rows:
+        return 0, GENESIS, 0
+    position, stored, seq, txid, mac, chain_format = rows[0]
+    previous = bytes(rows[1][1]) if len(rows) > 1 else GENESIS
+    if position != (rows[1][0] + 1 if len(rows) > 1 else 1) or _expected_hash(
+            key, previous, chain_format, position, seq, int(txid), bytes(mac)) != bytes(stored):
+        raise ChainTampered(f"the chain's head (position {position}) was not made by a sealer", seq)
+    cur.execute(db.sql.unsealed_behind_head, {"txid": txid})
+    behind = cur.fetchone()[0]
+    if behind is not None:
+        raise ChainTampered("an unsealed row is older than the chain's head (inserted out of band, or its chain "
+                            "was taken off it)", behind)
+    return position, bytes(stored), int(txid)
+
+
+def seal_pending(conn, key: bytes, *, wait: bool = False, known: ChainHead | None = None) -> tuple[int, ChainHead | None]:
+    """Seal every unsealed event of ended transactions into the chain: (how many, the new head).
+    One sealer at a time: without `wait`, a caller that finds another sealer at work returns at
+    once. It never chains a row older than the head: it checks the head first (and against
+    `known`, a head this process saw) and raises ChainTampered instead of building on a chain
+    that was cut or re-written."""
+    sealed, head = 0, known
     while True:
         with db.transaction(conn) as cur:
             cur.execute(db.sql.lock_audit_sealer if wait else db.sql.try_lock_audit_sealer)
             if not wait and not cur.fetchone()[0]:
-                return sealed
-            cur.execute(db.sql.audit_chain_head)
-            head = cur.fetchone()
-            position, previous = (head[0], bytes(head[1])) if head else (0, GENESIS)
-            cur.execute(db.sql.unsealed_audit_events, {"limit": SEAL_BATCH})
+                return sealed, head
+            cur.execute(db.sql.audit_seal_horizon)  # first: it must not depend on what we read next
+            horizon = cur.fetchone()[0]
+            position, previous, _ = _checked_head(cur, key, head)
+            cur.execute(db.sql.unsealed_audit_events, {"horizon": horizon, "limit": SEAL_BATCH})
             rows = cur.fetchall()
             seqs, positions, hashes = [], [], []
-            for seq, mac in rows:
+            for seq, txid, mac in rows:
                 position += 1
-                previous = chain_hash(key, previous, position, bytes(mac))
+                previous = chain_hash_v2(key, previous, position, seq, int(txid), bytes(mac))
                 seqs.append(seq)
                 positions.append(position)
                 hashes.append(previous)
             if rows:
                 cur.execute(db.sql.seal_audit_events, {"seqs": seqs, "positions": positions, "hashes": hashes})
+            if position:
+                head = ChainHead(position, previous)
         sealed += len(rows)
         if len(rows) < SEAL_BATCH:
-            return sealed
+            return sealed, head
 
 
 @dataclass
@@ -146,34 +210,62 @@ class VerifyResult:
     checked: int
     problem: str | None = None
     seq: int | None = None
+    head: ChainHead | None = None
 
     @property
     def ok(self) -> bool:
         return self.problem is None
 
 
-def verify_chain(conn, key: bytes) -> VerifyResult:
-    """Seal what is pending, then walk the chain from its start; stop at the first bad row."""
-    seal_pending(conn, key, wait=True)
-    expected_position, previous, checked = 1, GENESIS, 0
+def verify_chain(conn, key: bytes, recorded_head: ChainHead | None = None) -> VerifyResult:
+    """Seal what is pending, then walk the chain from its start; stop at the first bad row. With
+    `recorded_head` (a head written down outside the database), the chain must still contain it:
+    that catches the newest rows deleted, or the whole database put back to an older state."""
+    try:
+        seal_pending(conn, key, wait=True)
+    except ChainTampered as tampered:
+        return VerifyResult(0, tampered.problem, tampered.seq)
+    expected_position, previous, checked, head = 1, GENESIS, 0, None
     while True:
         with db.transaction(conn) as cur:
             cur.execute(db.sql.sealed_audit_chain, {"after_pos": expected_position - 1, "limit": 5000})
             rows = cur.fetchall()
         if not rows:
-            return VerifyResult(checked)
+            break
         for row in rows:
             event = dict(zip(EVENT_COLUMNS, row))
-            position, stored_hash = row[12], bytes(row[13])
+            position, stored_hash, txid, chain_format = row[12], bytes(row[13]), int(row[14]), row[15]
+            if position < expected_position:
+                return VerifyResult(checked, f"chain position {position} appears twice (a row duplicated?)",
+                                    event["seq"])
             if position != expected_position:
                 return VerifyResult(checked, f"chain position {expected_position} is missing (row deleted?)",
                                     event["seq"])
             if row_mac(key, event) != bytes(event["row_mac"]):
                 return VerifyResult(checked, "row content does not match its MAC (altered or inserted out of band)",
                                     event["seq"])
-            if chain_hash(key, previous, position, bytes(event["row_mac"])) != stored_hash:
-                return VerifyResult(checked, "chain hash does not match (row altered or reordered)", event["seq"])
+            expected = _expected_hash(key, previous, chain_format, position, event["seq"], txid,
+                                      bytes(event["row_mac"]))
+            if expected != stored_hash:
+                return VerifyResult(checked, "chain hash does not match (row altered, renumbered or reordered)",
+                                    event["seq"])
+            if recorded_head is not None and position == recorded_head.position and stored_hash != recorded_head.mac:
+                return VerifyResult(checked, f"chain position {position} is not the recorded head (the chain was "
+                                             "re-written)", event["seq"])
             previous, expected_position, checked = stored_hash, expected_position + 1, checked + 1
+            head = ChainHead(position, stored_hash)
+    if recorded_head is not None and (head is None or head.position < recorded_head.position):
+        return VerifyResult(checked, f"the chain ends before the recorded head at position {recorded_head.position} "
+                                     "(newest rows deleted, or the database restored to an older state)", head=head)
+    return VerifyResult(checked, head=head)
+
+
+def unsealed_summary(conn) -> tuple[int, float]:
+    """(unsealed events, age in seconds of the oldest), for metrics."""
+    with db.transaction(conn) as cur:
+        cur.execute(db.sql.unsealed_audit_summary)
+        count, age = cur.fetchone()
+    return count, float(age or 0)
 
 
 def public_event(row) -> dict:

@@ -1,9 +1,21 @@
 """Who is calling: the per-request token check against the database."""
-from kms import db
+from kms import db, rows
 from kms.context import Caller, Context
 from kms.errors import Forbidden, Unauthorized
 
 TOKEN_NOT_LIVE = "The token has been revoked or has expired; log in again."
+
+
+def caller_from_row(kms, row) -> Caller:
+    """Believe an `authenticate`-shaped row (session columns, then client columns) only once both
+    MACs check out: a forged or revived session, or a client made admin or re-enabled in the
+    database, is refused (401) and reported."""
+    jti, session_client, expires_at, epoch, revoked, session_mac, \
+        client_id, name_hash, password_hash, role, status, session_epoch, client_mac = row
+    rows.check_session(kms, jti, session_client, expires_at, epoch, revoked, session_mac)
+    rows.check_client(kms, client_id, name_hash, password_hash, role, status, session_epoch, client_mac,
+                      status_code=401)
+    return Caller(id=client_id, role=role, session=(jti, session_client, expires_at, epoch))
 
 
 def authenticate(cur, ctx: Context) -> Caller:
@@ -14,7 +26,7 @@ def authenticate(cur, ctx: Context) -> Caller:
     row = cur.fetchone()
     if row is None:
         raise Unauthorized(TOKEN_NOT_LIVE)
-    return Caller(id=row[0], role=row[1])
+    return caller_from_row(ctx.kms, row)
 
 
 def require_admin(cur, ctx: Context) -> Caller:

@@ -8,12 +8,12 @@ from datetime import datetime, timedelta, timezone
 
 from psycopg2.errors import LockNotAvailable
 
-from kms import crypto, db
+from kms import crypto, db, rows
 from kms.audit.service import record, record_refusal
 from kms.auth.access import authenticate, require_admin
 from kms.auth.legacy import looks_legacy, read_legacy_signup_token
 from kms.context import Context
-from kms.errors import Conflict, Throttled, Unauthorized
+from kms.errors import Conflict, IntegrityFailure, Throttled, Unauthorized
 
 log = logging.getLogger("kms.auth")
 
@@ -54,20 +54,24 @@ def issue_signup_token(ctx: Context, clientname: str, ttl_ms: int, role: str | N
         cur.execute(db.sql.client_exists, {"name_hash": name_hash})
         if cur.fetchone():
             raise Conflict("A client with that name already exists.", code="client_exists")
+        token_hash, role = hash_signup_token(kms, token), role or kms.settings.default_role
         cur.execute(db.sql.insert_signup_token, {
-            "id": token_id, "token_hash": hash_signup_token(kms, token), "name_hash": name_hash,
+            "id": token_id, "token_hash": token_hash, "name_hash": name_hash,
             "name_enc": kms.keyring.encrypt_field(clientname, b"signup-name", token_id.bytes),
-            "role": role or kms.settings.default_role, "expires_at": expires_at, "issued_by": ctx.actor,
+            "role": role, "expires_at": expires_at, "issued_by": ctx.actor,
+            "row_mac": rows.signup_token_mac(kms, token_id, token_hash, name_hash, role, expires_at, False),
         })
         record(cur, ctx, "signup_token.issue", target=str(token_id))
     return token, expires_at
 
 
-def _open_session(cur, kms, client_id: uuid.UUID, role: str) -> Grant:
+def _open_session(cur, kms, client_id: uuid.UUID, role: str, epoch: int) -> Grant:
     ttl_ms = kms.settings.jwt_ttl_ms
     grant = Grant(client_id=client_id, role=role, jti=uuid.uuid4(), ttl_ms=ttl_ms,
                   expires_at=datetime.now(timezone.utc) + timedelta(milliseconds=ttl_ms))
-    cur.execute(db.sql.insert_session, {"jti": grant.jti, "client_id": client_id, "expires_at": grant.expires_at})
+    cur.execute(db.sql.insert_session, {
+        "jti": grant.jti, "client_id": client_id, "expires_at": grant.expires_at, "epoch": epoch,
+        "row_mac": rows.session_mac(kms, grant.jti, client_id, grant.expires_at, epoch, False)})
     return grant
 
 
@@ -88,11 +92,15 @@ def signup(ctx: Context, token: str, password: str) -> Grant:
         password_hash = kms.passwords.hash(password)
     client_id = uuid.uuid4()
     with db.transaction(ctx.conn) as cur:
-        cur.execute(db.sql.consume_signup_token, {"token_hash": token_hash})
+        cur.execute(db.sql.lock_usable_signup_token, {"token_hash": token_hash})
         row = cur.fetchone()
         if row is None:
             raise Unauthorized(SIGNUP_TOKEN_REFUSED, code="invalid_signup_token")
-        token_id, name_hash, name_enc, role = row
+        token_id, stored_hash, name_hash, name_enc, role, expires_at, mac = row
+        # A token row made, re-roled, re-named, extended or un-used in the database is refused.
+        rows.check_signup_token(kms, token_id, stored_hash, name_hash, role, expires_at, False, mac)
+        cur.execute(db.sql.use_signup_token, {"id": token_id, "row_mac": rows.signup_token_mac(
+            kms, token_id, stored_hash, name_hash, role, expires_at, True)})
         clientname = kms.keyring.decrypt_field(bytes(name_enc), b"signup-name", token_id.bytes)
         record(cur, ctx, "signup_token.use", target=str(token_id))
         return _register(cur, ctx, client_id, bytes(name_hash), clientname, password_hash, role)
@@ -131,15 +139,22 @@ def _register(cur, ctx: Context, client_id: uuid.UUID, name_hash: bytes, clientn
               role: str) -> Grant:
     """Create the client of a signup in the caller's transaction, and open its first session."""
     kms = ctx.kms
+    if not _insert_client(cur, kms, client_id, name_hash, clientname, password_hash, role):
+        raise Conflict("A client with that name already exists.", code="client_exists")
+    record(cur, ctx, "client.signup", target=str(client_id), actor=str(client_id))
+    return _open_session(cur, kms, client_id, role, 0)
+
+
+def _insert_client(cur, kms, client_id: uuid.UUID, name_hash: bytes, clientname: str, password_hash: str,
+                   role: str) -> bool:
+    """False when the name is taken."""
     cur.execute(db.sql.insert_client, {
         "id": client_id, "name_hash": name_hash,
         "name_enc": kms.keyring.encrypt_field(clientname, b"client-name", client_id.bytes),
         "password_hash": password_hash, "role": role,
+        "row_mac": rows.client_mac(kms, client_id, name_hash, password_hash, role, "active", 0),
     })
-    if cur.fetchone() is None:
-        raise Conflict("A client with that name already exists.", code="client_exists")
-    record(cur, ctx, "client.signup", target=str(client_id), actor=str(client_id))
-    return _open_session(cur, kms, client_id, role)
+    return cur.fetchone() is not None
 
 
 def _failures(cur, ctx: Context, scope: str, subject: str) -> tuple[int, int]:
@@ -195,12 +210,17 @@ def _login(ctx: Context, clientname: str, password: str) -> Grant:
                 retry_after = None
                 cur.execute(db.sql.client_for_login, {"name_hash": name_hash})
                 row = cur.fetchone()
-                client_id, password_hash, role, status = row if row else (None, None, None, None)
+                client_id, _, password_hash, role, status, epoch, _ = row if row else (None,) * 7
+                if row is not None and not kms.keyring.rows.verify(rows.CLIENTS, row[6], *_client_columns(row)):
+                    # A password hash, role or status written in the database: never obeyed, and
+                    # answered like any failed login (after the same hashing work).
+                    kms.passwords.verify(password, None)
+                    raise IntegrityFailure("clients", client_id, 401)
                 if kms.passwords.verify(password, password_hash) and status == "active":
                     cur.execute(db.sql.release_login_attempt, {"id": reservation})
                     cur.execute(db.sql.clear_client_login_failures, {"client": subject})
                     cur.execute(db.sql.record_login, {"client_id": client_id})
-                    grant = _open_session(cur, kms, client_id, role)
+                    grant = _open_session(cur, kms, client_id, role, epoch)
                     record(cur, ctx, "login", target=str(client_id), actor=str(client_id))
                     failed = False
                 else:  # the address's reservation stays, as the failure, and the name's is added
@@ -240,10 +260,18 @@ def unlock_client(ctx: Context, clientname: str | None = None, client_id: uuid.U
     return True
 
 
+def _client_columns(row) -> tuple:
+    """A client_for_login row's MAC'd columns, in kms.rows order."""
+    client_id, name_hash, password_hash, role, status, epoch, _ = row
+    return client_id, bytes(name_hash), password_hash, role, status, epoch
+
+
 def logout(ctx: Context):
     with db.transaction(ctx.conn) as cur:
-        authenticate(cur, ctx)
-        cur.execute(db.sql.revoke_session, {"jti": ctx.claims.jti})
+        caller = authenticate(cur, ctx)
+        jti, client_id, expires_at, epoch = caller.session
+        cur.execute(db.sql.revoke_session, {
+            "jti": jti, "row_mac": rows.session_mac(ctx.kms, jti, client_id, expires_at, epoch, True)})
         record(cur, ctx, "logout", target=str(ctx.claims.client_id))
 
 
@@ -253,12 +281,7 @@ def create_client(ctx: Context, clientname: str, password: str, role: str) -> uu
     password_hash = kms.passwords.hash(password)
     client_id = uuid.uuid4()
     with db.transaction(ctx.conn) as cur:
-        cur.execute(db.sql.insert_client, {
-            "id": client_id, "name_hash": hash_clientname(kms, clientname),
-            "name_enc": kms.keyring.encrypt_field(clientname, b"client-name", client_id.bytes),
-            "password_hash": password_hash, "role": role,
-        })
-        if cur.fetchone() is None:
+        if not _insert_client(cur, kms, client_id, hash_clientname(kms, clientname), clientname, password_hash, role):
             return None
         record(cur, ctx, "client.create", target=str(client_id))
     return client_id

@@ -6,7 +6,7 @@ tokens stop working at once. The last active admin cannot be demoted, disabled o
 import uuid
 from datetime import timedelta
 
-from kms import crypto, db
+from kms import crypto, db, rows
 from kms.audit.service import record
 from kms.auth.access import require_admin
 from kms.context import Context
@@ -32,9 +32,10 @@ def list_clients(ctx: Context) -> list[dict]:
     return clients
 
 
-def _lock_target(cur, ctx: Context, client_id: uuid.UUID) -> tuple[str, str, bool]:
+def _lock_target(cur, ctx: Context, client_id: uuid.UUID) -> tuple[dict, bool]:
     """Lock the active admins (always in the same order, so concurrent changes queue rather than
-    deadlock), then the target. Returns its role, status and whether it is the last active admin."""
+    deadlock), then the target, whose MAC must check out. Returns its MAC'd columns and whether it
+    is the last active admin."""
     require_admin(cur, ctx)
     cur.execute(db.sql.lock_active_admins)
     admins = [row[0] for row in cur.fetchall()]
@@ -42,46 +43,55 @@ def _lock_target(cur, ctx: Context, client_id: uuid.UUID) -> tuple[str, str, boo
     row = cur.fetchone()
     if row is None:
         raise NotFound(NO_SUCH_CLIENT)
-    role, status = row
-    return role, status, admins == [client_id]
+    _, name_hash, password_hash, role, status, epoch, mac = row
+    rows.check_client(ctx.kms, client_id, name_hash, password_hash, role, status, epoch, mac)
+    target = {"client_id": client_id, "name_hash": None if name_hash is None else bytes(name_hash),
+              "password_hash": password_hash, "role": role, "status": status, "session_epoch": epoch}
+    return target, admins == [client_id]
+
+
+def _update(cur, ctx: Context, target: dict, *, revoke_sessions: bool, **changes):
+    """Write the client's new state with its MAC; a new session epoch ends every session it has."""
+    row = {**target, **changes}
+    if revoke_sessions:
+        row["session_epoch"] = target["session_epoch"] + 1
+    row["row_mac"] = rows.client_mac(ctx.kms, row["client_id"], row["name_hash"], row["password_hash"], row["role"],
+                                     row["status"], row["session_epoch"])
+    cur.execute(db.sql.update_client, row)
 
 
 def set_role(ctx: Context, client_id: uuid.UUID, role: str):
     with db.transaction(ctx.conn) as cur:
-        current, _, last_admin = _lock_target(cur, ctx, client_id)
-        if current == role:
+        target, last_admin = _lock_target(cur, ctx, client_id)
+        if target["role"] == role:
             return
         if last_admin:
             raise Conflict(LAST_ADMIN, code="last_admin")
-        cur.execute(db.sql.set_client_role, {"client_id": client_id, "role": role})
-        cur.execute(db.sql.revoke_client_sessions, {"client_id": client_id})
+        _update(cur, ctx, target, role=role, revoke_sessions=True)
         record(cur, ctx, "client.role_change", target=str(client_id))
 
 
 def set_enabled(ctx: Context, client_id: uuid.UUID, enabled: bool):
     status = "active" if enabled else "disabled"
     with db.transaction(ctx.conn) as cur:
-        _, current, last_admin = _lock_target(cur, ctx, client_id)
-        if current == status:
+        target, last_admin = _lock_target(cur, ctx, client_id)
+        if target["status"] == status:
             return
-        if not enabled:
-            if last_admin:
-                raise Conflict(LAST_ADMIN, code="last_admin")
-            cur.execute(db.sql.revoke_client_sessions, {"client_id": client_id})
-        cur.execute(db.sql.set_client_status, {"client_id": client_id, "status": status})
+        if not enabled and last_admin:
+            raise Conflict(LAST_ADMIN, code="last_admin")
+        _update(cur, ctx, target, status=status, revoke_sessions=not enabled)
         record(cur, ctx, "client.enable" if enabled else "client.disable", target=str(client_id))
 
 
 def delete_client(ctx: Context, client_id: uuid.UUID):
     """Revoke its tokens, free its name, schedule its keys for deletion."""
-    wait = timedelta(milliseconds=ctx.kms.settings.key_deletion_wait_ms)
+    from kms.keys.service import schedule_owner_keys_deletion
     with db.transaction(ctx.conn) as cur:
-        _, _, last_admin = _lock_target(cur, ctx, client_id)
+        target, last_admin = _lock_target(cur, ctx, client_id)
         if last_admin:
             raise Conflict(LAST_ADMIN, code="last_admin")
-        cur.execute(db.sql.revoke_client_sessions, {"client_id": client_id})
-        cur.execute(db.sql.delete_client, {"client_id": client_id})
-        cur.execute(db.sql.schedule_client_keys_deletion, {"client_id": client_id, "wait": wait})
+        _update(cur, ctx, target, status="deleted", name_hash=None, revoke_sessions=True)
+        schedule_owner_keys_deletion(cur, ctx, client_id)
         record(cur, ctx, "client.delete", target=str(client_id))
 
 

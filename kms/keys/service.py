@@ -8,11 +8,11 @@ import uuid
 from datetime import timedelta
 from typing import NamedTuple
 
-from kms import crypto, db
+from kms import crypto, db, rows
 from kms.audit.service import new_event, record, record_alone
-from kms.auth.access import TOKEN_NOT_LIVE, authenticate
+from kms.auth.access import TOKEN_NOT_LIVE, authenticate, caller_from_row
 from kms.context import Context
-from kms.errors import Conflict, Gone, NotFound, StoredDataCorrupt, Unauthorized
+from kms.errors import Conflict, Gone, IntegrityFailure, NotFound, StoredDataCorrupt, Unauthorized
 from kms.timefmt import rfc3339_from_now
 
 log = logging.getLogger("kms.keys")
@@ -47,13 +47,38 @@ def _address(ctx: Context, reference: str) -> tuple[uuid.UUID, bytes]:
     return owner_id, hash_key_reference(ctx.kms, owner_id, reference)
 
 
-def _lock_key(cur, owner_id: uuid.UUID, ref_hash: bytes) -> tuple[int, int]:
-    """Lock the caller's live key row (rotations queue here); its id and current version."""
-    cur.execute(db.sql.lock_key, {"client_id": owner_id, "ref_hash": ref_hash})
+class KeyRow(NamedTuple):
+    """A key row's MAC'd columns (kms.rows), checked: which version is current, which are retired."""
+    key_id: int
+    client_id: uuid.UUID
+    ref_hash: bytes
+    current_version: int
+    retired_below: int
+    deleted: bool
+    rotation_period_ms: int | None
+
+
+def _checked_key(ctx: Context, row) -> KeyRow:
+    key = KeyRow(row[0], row[1], bytes(row[2]), *row[3:7])
+    rows.check_key(ctx.kms, *key, row[7])
+    return key
+
+
+def _lock_key(cur, ctx: Context, owner_id: uuid.UUID, ref_hash: bytes, *, deleted: bool = False) -> KeyRow:
+    """Lock the caller's key row (rotations queue here) and check its MAC."""
+    cur.execute(db.sql.lock_key, {"client_id": owner_id, "ref_hash": ref_hash, "deleted": deleted})
     row = cur.fetchone()
     if row is None:
         raise NotFound(NO_SUCH_KEY)
-    return row
+    return _checked_key(ctx, row)
+
+
+def _write_key(cur, ctx: Context, key: KeyRow, **changes) -> KeyRow:
+    key = key._replace(**changes)
+    cur.execute(db.sql.update_key, {
+        **key._asdict(), "row_mac": rows.key_mac(ctx.kms, *key),
+        "wait": timedelta(milliseconds=ctx.kms.settings.key_deletion_wait_ms)})
+    return key
 
 
 def _expires_at(ctx: Context) -> str:
@@ -65,6 +90,8 @@ def _material(ctx: Context, dek: bytes, version: int) -> KeyMaterial:
 
 
 def _unwrap(ctx: Context, key_id: int, owner_id, ref_hash: bytes, version: int, kek_version: int, wrapped) -> bytes:
+    if wrapped is None:  # the version row the key row names is gone
+        raise IntegrityFailure("keys", key_id)
     try:
         return ctx.kms.keyring.unwrap_dek(bytes(wrapped), owner_id, ref_hash, version, kek_version)
     except crypto.IntegrityError:
@@ -73,15 +100,17 @@ def _unwrap(ctx: Context, key_id: int, owner_id, ref_hash: bytes, version: int, 
         raise StoredDataCorrupt() from None
 
 
-def _add_version(cur, ctx: Context, key_id: int, owner_id, ref_hash: bytes, version: int) -> KeyMaterial:
-    """Make `version` the key's one in-use version (the caller holds the key's row lock)."""
+def _add_version(cur, ctx: Context, key: KeyRow) -> KeyMaterial:
+    """Make a new version the key's current one (the caller holds the key's row lock) and write
+    the key row with its MAC."""
+    version = key.current_version + 1 if key.current_version else 1
     dek = crypto.new_dek()
-    wrapped, kek_version = ctx.kms.keyring.wrap_dek(dek, owner_id, ref_hash, version)
-    params = {"key_id": key_id, "version": version, "kek_version": kek_version, "wrapped_dek": wrapped}
+    wrapped, kek_version = ctx.kms.keyring.wrap_dek(dek, key.client_id, key.ref_hash, version)
+    params = {"key_id": key.key_id, "version": version, "kek_version": kek_version, "wrapped_dek": wrapped}
     if version > 1:
-        cur.execute(db.sql.deprecate_in_use_version, params)
-        cur.execute(db.sql.set_current_version, params)
+        cur.execute(db.sql.deprecate_in_use_version, params)  # for listings; decisions read the key row
     cur.execute(db.sql.insert_key_version, params)
+    _write_key(cur, ctx, key, current_version=version)
     return _material(ctx, dek, version)
 
 
@@ -98,14 +127,15 @@ def generate_key(ctx: Context, reference: str) -> KeyMaterial:
         row = cur.fetchone()
         if row is None:
             raise Conflict("A key with that reference exists (or its deletion is pending).", code="key_exists")
-        material = _add_version(cur, ctx, row[0], owner_id, ref_hash, 1)
+        material = _add_version(cur, ctx, KeyRow(row[0], owner_id, ref_hash, 0, 1, False, None))
         record(cur, ctx, "key.generate", target=ref_hash.hex(), version=1)
     return material
 
 
 def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[KeyMaterial, KeyMaterial]:
     """(decryptWith, encryptWith). One statement, one round trip: it checks the token, reads both
-    versions and writes the audit record of a successful look-up."""
+    versions and writes the audit record of a successful look-up. Nothing read is believed before
+    its row's MAC checks out."""
     owner_id, ref_hash = _address(ctx, reference)
     target = ref_hash.hex()
     params = new_event(ctx, "key.lookup", "success", target=target, version=version)
@@ -118,7 +148,13 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
         row = cur.fetchone()
     if row is None:
         raise Unauthorized(TOKEN_NOT_LIVE)
-    key_id, rotation_due, cur_version, cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome = row
+    caller_from_row(ctx.kms, row[:13])
+    key_id, current, retired_below, period, key_mac, newest, rotation_due, cur_kek, cur_wrapped, \
+        req_version, req_kek, req_wrapped, outcome = row[13:]
+    if key_id is not None:
+        rows.check_key(ctx.kms, key_id, owner_id, ref_hash, current, retired_below, False, period, key_mac)
+        if newest != current:  # the key row was put back from an older copy
+            raise IntegrityFailure("keys", key_id)
     if outcome != "success":
         if ctx.kms.settings.audit_key_lookups:
             record_alone(ctx, "key.lookup", outcome, target=target, version=version)
@@ -128,8 +164,7 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
 
     encrypt_with = _rotate_if_due(ctx, key_id) if rotation_due else None
     if encrypt_with is None:
-        encrypt_with = _material(ctx, _unwrap(ctx, key_id, owner_id, ref_hash, cur_version, cur_kek, cur_wrapped),
-                                 cur_version)
+        encrypt_with = _material(ctx, _unwrap(ctx, key_id, owner_id, ref_hash, current, cur_kek, cur_wrapped), current)
     if version is None or version == encrypt_with.version:
         return encrypt_with, encrypt_with
     decrypt_with = KeyMaterial(_unwrap(ctx, key_id, owner_id, ref_hash, req_version, req_kek, req_wrapped),
@@ -143,11 +178,11 @@ def _rotate_if_due(ctx: Context, key_id: int) -> KeyMaterial | None:
     with db.transaction(ctx.conn) as cur:
         cur.execute(db.sql.lock_key_if_free, {"key_id": key_id})
         row = cur.fetchone()
-        if row is None or not row[4]:
+        if row is None or not row[8]:
             return None
-        _, current, owner_id, ref_hash, _ = row
-        material = _add_version(cur, ctx, key_id, owner_id, bytes(ref_hash), current + 1)
-        record(cur, ctx, "key.auto_rotate", target=bytes(ref_hash).hex(), version=material.version)
+        key = _checked_key(ctx, row)
+        material = _add_version(cur, ctx, key)
+        record(cur, ctx, "key.auto_rotate", target=key.ref_hash.hex(), version=material.version)
     return material
 
 
@@ -157,8 +192,7 @@ def rotate_key(ctx: Context, reference: str) -> KeyMaterial:
     owner_id, ref_hash = _address(ctx, reference)
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
-        key_id, current = _lock_key(cur, owner_id, ref_hash)
-        material = _add_version(cur, ctx, key_id, owner_id, ref_hash, current + 1)
+        material = _add_version(cur, ctx, _lock_key(cur, ctx, owner_id, ref_hash))
         record(cur, ctx, "key.rotate", target=ref_hash.hex(), version=material.version)
     return material
 
@@ -166,29 +200,34 @@ def rotate_key(ctx: Context, reference: str) -> KeyMaterial:
 def delete_key(ctx: Context, reference: str):
     """Stop serving the key now; destroy it after KEY_DELETION_WAIT (0: now)."""
     owner_id, ref_hash = _address(ctx, reference)
-    wait = timedelta(milliseconds=ctx.kms.settings.key_deletion_wait_ms)
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
-        cur.execute(db.sql.schedule_key_deletion, {"client_id": owner_id, "ref_hash": ref_hash, "wait": wait})
-        row = cur.fetchone()
-        if row is None:
-            raise NotFound(NO_SUCH_KEY)
+        key = _write_key(cur, ctx, _lock_key(cur, ctx, owner_id, ref_hash), deleted=True)
         record(cur, ctx, "key.delete", target=ref_hash.hex())
-        if not wait:
-            cur.execute(db.sql.destroy_key, {"key_id": row[0]})
+        if not ctx.kms.settings.key_deletion_wait_ms:
+            cur.execute(db.sql.destroy_key, {"key_id": key.key_id})
             record(cur, ctx, "key.destroy", target=ref_hash.hex())
+
+
+def schedule_owner_keys_deletion(cur, ctx: Context, owner_id: uuid.UUID):
+    """In the caller's transaction: every live key of a deleted client is scheduled for deletion."""
+    cur.execute(db.sql.lock_owner_keys, {"client_id": owner_id})
+    for row in cur.fetchall():
+        _write_key(cur, ctx, _checked_key(ctx, row), deleted=True)
 
 
 def restore_key(ctx: Context, reference: str) -> dict:
     owner_id, ref_hash = _address(ctx, reference)
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
-        cur.execute(db.sql.restore_key, {"client_id": owner_id, "ref_hash": ref_hash})
-        if cur.fetchone() is None:
+        try:
+            key = _lock_key(cur, ctx, owner_id, ref_hash, deleted=True)
+        except NotFound:
             cur.execute(db.sql.key_exists, {"client_id": owner_id, "ref_hash": ref_hash})
             if cur.fetchone() is not None:
-                raise Conflict("The key is not pending deletion.", code="not_pending_deletion")
-            raise NotFound(NO_SUCH_KEY)
+                raise Conflict("The key is not pending deletion.", code="not_pending_deletion") from None
+            raise
+        _write_key(cur, ctx, key, deleted=False)
         record(cur, ctx, "key.restore", target=ref_hash.hex())
         return _metadata(cur, ctx, owner_id, ref_hash)[0]
 
@@ -198,13 +237,14 @@ def retire_versions(ctx: Context, reference: str, below_version: int) -> dict:
     owner_id, ref_hash = _address(ctx, reference)
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
-        key_id, current = _lock_key(cur, owner_id, ref_hash)
-        if below_version > current:  # a fact of the key's state, not of the request's form: 409
-            raise Conflict(f"belowVersion may be at most the current version ({current}); the in-use version "
-                           "cannot be retired.", code="version_in_use")
-        cur.execute(db.sql.retire_versions_below, {"key_id": key_id, "below": below_version})
+        key = _lock_key(cur, ctx, owner_id, ref_hash)
+        if below_version > key.current_version:  # a fact of the key's state, not of the request's form: 409
+            raise Conflict(f"belowVersion may be at most the current version ({key.current_version}); the in-use "
+                           "version cannot be retired.", code="version_in_use")
+        cur.execute(db.sql.retire_versions_below, {"key_id": key.key_id, "below": below_version})
         for (retired,) in cur.fetchall():
             record(cur, ctx, "key.retire", target=ref_hash.hex(), version=retired)
+        _write_key(cur, ctx, key, retired_below=max(key.retired_below, below_version))
         return _metadata(cur, ctx, owner_id, ref_hash)[0]
 
 
@@ -212,9 +252,7 @@ def set_rotation_period(ctx: Context, reference: str, period_ms: int | None) -> 
     owner_id, ref_hash = _address(ctx, reference)
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
-        cur.execute(db.sql.set_rotation_period, {"client_id": owner_id, "ref_hash": ref_hash, "period": period_ms})
-        if cur.fetchone() is None:
-            raise NotFound(NO_SUCH_KEY)
+        _write_key(cur, ctx, _lock_key(cur, ctx, owner_id, ref_hash), rotation_period_ms=period_ms)
         record(cur, ctx, "key.set_rotation_period", target=ref_hash.hex())
         return _metadata(cur, ctx, owner_id, ref_hash)[0]
 

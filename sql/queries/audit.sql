@@ -28,22 +28,41 @@ SELECT pg_try_advisory_xact_lock(7100002);
 SELECT pg_advisory_xact_lock(7100002);
 
 -- name: audit_chain_head
-SELECT chain_pos, chain_hash FROM audit_events
-WHERE chain_pos IS NOT NULL ORDER BY chain_pos DESC LIMIT 1;
+-- The chain's last two rows: the head, and the one whose hash the head's must follow from.
+SELECT chain_pos, chain_hash, seq, txid::text, row_mac, chain_format FROM audit_events
+WHERE chain_pos IS NOT NULL ORDER BY chain_pos DESC LIMIT 2;
+
+-- name: audit_chain_hash_at
+SELECT chain_hash FROM audit_events WHERE chain_pos = %(position)s;
+
+-- name: audit_seal_horizon
+-- Every transaction below this id has ended: no row of theirs can still appear.
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text;
+
+-- name: unsealed_behind_head
+-- A row no sealer ever saw, from a transaction older than the chain's head: written out of band,
+-- or its chain was taken off it. Such a row is never chained.
+SELECT min(seq) FROM audit_events WHERE chain_pos IS NULL AND txid < %(txid)s::xid8;
 
 -- name: unsealed_audit_events
--- Chaining needs only each row's MAC, which covers the rest of the row.
-SELECT seq, row_mac FROM audit_events WHERE chain_pos IS NULL ORDER BY seq LIMIT %(limit)s;
+-- Chaining needs only each row's seq, transaction and MAC (which covers the rest of the row), in
+-- the order their transactions began, and only from transactions that have ended.
+SELECT seq, txid::text, row_mac FROM audit_events
+WHERE chain_pos IS NULL AND txid < %(horizon)s::xid8
+ORDER BY txid, seq LIMIT %(limit)s;
+
+-- name: unsealed_audit_summary
+SELECT count(*), extract(epoch FROM now() - min(at)) FROM audit_events WHERE chain_pos IS NULL;
 
 -- name: seal_audit_events
 -- A whole batch in one statement: the i-th seq gets the i-th chain position and hash.
-UPDATE audit_events e SET chain_pos = batch.chain_pos, chain_hash = batch.chain_hash
+UPDATE audit_events e SET chain_pos = batch.chain_pos, chain_hash = batch.chain_hash, chain_format = 2
 FROM unnest(%(seqs)s::bigint[], %(positions)s::bigint[], %(hashes)s::bytea[]) AS batch (seq, chain_pos, chain_hash)
 WHERE e.seq = batch.seq;
 
 -- name: sealed_audit_chain
 SELECT seq, event_id, at, actor, action, target, version, outcome, request_id, source_ip, repeats, row_mac,
-       chain_pos, chain_hash
+       chain_pos, chain_hash, txid::text, chain_format
 FROM audit_events WHERE chain_pos > %(after_pos)s ORDER BY chain_pos LIMIT %(limit)s;
 
 -- name: relax_commit_durability

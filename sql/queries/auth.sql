@@ -1,47 +1,48 @@
 -- name: authenticate
 -- The check behind every authenticated request: the token's session is live and its client
--- active. Role comes from the client's row, never from the token.
-SELECT c.id, c.role
+-- active. Role comes from the client's row, never from the token. Both rows come with what their
+-- MACs cover (kms.rows), and the service checks them before it believes any of it.
+SELECT s.jti, s.client_id, s.expires_at, s.epoch, s.revoked_at IS NOT NULL, s.row_mac,
+       c.id, c.name_hash, c.password_hash, c.role, c.status, c.session_epoch, c.row_mac
 FROM sessions s JOIN clients c ON c.id = s.client_id
 WHERE s.jti = %(jti)s AND s.client_id = %(client_id)s
-  AND s.revoked_at IS NULL AND s.expires_at > now() AND c.status = 'active';
+  AND s.revoked_at IS NULL AND s.expires_at > now() AND c.status = 'active' AND s.epoch = c.session_epoch;
 
 -- name: insert_session
-INSERT INTO sessions (jti, client_id, expires_at) VALUES (%(jti)s, %(client_id)s, %(expires_at)s);
+INSERT INTO sessions (jti, client_id, expires_at, epoch, row_mac)
+VALUES (%(jti)s, %(client_id)s, %(expires_at)s, %(epoch)s, %(row_mac)s);
 
 -- name: revoke_session
-UPDATE sessions SET revoked_at = now() WHERE jti = %(jti)s AND revoked_at IS NULL;
-
--- name: revoke_client_sessions
-UPDATE sessions SET revoked_at = now() WHERE client_id = %(client_id)s AND revoked_at IS NULL;
+UPDATE sessions SET revoked_at = now(), row_mac = %(row_mac)s WHERE jti = %(jti)s AND revoked_at IS NULL;
 
 -- name: insert_signup_token
-INSERT INTO signup_tokens (id, token_hash, name_hash, name_enc, role, expires_at, issued_by)
-VALUES (%(id)s, %(token_hash)s, %(name_hash)s, %(name_enc)s, %(role)s, %(expires_at)s, %(issued_by)s);
+INSERT INTO signup_tokens (id, token_hash, name_hash, name_enc, role, expires_at, issued_by, row_mac)
+VALUES (%(id)s, %(token_hash)s, %(name_hash)s, %(name_enc)s, %(role)s, %(expires_at)s, %(issued_by)s, %(row_mac)s);
 
 -- name: find_usable_signup_token
 SELECT id FROM signup_tokens
 WHERE token_hash = %(token_hash)s AND used_at IS NULL AND expires_at > now();
 
--- name: consume_signup_token
+-- name: lock_usable_signup_token
 -- SKIP LOCKED: a second signup racing with the same token does not wait, it finds nothing.
-UPDATE signup_tokens SET used_at = now()
-WHERE id = (SELECT id FROM signup_tokens
-            WHERE token_hash = %(token_hash)s AND used_at IS NULL AND expires_at > now()
-            FOR UPDATE SKIP LOCKED)
-RETURNING id, name_hash, name_enc, role;
+SELECT id, token_hash, name_hash, name_enc, role, expires_at, row_mac FROM signup_tokens
+WHERE token_hash = %(token_hash)s AND used_at IS NULL AND expires_at > now()
+FOR UPDATE SKIP LOCKED;
+
+-- name: use_signup_token
+UPDATE signup_tokens SET used_at = now(), row_mac = %(row_mac)s WHERE id = %(id)s;
 
 -- name: client_exists
 SELECT 1 FROM clients WHERE name_hash = %(name_hash)s;
 
 -- name: insert_client
-INSERT INTO clients (id, name_hash, name_enc, password_hash, role)
-VALUES (%(id)s, %(name_hash)s, %(name_enc)s, %(password_hash)s, %(role)s)
+INSERT INTO clients (id, name_hash, name_enc, password_hash, role, row_mac)
+VALUES (%(id)s, %(name_hash)s, %(name_enc)s, %(password_hash)s, %(role)s, %(row_mac)s)
 ON CONFLICT (name_hash) DO NOTHING
 RETURNING id;
 
 -- name: client_for_login
-SELECT id, password_hash, role, status FROM clients WHERE name_hash = %(name_hash)s;
+SELECT id, name_hash, password_hash, role, status, session_epoch, row_mac FROM clients WHERE name_hash = %(name_hash)s;
 
 -- name: record_login
 UPDATE clients SET last_login_at = now() WHERE id = %(client_id)s;

@@ -3,20 +3,18 @@ SELECT id, name_enc, role, status, created_at, last_login_at
 FROM clients WHERE status <> 'deleted' ORDER BY created_at, id;
 
 -- name: lock_client
-SELECT role, status FROM clients WHERE id = %(client_id)s AND status <> 'deleted' FOR UPDATE;
+SELECT id, name_hash, password_hash, role, status, session_epoch, row_mac
+FROM clients WHERE id = %(client_id)s AND status <> 'deleted' FOR UPDATE;
 
 -- name: lock_active_admins
 -- Serialises demoting, disabling and deleting admins, so two admins cannot remove each other at once.
 SELECT id FROM clients WHERE role = 'admin' AND status = 'active' ORDER BY id FOR UPDATE;
 
--- name: set_client_role
-UPDATE clients SET role = %(role)s WHERE id = %(client_id)s;
-
--- name: set_client_status
-UPDATE clients SET status = %(status)s WHERE id = %(client_id)s;
-
--- name: delete_client
-UPDATE clients SET status = 'deleted', name_hash = NULL WHERE id = %(client_id)s;
+-- name: update_client
+-- Every change of what a client may do writes its MAC anew (kms.rows).
+UPDATE clients SET name_hash = %(name_hash)s, role = %(role)s, status = %(status)s,
+                   session_epoch = %(session_epoch)s, row_mac = %(row_mac)s
+WHERE id = %(client_id)s;
 
 -- name: purge_deleted_clients
 DELETE FROM clients c WHERE c.status = 'deleted'

@@ -3,25 +3,32 @@
 -- the requested one, and the audit record of a successful look-up. Its MAC is made beforehand over
 -- the same values: action 'key.lookup', outcome 'success', the caller as actor and the hashed
 -- reference in hex as target. The service records refusals itself.
+-- Session, client and key rows come with what their MACs cover; the service checks them before
+-- it believes any of it (kms.rows). Which version is current and which are retired is read off
+-- the key row, never off key_versions.state, and newest_version (the primary key's last entry)
+-- shows whether the key row was put back from an older copy.
 -- No row at all means the token is not live; outcome says what the caller gets.
 WITH caller AS (
-    SELECT c.id
+    SELECT s.jti, s.client_id AS s_client, s.expires_at, s.epoch, s.revoked_at IS NOT NULL AS revoked,
+           s.row_mac AS s_mac, c.id, c.name_hash, c.password_hash, c.role, c.status, c.session_epoch,
+           c.row_mac AS c_mac
     FROM sessions s JOIN clients c ON c.id = s.client_id
     WHERE s.jti = %(jti)s AND s.client_id = %(client_id)s
-      AND s.revoked_at IS NULL AND s.expires_at > now() AND c.status = 'active'
+      AND s.revoked_at IS NULL AND s.expires_at > now() AND c.status = 'active' AND s.epoch = c.session_epoch
 ), found AS (
-    SELECT k.id AS key_id,
+    SELECT caller.*, k.id AS key_id, k.current_version, k.retired_below, k.rotation_period_ms,
+           k.row_mac AS k_mac,
+           (SELECT max(v.version) FROM key_versions v WHERE v.key_id = k.id) AS newest_version,
            k.rotation_period_ms IS NOT NULL
              AND cur.created_at + k.rotation_period_ms * interval '1 millisecond' <= now() AS rotation_due,
-           cur.version AS cur_version, cur.kek_version AS cur_kek, cur.wrapped_dek AS cur_wrapped,
-           req.version AS req_version, req.state AS req_state, req.kek_version AS req_kek,
-           req.wrapped_dek AS req_wrapped,
+           cur.kek_version AS cur_kek, cur.wrapped_dek AS cur_wrapped,
+           req.version AS req_version, req.kek_version AS req_kek, req.wrapped_dek AS req_wrapped,
            CASE WHEN k.id IS NULL OR (%(version)s::integer IS NOT NULL AND req.version IS NULL) THEN 'not_found'
-                WHEN req.state = 'retired' THEN 'gone'
+                WHEN %(version)s::integer < k.retired_below THEN 'gone'
                 ELSE 'success' END AS outcome
     FROM caller
     LEFT JOIN keys k ON k.client_id = caller.id AND k.ref_hash = %(ref_hash)s AND k.deleted_at IS NULL
-    LEFT JOIN key_versions cur ON cur.key_id = k.id AND cur.state = 'in-use'
+    LEFT JOIN key_versions cur ON cur.key_id = k.id AND cur.version = k.current_version
     LEFT JOIN key_versions req ON req.key_id = k.id AND req.version = %(version)s::integer
 ), audited AS (
     INSERT INTO audit_events (event_id, at, actor, action, target, version, outcome, request_id, source_ip, row_mac)
@@ -29,7 +36,9 @@ WITH caller AS (
            %(version)s::integer, 'success', %(request_id)s::uuid, %(source_ip)s::text, %(row_mac)s::bytea
     FROM found WHERE outcome = 'success' AND %(audit)s::boolean
 )
-SELECT key_id, rotation_due, cur_version, cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome
+SELECT jti, s_client, expires_at, epoch, revoked, s_mac, id, name_hash, password_hash, role, status, session_epoch,
+       c_mac, key_id, current_version, retired_below, rotation_period_ms, k_mac, newest_version, rotation_due,
+       cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome
 FROM found;
 
 -- name: lock_generate
@@ -42,59 +51,56 @@ INSERT INTO keys (client_id, ref_hash, ref_enc) VALUES (%(client_id)s, %(ref_has
 ON CONFLICT (client_id, ref_hash) DO NOTHING
 RETURNING id;
 
+-- name: update_key
+-- Every change of what a key serves writes its MAC anew (kms.rows).
+UPDATE keys SET current_version = %(current_version)s, retired_below = %(retired_below)s,
+                rotation_period_ms = %(rotation_period_ms)s, row_mac = %(row_mac)s,
+                deleted_at = CASE WHEN %(deleted)s THEN coalesce(deleted_at, now()) END,
+                destroy_after = CASE WHEN %(deleted)s THEN coalesce(destroy_after, now() + %(wait)s) END
+WHERE id = %(key_id)s;
+
 -- name: insert_key_version
 INSERT INTO key_versions (key_id, version, state, kek_version, wrapped_dek)
 VALUES (%(key_id)s, %(version)s, 'in-use', %(kek_version)s, %(wrapped_dek)s);
 
 -- name: lock_key
-SELECT id, current_version FROM keys
-WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s AND deleted_at IS NULL
+-- The caller's key row with what its MAC covers (kms.rows), locked: rotations queue here.
+SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL, rotation_period_ms, row_mac
+FROM keys
+WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s AND (deleted_at IS NULL) <> %(deleted)s
 FOR UPDATE;
 
 -- name: lock_key_if_free
-SELECT k.id, k.current_version, k.client_id, k.ref_hash,
+SELECT k.id, k.client_id, k.ref_hash, k.current_version, k.retired_below, false, k.rotation_period_ms, k.row_mac,
        k.rotation_period_ms IS NOT NULL
          AND v.created_at + k.rotation_period_ms * interval '1 millisecond' <= now() AS due
-FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.state = 'in-use'
+FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.version = k.current_version
 WHERE k.id = %(key_id)s AND k.deleted_at IS NULL
 FOR UPDATE OF k SKIP LOCKED;
 
+-- name: lock_owner_keys
+SELECT id, client_id, ref_hash, current_version, retired_below, false, rotation_period_ms, row_mac
+FROM keys WHERE client_id = %(client_id)s AND deleted_at IS NULL
+ORDER BY id FOR UPDATE;
+
 -- name: deprecate_in_use_version
 UPDATE key_versions SET state = 'deprecated' WHERE key_id = %(key_id)s AND state = 'in-use';
-
--- name: set_current_version
-UPDATE keys SET current_version = %(version)s WHERE id = %(key_id)s;
 
 -- name: retire_versions_below
 UPDATE key_versions SET state = 'retired', wrapped_dek = NULL, kek_version = NULL
 WHERE key_id = %(key_id)s AND version < %(below)s AND state <> 'retired'
 RETURNING version;
 
--- name: schedule_key_deletion
-UPDATE keys SET deleted_at = now(), destroy_after = now() + %(wait)s
-WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s AND deleted_at IS NULL
-RETURNING id, destroy_after;
-
 -- name: destroy_key
 DELETE FROM keys WHERE id = %(key_id)s;
-
--- name: restore_key
-UPDATE keys SET deleted_at = NULL, destroy_after = NULL
-WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s AND deleted_at IS NOT NULL
-RETURNING id;
 
 -- name: key_exists
 SELECT deleted_at IS NOT NULL FROM keys WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s;
 
--- name: set_rotation_period
-UPDATE keys SET rotation_period_ms = %(period)s
-WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s AND deleted_at IS NULL
-RETURNING id;
-
 -- name: key_metadata
 SELECT k.ref_hash, k.ref_enc, k.current_version, k.rotation_period_ms, k.created_at, v.created_at,
        k.destroy_after
-FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.state = 'in-use'
+FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.version = k.current_version
 WHERE k.client_id = %(client_id)s AND (%(ref_hash)s::bytea IS NULL OR k.ref_hash = %(ref_hash)s)
 ORDER BY k.created_at, k.id;
 
@@ -105,7 +111,7 @@ WHERE k.client_id = %(client_id)s AND k.ref_hash = %(ref_hash)s AND k.deleted_at
 ORDER BY v.version;
 
 -- name: keys_due_for_rotation
-SELECT k.id FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.state = 'in-use'
+SELECT k.id FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.version = k.current_version
 WHERE k.rotation_period_ms IS NOT NULL AND k.deleted_at IS NULL
   AND v.created_at + k.rotation_period_ms * interval '1 millisecond' <= now();
 
@@ -114,10 +120,6 @@ DELETE FROM keys WHERE id IN (
     SELECT id FROM keys WHERE destroy_after <= now() ORDER BY destroy_after LIMIT 1000
     FOR UPDATE SKIP LOCKED)
 RETURNING client_id, ref_hash;
-
--- name: schedule_client_keys_deletion
-UPDATE keys SET deleted_at = now(), destroy_after = now() + %(wait)s
-WHERE client_id = %(client_id)s AND deleted_at IS NULL;
 
 -- name: kek_usage
 SELECT kek_version, count(*) FROM key_versions WHERE wrapped_dek IS NOT NULL
