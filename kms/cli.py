@@ -170,14 +170,17 @@ def audit():
 @audit.command("seal")
 def audit_seal():
     """Seal pending events into the hash chain."""
-    from kms.audit.service import ChainTampered, flush_refusals, seal_pending
+    from kms.audit.service import ChainTampered, flush_refusals, read_head_file, seal_pending, write_head_file
     with cli_context() as ctx:
         flush_refusals(ctx)
+        head_file = ctx.kms.settings.audit_head_file
         try:
-            count, head = seal_pending(ctx.conn, ctx.kms.audit_key, wait=True)
+            count, head = seal_pending(ctx.conn, ctx.kms.audit_key, wait=True, known=read_head_file(head_file))
         except ChainTampered as tampered:
             click.echo(f"audit chain tampered with at seq {tampered.seq}: {tampered.problem}; nothing sealed", err=True)
             sys.exit(EXIT_INTEGRITY)
+        if head is not None and head_file:
+            write_head_file(head_file, head)
     click.echo(f"sealed {count} events; head {head or 'none (empty chain)'}")
 
 
@@ -185,19 +188,21 @@ def _parse_head(_ctx, _param, value):
     from kms.audit.service import ChainHead
     if value is None:
         return None
-    match = re.fullmatch(r"(\d+):([0-9a-fA-F]{64})", value.strip())
-    if not match:
+    try:
+        return ChainHead.parse(value)
+    except ValueError:
         raise click.BadParameter("POSITION:MAC, as the server logs it (`audit chain head`) or /metrics shows it")
-    return ChainHead(int(match.group(1)), bytes.fromhex(match.group(2)))
 
 
 @audit.command("verify")
 @click.option("--head", callback=_parse_head, metavar="POSITION:MAC",
-              help="A chain head recorded outside the database; the chain must still contain it.")
+              help="A chain head recorded outside the database; the chain must still contain it "
+                   "(default: the one in AUDIT_HEAD_FILE, if set).")
 def audit_verify(head):
     """Seal what is pending, walk the chain, exit 1 naming the first bad row."""
-    from kms.audit.service import flush_refusals, record_alone, verify_chain
+    from kms.audit.service import flush_refusals, read_head_file, record_alone, verify_chain
     with cli_context() as ctx:
+        head = head or read_head_file(ctx.kms.settings.audit_head_file)
         flush_refusals(ctx)
         result = verify_chain(ctx.conn, ctx.kms.audit_key, head)
         record_alone(ctx, "audit.verify", "success" if result.ok else "broken",

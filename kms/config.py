@@ -57,6 +57,7 @@ class Settings:
     audit_seal_interval_ms: int = 2000
     audit_key_lookups: bool = True
     legacy_signup_tokens: bool = True
+    audit_head_file: str | None = None
     dek_cache_ms: int = 5 * 60 * 1000
 
     def __repr__(self):  # never print secrets, even by accident
@@ -192,6 +193,7 @@ def load_settings(env: Mapping | None = None) -> Settings:
         audit_seal_interval_ms=_int(env, "AUDIT_SEAL_INTERVAL", 2000),
         audit_key_lookups=_bool(env, "AUDIT_KEY_LOOKUPS", True),
         legacy_signup_tokens=_bool(env, "LEGACY_SIGNUP_TOKENS", True),
+        audit_head_file=(env.get("AUDIT_HEAD_FILE") or "").strip() or None,
     )
 
 

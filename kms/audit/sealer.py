@@ -3,7 +3,8 @@ import logging
 import threading
 
 from kms import db
-from kms.audit.service import ChainTampered, flush_refusals, record_alone, seal_pending, unsealed_summary
+from kms.audit.service import (ChainTampered, flush_refusals, read_head_file, record_alone, seal_pending,
+                               unsealed_summary, write_head_file)
 from kms.context import Context
 
 log = logging.getLogger("kms.audit")
@@ -20,7 +21,9 @@ class Sealer(threading.Thread):
         self.kms = kms
         self.interval = kms.settings.audit_seal_interval_ms / 1000
         self.stopping = threading.Event()
-        self.head = None
+        # A head recorded outside the database survives a restart: a chain re-written meanwhile
+        # does not contain it, and is not built upon.
+        self.head = read_head_file(kms.settings.audit_head_file)
         self.tampered = False
 
     def run(self):
@@ -56,6 +59,8 @@ class Sealer(threading.Thread):
             self.head = head
             metrics.audit_head_position.set(head.position)
             metrics.audit_head.info({"position": str(head.position), "mac": head.mac.hex()})
+            if self.kms.settings.audit_head_file:
+                write_head_file(self.kms.settings.audit_head_file, head)
             log.info("audit chain head", extra={"position": head.position, "mac": head.mac.hex(), "sealed": sealed})
         count, age = unsealed_summary(conn)
         metrics.audit_unsealed.set(count)

@@ -5,6 +5,8 @@ no change commits without its record and a rolled-back change leaves none). A si
 gives sealed events consecutive chain positions and chains their MACs; appends never wait on it.
 No secret and no raw key reference is ever written here: keys are named by their HMAC.
 """
+import os
+import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
@@ -144,6 +146,34 @@ class ChainHead:
 
     def __str__(self):  # as `audit verify --head` takes it
         return f"{self.position}:{self.mac.hex()}"
+
+    @classmethod
+    def parse(cls, text: str) -> "ChainHead":
+        match = re.fullmatch(r"(\d+):([0-9a-fA-F]{64})", text.strip())
+        if not match:
+            raise ValueError("a chain head is POSITION:MAC (64 hex digits)")
+        return cls(int(match.group(1)), bytes.fromhex(match.group(2)))
+
+
+def read_head_file(path: str | None) -> ChainHead | None:
+    """The head last written to AUDIT_HEAD_FILE (outside the database), if any."""
+    if not path:
+        return None
+    try:
+        with open(path) as file:
+            return ChainHead.parse(file.read())
+    except FileNotFoundError:
+        return None
+
+
+def write_head_file(path: str, head: ChainHead):
+    """Replace the file's content atomically: a crash leaves the old head or the new one."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as file:
+        file.write(f"{head}\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
 
 
 def _checked_head(cur, key: bytes, known: ChainHead | None) -> tuple[int, bytes, int]:
