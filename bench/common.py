@@ -75,10 +75,10 @@ def kms_env(database_url: str, port: int, threads: int, **overrides) -> dict:
 
 
 @contextmanager
-def server_process(argv: list[str], env: dict, port: int):
+def server_process(argv: list[str], env: dict, port: int, cwd: Path = ROOT):
     """Run a server in its own process (logs to a file: they cost what they cost in production)."""
     log = tempfile.NamedTemporaryFile(prefix="kms-bench-", suffix=".log", delete=False)
-    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=log)
+    process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -114,14 +114,15 @@ def _field_bytes(value) -> bytes:
 class RowMacs:
     """MACs over database rows: `format byte || HMAC-SHA256(key, table, column values...)`.
 
-    The first column given is the row's identity. A row whose MAC does not match was written by
-    someone without DB_SECRET (or moved from another row) and must not be obeyed. Verified rows are
-    remembered by their exact content, so the hot path pays for one HMAC per distinct row, not per
-    request; the memory is bounded and holds no secret (MACs and column values already stored)."""
+    The first column is the row's identity. A row whose MAC does not match was written by someone
+    without DB_SECRET (or moved from another row) and must not be obeyed. Verified rows are
+    remembered by their exact content (columns and MAC, per table), so the hot path pays one HMAC
+    per distinct row rather than per request; the memory is bounded and holds no secret (only
+    what the database holds already)."""
 
     def __init__(self, key: bytes, remembered: int = 8192):
         self._key = key
-        self._verified: dict = {}
+        self._verified: dict[bytes, set] = {}
         self._remembered = remembered
 
     def __repr__(self):
@@ -130,22 +131,19 @@ class RowMacs:
     def mac(self, table: bytes, *columns) -> bytes:
         return ROW_MAC_V1 + keyed_hash(self._key, b"kms-row-v1:" + table, *[_field_bytes(c) for c in columns])
 
-    def verify(self, table: bytes, stored, *columns) -> bool:
-        if stored is None:
+    def verify(self, table: bytes, row: tuple) -> bool:
+        """`row` is the columns in MAC order followed by the stored MAC."""
+        seen = self._verified.get(table)
+        if seen is None:
+            seen = self._verified[table] = set()
+        if row in seen:
+            return True
+        stored = row[-1]
+        if stored is None or not hmac.compare_digest(bytes(stored), self.mac(table, *row[:-1])):
             return False
-        stored = bytes(stored)
-        memo = (table, stored, columns)
-        try:
-            if memo in self._verified:
-                return True
-        except TypeError:  # an unhashable column value (memoryview): just compute
-            memo = None
-        if not hmac.compare_digest(stored, self.mac(table, *columns)):
-            return False
-        if memo is not None:
-            if len(self._verified) >= self._remembered:
-                self._verified.clear()
-            self._verified[memo] = True
+        if len(seen) >= self._remembered:
+            seen.clear()
+        seen.add(row)
         return True
 
 

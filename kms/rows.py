@@ -17,48 +17,45 @@ CLIENTS, SESSIONS, SIGNUP_TOKENS, KEYS = b"clients", b"sessions", b"signup_token
 
 
 def client_mac(kms, client_id, name_hash, password_hash, role, status, session_epoch) -> bytes:
-    return kms.keyring.rows.mac(CLIENTS, client_id, _b(name_hash), password_hash, role, status, session_epoch)
+    return kms.keyring.rows.mac(CLIENTS, client_id, name_hash, password_hash, role, status, session_epoch)
 
 
-def check_client(kms, client_id, name_hash, password_hash, role, status, session_epoch, mac, *, status_code=500):
-    if not kms.keyring.rows.verify(CLIENTS, mac, client_id, _b(name_hash), password_hash, role, status,
-                                   session_epoch):
-        raise IntegrityFailure("clients", client_id, status_code)
+def check_client(kms, row: tuple, *, status_code=500):
+    """row: (id, name_hash, password_hash, role, status, session_epoch, row_mac)."""
+    if not kms.keyring.rows.verify(CLIENTS, row):
+        raise IntegrityFailure("clients", row[0], status_code)
 
 
 def session_mac(kms, jti, client_id, expires_at, epoch, revoked: bool) -> bytes:
     return kms.keyring.rows.mac(SESSIONS, jti, client_id, expires_at, epoch, revoked)
 
 
-def check_session(kms, jti, client_id, expires_at, epoch, revoked, mac):
-    if not kms.keyring.rows.verify(SESSIONS, mac, jti, client_id, expires_at, epoch, revoked):
-        raise IntegrityFailure("sessions", jti, 401)
+def check_session(kms, row: tuple):
+    """row: (jti, client_id, expires_at, epoch, revoked, row_mac)."""
+    if not kms.keyring.rows.verify(SESSIONS, row):
+        raise IntegrityFailure("sessions", row[0], 401)
 
 
 def signup_token_mac(kms, token_id, token_hash, name_hash, role, expires_at, used: bool) -> bytes:
-    return kms.keyring.rows.mac(SIGNUP_TOKENS, token_id, _b(token_hash), _b(name_hash), role, expires_at, used)
+    return kms.keyring.rows.mac(SIGNUP_TOKENS, token_id, token_hash, name_hash, role, expires_at, used)
 
 
-def check_signup_token(kms, token_id, token_hash, name_hash, role, expires_at, used, mac):
-    if not kms.keyring.rows.verify(SIGNUP_TOKENS, mac, token_id, _b(token_hash), _b(name_hash), role, expires_at,
-                                   used):
-        raise IntegrityFailure("signup_tokens", token_id, 401)
+def check_signup_token(kms, row: tuple):
+    """row: (id, token_hash, name_hash, role, expires_at, used, row_mac)."""
+    if not kms.keyring.rows.verify(SIGNUP_TOKENS, row):
+        raise IntegrityFailure("signup_tokens", row[0], 401)
 
 
 def key_mac(kms, key_id, client_id, ref_hash, current_version, retired_below, deleted: bool,
             rotation_period_ms) -> bytes:
-    return kms.keyring.rows.mac(KEYS, key_id, client_id, _b(ref_hash), current_version, retired_below, deleted,
+    return kms.keyring.rows.mac(KEYS, key_id, client_id, ref_hash, current_version, retired_below, deleted,
                                 rotation_period_ms)
 
 
-def check_key(kms, key_id, client_id, ref_hash, current_version, retired_below, deleted, rotation_period_ms, mac):
-    if not kms.keyring.rows.verify(KEYS, mac, key_id, client_id, _b(ref_hash), current_version, retired_below,
-                                   deleted, rotation_period_ms):
-        raise IntegrityFailure("keys", key_id, 500)
-
-
-def _b(value):
-    return None if value is None else bytes(value)
+def check_key(kms, row: tuple):
+    """row: (id, client_id, ref_hash, current_version, retired_below, deleted, rotation_period_ms, row_mac)."""
+    if not kms.keyring.rows.verify(KEYS, row):
+        raise IntegrityFailure("keys", row[0], 500)
 
 
 def backfill_row_macs(cur, kms) -> int:
@@ -73,7 +70,6 @@ def backfill_row_macs(cur, kms) -> int:
                                 (db.sql.keys_for_row_macs, db.sql.set_key_row_mac, key_mac)):
         cur.execute(select)
         for row in cur.fetchall():
-            cur.execute(update, {"id": row[0], "row_mac": mac(kms, *[_b(v) if isinstance(v, memoryview) else v
-                                                                    for v in row])})
+            cur.execute(update, {"id": row[0], "row_mac": mac(kms, *row)})
             written += 1
     return written

@@ -10,12 +10,10 @@ def caller_from_row(kms, row) -> Caller:
     """Believe an `authenticate`-shaped row (session columns, then client columns) only once both
     MACs check out: a forged or revived session, or a client made admin or re-enabled in the
     database, is refused (401) and reported."""
-    jti, session_client, expires_at, epoch, revoked, session_mac, \
-        client_id, name_hash, password_hash, role, status, session_epoch, client_mac = row
-    rows.check_session(kms, jti, session_client, expires_at, epoch, revoked, session_mac)
-    rows.check_client(kms, client_id, name_hash, password_hash, role, status, session_epoch, client_mac,
-                      status_code=401)
-    return Caller(id=client_id, role=role, session=(jti, session_client, expires_at, epoch))
+    session, client = row[:6], row[6:13]
+    rows.check_session(kms, session)
+    rows.check_client(kms, client, status_code=401)
+    return Caller(id=client[0], role=client[3], session=session[:4])
 
 
 def authenticate(cur, ctx: Context) -> Caller:

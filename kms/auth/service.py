@@ -98,7 +98,7 @@ def signup(ctx: Context, token: str, password: str) -> Grant:
             raise Unauthorized(SIGNUP_TOKEN_REFUSED, code="invalid_signup_token")
         token_id, stored_hash, name_hash, name_enc, role, expires_at, mac = row
         # A token row made, re-roled, re-named, extended or un-used in the database is refused.
-        rows.check_signup_token(kms, token_id, stored_hash, name_hash, role, expires_at, False, mac)
+        rows.check_signup_token(kms, (token_id, stored_hash, name_hash, role, expires_at, False, mac))
         cur.execute(db.sql.use_signup_token, {"id": token_id, "row_mac": rows.signup_token_mac(
             kms, token_id, stored_hash, name_hash, role, expires_at, True)})
         clientname = kms.keyring.decrypt_field(bytes(name_enc), b"signup-name", token_id.bytes)
@@ -211,7 +211,7 @@ def _login(ctx: Context, clientname: str, password: str) -> Grant:
                 cur.execute(db.sql.client_for_login, {"name_hash": name_hash})
                 row = cur.fetchone()
                 client_id, _, password_hash, role, status, epoch, _ = row if row else (None,) * 7
-                if row is not None and not kms.keyring.rows.verify(rows.CLIENTS, row[6], *_client_columns(row)):
+                if row is not None and not kms.keyring.rows.verify(rows.CLIENTS, row):
                     # A password hash, role or status written in the database: never obeyed, and
                     # answered like any failed login (after the same hashing work).
                     kms.passwords.verify(password, None)
@@ -258,12 +258,6 @@ def unlock_client(ctx: Context, clientname: str | None = None, client_id: uuid.U
         cur.execute(db.sql.clear_client_login_failures, {"client": name_hash.hex()})
         record(cur, ctx, "client.unlock", target=str(client_id))
     return True
-
-
-def _client_columns(row) -> tuple:
-    """A client_for_login row's MAC'd columns, in kms.rows order."""
-    client_id, name_hash, password_hash, role, status, epoch, _ = row
-    return client_id, bytes(name_hash), password_hash, role, status, epoch
 
 
 def logout(ctx: Context):

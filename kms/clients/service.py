@@ -43,9 +43,9 @@ def _lock_target(cur, ctx: Context, client_id: uuid.UUID) -> tuple[dict, bool]:
     row = cur.fetchone()
     if row is None:
         raise NotFound(NO_SUCH_CLIENT)
-    _, name_hash, password_hash, role, status, epoch, mac = row
-    rows.check_client(ctx.kms, client_id, name_hash, password_hash, role, status, epoch, mac)
-    target = {"client_id": client_id, "name_hash": None if name_hash is None else bytes(name_hash),
+    rows.check_client(ctx.kms, row)
+    _, name_hash, password_hash, role, status, epoch, _ = row
+    target = {"client_id": client_id, "name_hash": name_hash,
               "password_hash": password_hash, "role": role, "status": status, "session_epoch": epoch}
     return target, admins == [client_id]
 

@@ -59,9 +59,8 @@ class KeyRow(NamedTuple):
 
 
 def _checked_key(ctx: Context, row) -> KeyRow:
-    key = KeyRow(row[0], row[1], bytes(row[2]), *row[3:7])
-    rows.check_key(ctx.kms, *key, row[7])
-    return key
+    rows.check_key(ctx.kms, row[:8])
+    return KeyRow(*row[:7])
 
 
 def _lock_key(cur, ctx: Context, owner_id: uuid.UUID, ref_hash: bytes, *, deleted: bool = False) -> KeyRow:
@@ -152,7 +151,7 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
     key_id, current, retired_below, period, key_mac, newest, rotation_due, cur_kek, cur_wrapped, \
         req_version, req_kek, req_wrapped, outcome = row[13:]
     if key_id is not None:
-        rows.check_key(ctx.kms, key_id, owner_id, ref_hash, current, retired_below, False, period, key_mac)
+        rows.check_key(ctx.kms, (key_id, owner_id, ref_hash, current, retired_below, False, period, key_mac))
         if newest != current:  # the key row was put back from an older copy
             raise IntegrityFailure("keys", key_id)
     if outcome != "success":
