@@ -131,15 +131,18 @@ class RowMacs:
     def mac(self, table: bytes, *columns) -> bytes:
         return ROW_MAC_V1 + keyed_hash(self._key, b"kms-row-v1:" + table, *[_field_bytes(c) for c in columns])
 
-    def verify(self, table: bytes, row: tuple) -> bool:
-        """`row` is the columns in MAC order followed by the stored MAC."""
+    def verify(self, table: bytes, row: tuple, typed=None) -> bool:
+        """`row` is the columns in MAC order followed by the stored MAC. `typed`, if given, turns
+        the columns into the types the MAC was made over (for rows read with text ids)."""
         seen = self._verified.get(table)
         if seen is None:
             seen = self._verified[table] = set()
         if row in seen:
             return True
-        stored = row[-1]
-        if stored is None or not hmac.compare_digest(bytes(stored), self.mac(table, *row[:-1])):
+        stored, columns = row[-1], row[:-1]
+        if typed is not None:
+            columns = typed(columns)
+        if stored is None or not hmac.compare_digest(bytes(stored), self.mac(table, *columns)):
             return False
         if len(seen) >= self._remembered:
             seen.clear()

@@ -27,7 +27,10 @@ psycopg2.extensions.register_type(psycopg2.extensions.new_type(
     psycopg2.BINARY.values, "KMS_BYTEA", lambda value, cur: None if value is None else psycopg2.BINARY(value, cur).tobytes()))
 
 # Bound every wait on the server side so no request can hang behind another one.
-SESSION_OPTIONS = "-c statement_timeout=15000 -c lock_timeout=5000 -c idle_in_transaction_session_timeout=60000"
+SESSION_OPTIONS = (
+    "-c statement_timeout=15000 -c lock_timeout=5000 -c idle_in_transaction_session_timeout=60000"
+    " -c DateStyle=ISO"  # times read as text (the look-up's session expiry) parse as ISO 8601
+)
 
 
 class Connection(psycopg2.extensions.connection):

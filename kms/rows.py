@@ -11,6 +11,9 @@ carry their client's epoch (moved on by disable, delete, role change), keys carr
 version and the line below which versions are retired, and look-ups check that no newer version
 exists than the key row says. README's security model lists what remains.
 """
+import uuid
+from datetime import datetime
+
 from kms.errors import IntegrityFailure
 
 CLIENTS, SESSIONS, SIGNUP_TOKENS, KEYS = b"clients", b"sessions", b"signup_tokens", b"keys"
@@ -20,9 +23,9 @@ def client_mac(kms, client_id, name_hash, password_hash, role, status, session_e
     return kms.keyring.rows.mac(CLIENTS, client_id, name_hash, password_hash, role, status, session_epoch)
 
 
-def check_client(kms, row: tuple, *, status_code=500):
+def check_client(kms, row: tuple, *, status_code=500, typed=None):
     """row: (id, name_hash, password_hash, role, status, session_epoch, row_mac)."""
-    if not kms.keyring.rows.verify(CLIENTS, row):
+    if not kms.keyring.rows.verify(CLIENTS, row, typed):
         raise IntegrityFailure("clients", row[0], status_code)
 
 
@@ -30,10 +33,20 @@ def session_mac(kms, jti, client_id, expires_at, epoch, revoked: bool) -> bytes:
     return kms.keyring.rows.mac(SESSIONS, jti, client_id, expires_at, epoch, revoked)
 
 
-def check_session(kms, row: tuple):
+def check_session(kms, row: tuple, typed=None):
     """row: (jti, client_id, expires_at, epoch, revoked, row_mac)."""
-    if not kms.keyring.rows.verify(SESSIONS, row):
+    if not kms.keyring.rows.verify(SESSIONS, row, typed):
         raise IntegrityFailure("sessions", row[0], 401)
+
+
+def typed_session(columns: tuple) -> tuple:
+    """A session row read with text ids and expiry (the look-up's), as its MAC was made."""
+    jti, client_id, expires_at, epoch, revoked = columns
+    return uuid.UUID(jti), uuid.UUID(client_id), datetime.fromisoformat(expires_at), epoch, revoked
+
+
+def typed_client(columns: tuple) -> tuple:
+    return (uuid.UUID(columns[0]), *columns[1:])
 
 
 def signup_token_mac(kms, token_id, token_hash, name_hash, role, expires_at, used: bool) -> bytes:

@@ -147,7 +147,7 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
         row = cur.fetchone()
     if row is None:
         raise Unauthorized(TOKEN_NOT_LIVE)
-    caller_from_row(ctx.kms, row[:13])
+    caller_from_row(ctx.kms, row[:13], text_ids=True)
     key_id, current, retired_below, period, key_mac, newest, rotation_due, cur_kek, cur_wrapped, \
         req_version, req_kek, req_wrapped, outcome = row[13:]
     if key_id is not None:

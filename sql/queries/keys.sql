@@ -8,6 +8,8 @@
 -- the key row, never off key_versions.state, and newest_version (the primary key's last entry)
 -- shows whether the key row was put back from an older copy.
 -- No row at all means the token is not live; outcome says what the caller gets.
+-- Ids and the expiry come as text: building UUID and datetime objects cost more than the checks
+-- themselves, and a row already verified is recognised by its text (kms.rows).
 WITH caller AS (
     SELECT s.jti, s.client_id AS s_client, s.expires_at, s.epoch, s.revoked_at IS NOT NULL AS revoked,
            s.row_mac AS s_mac, c.id, c.name_hash, c.password_hash, c.role, c.status, c.session_epoch,
@@ -36,8 +38,8 @@ WITH caller AS (
            %(version)s::integer, 'success', %(request_id)s::uuid, %(source_ip)s::text, %(row_mac)s::bytea
     FROM found WHERE outcome = 'success' AND %(audit)s::boolean
 )
-SELECT jti, s_client, expires_at, epoch, revoked, s_mac, id, name_hash, password_hash, role, status, session_epoch,
-       c_mac, key_id, current_version, retired_below, rotation_period_ms, k_mac, newest_version, rotation_due,
+SELECT jti::text, s_client::text, expires_at::text, epoch, revoked, s_mac, id::text, name_hash, password_hash, role,
+       status, session_epoch, c_mac, key_id, current_version, retired_below, rotation_period_ms, k_mac, newest_version, rotation_due,
        cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome
 FROM found;
 
