@@ -122,7 +122,7 @@ class RowMacs:
 
     def __init__(self, key: bytes, remembered: int = 8192):
         self._key = key
-        self._verified: dict[bytes, set] = {}
+        self._verified: dict[bytes, dict] = {}  # table -> {MAC: the columns it was verified over}
         self._remembered = remembered
 
     def __repr__(self):
@@ -136,17 +136,16 @@ class RowMacs:
         the columns into the types the MAC was made over (for rows read with text ids)."""
         seen = self._verified.get(table)
         if seen is None:
-            seen = self._verified[table] = set()
-        if row in seen:
-            return True
+            seen = self._verified[table] = {}
         stored, columns = row[-1], row[:-1]
-        if typed is not None:
-            columns = typed(columns)
-        if stored is None or not hmac.compare_digest(bytes(stored), self.mac(table, *columns)):
+        if stored is not None and seen.get(stored) == columns:  # these very columns had this MAC
+            return True
+        typed_columns = columns if typed is None else typed(columns)
+        if stored is None or not hmac.compare_digest(bytes(stored), self.mac(table, *typed_columns)):
             return False
         if len(seen) >= self._remembered:
             seen.clear()
-        seen.add(row)
+        seen[stored] = columns
         return True
 
 

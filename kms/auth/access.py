@@ -6,14 +6,17 @@ from kms.errors import Forbidden, Unauthorized
 TOKEN_NOT_LIVE = "The token has been revoked or has expired; log in again."
 
 
-def caller_from_row(kms, row, *, text_ids: bool = False) -> Caller:
+def check_caller_row(kms, row, *, text_ids: bool = False):
     """Believe an `authenticate`-shaped row (session columns, then client columns) only once both
     MACs check out: a forged or revived session, or a client made admin or re-enabled in the
     database, is refused (401) and reported. `text_ids`: ids and expiry came as text."""
-    session, client = row[:6], row[6:13]
-    rows.check_session(kms, session, rows.typed_session if text_ids else None)
-    rows.check_client(kms, client, status_code=401, typed=rows.typed_client if text_ids else None)
-    return Caller(id=client[0], role=client[3], session=session[:4])
+    rows.check_session(kms, row[:6], rows.typed_session if text_ids else None)
+    rows.check_client(kms, row[6:13], status_code=401, typed=rows.typed_client if text_ids else None)
+
+
+def caller_from_row(kms, row) -> Caller:
+    check_caller_row(kms, row)
+    return Caller(id=row[6], role=row[9], session=row[:4])
 
 
 def authenticate(cur, ctx: Context) -> Caller:

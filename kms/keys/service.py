@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from kms import crypto, db, rows
 from kms.audit.service import new_event, record, record_alone
-from kms.auth.access import TOKEN_NOT_LIVE, authenticate, caller_from_row
+from kms.auth.access import TOKEN_NOT_LIVE, authenticate, check_caller_row
 from kms.context import Context
 from kms.errors import Conflict, Gone, IntegrityFailure, NotFound, StoredDataCorrupt, Unauthorized
 from kms.timefmt import rfc3339_from_now
@@ -147,7 +147,7 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
         row = cur.fetchone()
     if row is None:
         raise Unauthorized(TOKEN_NOT_LIVE)
-    caller_from_row(ctx.kms, row[:13], text_ids=True)
+    check_caller_row(ctx.kms, row, text_ids=True)
     key_id, current, retired_below, period, key_mac, newest, rotation_due, cur_kek, cur_wrapped, \
         req_version, req_kek, req_wrapped, outcome = row[13:]
     if key_id is not None:
