@@ -137,6 +137,8 @@ class RowMacs:
         seen = self._verified.get(table)
         if seen is None:
             seen = self._verified[table] = {}
+        if memoryview in map(type, row):  # bytea as psycopg2 reads it: unhashable, so as bytes
+            row = tuple(bytes(value) if type(value) is memoryview else value for value in row)
         stored, columns = row[-1], row[:-1]
         if stored is not None and seen.get(stored) == columns:  # these very columns had this MAC
             return True

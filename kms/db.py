@@ -22,9 +22,6 @@ QUERIES_DIR = SQL_DIR / "queries"
 MIGRATION_LOCK_ID = 7_100_001  # pg_advisory_lock key shared by every KMS process
 
 psycopg2.extras.register_uuid()
-# bytea as bytes, not memoryview: hashable (row MAC checks remember rows by content) and usable as is.
-psycopg2.extensions.register_type(psycopg2.extensions.new_type(
-    psycopg2.BINARY.values, "KMS_BYTEA", lambda value, cur: None if value is None else psycopg2.BINARY(value, cur).tobytes()))
 
 # Bound every wait on the server side so no request can hang behind another one.
 SESSION_OPTIONS = (

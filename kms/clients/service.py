@@ -45,7 +45,7 @@ def _lock_target(cur, ctx: Context, client_id: uuid.UUID) -> tuple[dict, bool]:
         raise NotFound(NO_SUCH_CLIENT)
     rows.check_client(ctx.kms, row)
     _, name_hash, password_hash, role, status, epoch, _ = row
-    target = {"client_id": client_id, "name_hash": name_hash,
+    target = {"client_id": client_id, "name_hash": None if name_hash is None else bytes(name_hash),
               "password_hash": password_hash, "role": role, "status": status, "session_epoch": epoch}
     return target, admins == [client_id]
 

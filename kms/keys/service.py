@@ -60,7 +60,7 @@ class KeyRow(NamedTuple):
 
 def _checked_key(ctx: Context, row) -> KeyRow:
     rows.check_key(ctx.kms, row[:8])
-    return KeyRow(*row[:7])
+    return KeyRow(row[0], row[1], bytes(row[2]), *row[3:7])
 
 
 def _lock_key(cur, ctx: Context, owner_id: uuid.UUID, ref_hash: bytes, *, deleted: bool = False) -> KeyRow:
@@ -147,11 +147,14 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
         row = cur.fetchone()
     if row is None:
         raise Unauthorized(TOKEN_NOT_LIVE)
-    check_caller_row(ctx.kms, row, text_ids=True)
-    key_id, current, retired_below, period, key_mac, newest, rotation_due, cur_kek, cur_wrapped, \
-        req_version, req_kek, req_wrapped, outcome = row[13:]
+    expires_at, epoch, session_mac, name_hash, password_hash, role, client_mac, key_id, current, retired_below, \
+        period, key_mac, newest, rotation_due, cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome = row
+    jti, client_id = ctx.claims.jti_text, ctx.claims.client_id_text  # what the statement matched them on
+    check_caller_row(ctx.kms, (jti, client_id, expires_at, epoch, False, bytes(session_mac),
+                               client_id, bytes(name_hash), password_hash, role, "active", epoch, bytes(client_mac)),
+                     text_ids=True)
     if key_id is not None:
-        rows.check_key(ctx.kms, (key_id, owner_id, ref_hash, current, retired_below, False, period, key_mac))
+        rows.check_key(ctx.kms, (key_id, owner_id, ref_hash, current, retired_below, False, period, bytes(key_mac)))
         if newest != current:  # the key row was put back from an older copy
             raise IntegrityFailure("keys", key_id)
     if outcome != "success":

