@@ -123,7 +123,32 @@ def kek_status():
         keyring = ctx.kms.keyring
     for version in sorted(set(keyring.kek_versions) | set(usage)):
         active = " (active)" if version == keyring.kek_active else ""
-        click.echo(f"KEK version {version}{active}: {usage.get(version, 0)} wrapped DEK versions")
+        provider = keyring.kek(version).describe() if version in keyring.kek_versions else "not configured"
+        click.echo(f"KEK version {version}{active}: {usage.get(version, 0)} wrapped DEK versions [{provider}]")
+
+
+@kek.command("generate")
+@click.option("--pkcs11", "uri", required=True, metavar="URI",
+              help="Where to make it: pkcs11:token=LABEL;object=LABEL (PKCS11_MODULE and the PIN from the environment).")
+def kek_generate(uri):
+    """Create a non-extractable AES-256 key in a PKCS#11 token, for use as KEK_n=URI."""
+    from kms.keyproviders import load_module
+    from kms.keyproviders.pkcs11 import generate_key, parse_pkcs11_uri
+    settings = current_app.extensions["kms"].settings
+    try:
+        parsed = parse_pkcs11_uri(uri)
+    except ValueError as problem:
+        raise click.BadParameter(str(problem), param_hint="--pkcs11") from None
+    if not settings.pkcs11_module or not settings.pkcs11_pin:
+        raise click.ClickException("set PKCS11_MODULE and PKCS11_PIN (or PKCS11_PIN_FILE) first")
+    module = load_module(settings)
+    try:
+        generate_key(module, parsed)
+    except ValueError as problem:
+        raise click.ClickException(str(problem)) from None
+    except module._pkcs11.PKCS11Error as error:
+        raise click.ClickException(f"the token refused ({type(error).__name__})") from None
+    click.echo(f"created a non-extractable AES-256 key at {parsed}; configure it as KEK_n={parsed}")
 
 
 @kek.command("rewrap")

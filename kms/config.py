@@ -35,7 +35,7 @@ class Settings:
     signup_secret: bytes
     key_ref_secret: bytes
     username_secret: bytes
-    keks: dict  # KEK version -> 32-byte key
+    keks: dict  # KEK version -> 32-byte key, or a Pkcs11Uri naming the key in a token
     kek_active: int
     server_host: str = "127.0.0.1"
     server_port: int = 8080
@@ -58,6 +58,8 @@ class Settings:
     audit_key_lookups: bool = True
     legacy_signup_tokens: bool = True
     audit_head_file: str | None = None
+    pkcs11_module: str | None = None
+    pkcs11_pin: str | None = field(default=None, repr=False)
     dek_cache_ms: int = 5 * 60 * 1000
 
     def __repr__(self):  # never print secrets, even by accident
@@ -124,19 +126,34 @@ def _database_url(env: Mapping) -> str:
     return f"postgresql://{credentials}@{host}:{port}/{quote(name, safe='')}?sslmode={sslmode}"
 
 
+def _kek(variable: str, value: str | None):
+    """32 bytes of key material, or an RFC 7512 pkcs11: URI naming a key in a token."""
+    if value is not None and value.strip().startswith("pkcs11:"):
+        from kms.keyproviders.pkcs11 import parse_pkcs11_uri
+        try:
+            return parse_pkcs11_uri(value.strip())
+        except ValueError as problem:
+            raise ConfigError(variable, str(problem)) from None
+    return decode_key(variable, value)
+
+
+def kek_variable(version: int) -> str:
+    return "KEK" if version == 1 else f"KEK_{version}"
+
+
 def _keks(env: Mapping) -> tuple[dict, int]:
     """KEK is version 1, KEK_2, KEK_3 ... further versions. After every DEK has been re-wrapped
     under a newer one, an old version may be left out (start-up checks nothing still needs it)."""
     keks = {}
     if (env.get("KEK") or "").strip():
-        keks[1] = decode_key("KEK", env.get("KEK"))
+        keks[1] = _kek("KEK", env.get("KEK"))
     for variable, value in env.items():
         match = re.fullmatch(r"KEK_(\d+)", variable)
         if match:
             version = int(match.group(1))
             if version < 2:
                 raise ConfigError(variable, "KEK versions start at KEK_2 (KEK is version 1)")
-            keks[version] = decode_key(variable, value)
+            keks[version] = _kek(variable, value)
     if not keks:
         raise ConfigError("KEK", "is not set; generate one with `python app.py gen-secret`")
     active = _int(env, "KEK_ACTIVE", max(keks), minimum=1)
@@ -145,9 +162,32 @@ def _keks(env: Mapping) -> tuple[dict, int]:
     return keks, active
 
 
+def _pkcs11(env: Mapping, keks: dict) -> tuple[str | None, str | None]:
+    """PKCS11_MODULE and the PIN (PKCS11_PIN, or the first line of PKCS11_PIN_FILE), needed when
+    a KEK is a pkcs11: URI."""
+    module = (env.get("PKCS11_MODULE") or "").strip() or None
+    pin = env.get("PKCS11_PIN") or None
+    pin_file = (env.get("PKCS11_PIN_FILE") or "").strip()
+    if pin_file:
+        if pin:
+            raise ConfigError("PKCS11_PIN_FILE", "is set together with PKCS11_PIN; use one")
+        try:
+            with open(pin_file) as file:
+                pin = file.readline().rstrip("\n") or None
+        except OSError:
+            raise ConfigError("PKCS11_PIN_FILE", "cannot be read") from None
+    in_tokens = [kek_variable(version) for version, kek in sorted(keks.items()) if not isinstance(kek, bytes)]
+    if in_tokens and not module:
+        raise ConfigError("PKCS11_MODULE", f"is not set, but {in_tokens[0]} is a pkcs11: URI")
+    if in_tokens and not pin:
+        raise ConfigError("PKCS11_PIN", f"is not set (nor PKCS11_PIN_FILE), but {in_tokens[0]} is a pkcs11: URI")
+    return module, pin
+
+
 def load_settings(env: Mapping | None = None) -> Settings:
     env = os.environ if env is None else env
     keks, kek_active = _keks(env)
+    pkcs11_module, pkcs11_pin = _pkcs11(env, keks)
     admin_user = (env.get("MASTER_ADMIN_USERNAME") or "").strip() or None
     admin_password = env.get("MASTER_ADMIN_PASSWORD") or None
     if bool(admin_user) != bool(admin_password):
@@ -194,6 +234,8 @@ def load_settings(env: Mapping | None = None) -> Settings:
         audit_key_lookups=_bool(env, "AUDIT_KEY_LOOKUPS", True),
         legacy_signup_tokens=_bool(env, "LEGACY_SIGNUP_TOKENS", True),
         audit_head_file=(env.get("AUDIT_HEAD_FILE") or "").strip() or None,
+        pkcs11_module=pkcs11_module,
+        pkcs11_pin=pkcs11_pin,
     )
 
 

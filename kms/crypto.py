@@ -155,7 +155,9 @@ class Keyring:
     """The KEKs and the database secret, ready to use. Holds key material: never log it."""
 
     def __init__(self, keks: dict, kek_active: int, db_secret: bytes):
-        self._keks = {version: AESGCM(key) for version, key in keks.items()}
+        """`keks`: version -> a provider's Kek (kms.keyproviders), or 32 bytes of key material."""
+        from kms.keyproviders.environment import EnvironmentKek
+        self._keks = {version: EnvironmentKek(kek) if isinstance(kek, bytes) else kek for version, kek in keks.items()}
         self.kek_active = kek_active
         self._db = AESGCM(db_secret)
         self.rows = RowMacs(keyed_hash(db_secret, b"kms-derive-v1", b"row-mac"))
@@ -166,6 +168,10 @@ class Keyring:
     @property
     def kek_versions(self):
         return sorted(self._keks)
+
+    def kek(self, version: int):
+        """The provider's KEK of a version (for status and start-up checks; it holds no readable key)."""
+        return self._keks[version]
 
     def wrap_dek(self, dek: bytes, owner_id: uuid.UUID, ref_hash: bytes, version: int) -> tuple[bytes, int]:
         kek_version = self.kek_active

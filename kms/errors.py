@@ -8,6 +8,7 @@ import psycopg2
 from flask import jsonify
 from werkzeug.exceptions import HTTPException
 
+from kms.keyproviders.base import KekUnavailable
 from kms.observability import request_id
 
 log = logging.getLogger("kms.errors")
@@ -150,6 +151,11 @@ def register_error_handlers(app):
     def _integrity_failure(error: IntegrityFailure):
         report_integrity_failure(error.table, error.row_id)
         return error_response(error.status, error.code, error.message)
+
+    @app.errorhandler(KekUnavailable)
+    def _kek_unavailable(_error):
+        log.warning("a KEK's token does not answer", extra={"error_code": "KekUnavailable"})
+        return _api_error(ServiceUnavailable("The key encryption key's HSM does not answer; retry shortly."))
 
     @app.errorhandler(psycopg2.OperationalError)
     @app.errorhandler(psycopg2.InterfaceError)

@@ -6,7 +6,8 @@ from kms import crypto, db
 from kms.rows import backfill_row_macs
 from kms.auth.passwords import PasswordHasher
 from kms.auth.tokencache import VerifiedTokenCache
-from kms.config import ConfigError, Settings
+from kms.config import ConfigError, Settings, kek_variable
+from kms.keyproviders import open_keks
 from kms.observability import Metrics
 
 log = logging.getLogger("kms")
@@ -30,7 +31,7 @@ class Kms:
     def start(cls, settings: Settings) -> "Kms":
         kms = cls(
             settings=settings,
-            keyring=crypto.Keyring(settings.keks, settings.kek_active, settings.db_secret),
+            keyring=crypto.Keyring(open_keks(settings), settings.kek_active, settings.db_secret),
             pool=db.ConnectionPool(settings.database_url, size=settings.server_threads),
             metrics=Metrics(),
             passwords=PasswordHasher(admitted=max(2, settings.server_threads // 4)),
@@ -40,12 +41,12 @@ class Kms:
             verified_tokens=VerifiedTokenCache(),
         )
         def row_macs(cur):  # migration 004: MACs of the stored rows, with secrets checked first
-            _check_secrets(cur, settings)
+            _check_secrets(cur, kms)
             backfill_row_macs(cur, kms)
 
         db.migrate(settings.database_url, steps={"row_macs": row_macs})
         with kms.pool.connection() as conn, db.transaction(conn) as cur:
-            _check_secrets(cur, settings)
+            _check_secrets(cur, kms)
         from kms.auth.service import ensure_master_admin
         ensure_master_admin(kms)
         kms.pool.warm()
@@ -55,26 +56,29 @@ class Kms:
         self.pool.close()
 
 
-def _configured_secrets(settings: Settings) -> dict:
-    secrets = {"DB_SECRET": settings.db_secret, "KEY_REF_SECRET": settings.key_ref_secret,
-               "USERNAME_SECRET": settings.username_secret, "SIGNUP_SECRET": settings.signup_secret}
-    for version, key in settings.keks.items():
-        secrets["KEK" if version == 1 else f"KEK_{version}"] = key
-    return secrets
+def _check_values(kms) -> dict:
+    settings = kms.settings
+    values = {name: crypto.key_check_value(key) for name, key in (
+        ("DB_SECRET", settings.db_secret), ("KEY_REF_SECRET", settings.key_ref_secret),
+        ("USERNAME_SECRET", settings.username_secret), ("SIGNUP_SECRET", settings.signup_secret))}
+    for version in kms.keyring.kek_versions:
+        values[kek_variable(version)] = kms.keyring.kek(version).check_value()
+    return values
 
 
-def _check_secrets(cur, settings: Settings):
+def _check_secrets(cur, kms):
     """Refuse to start when a secret differs from the one the stored data was written with,
     or when stored keys are wrapped under a KEK version that is not configured."""
-    configured = _configured_secrets(settings)
-    for name, key in configured.items():
-        cur.execute(db.sql.remember_secret_check, {"name": name, "check_value": crypto.key_check_value(key)})
+    settings = kms.settings
+    configured = _check_values(kms)
+    for name, check_value in configured.items():
+        cur.execute(db.sql.remember_secret_check, {"name": name, "check_value": check_value})
     cur.execute(db.sql.secret_checks)
     stored = {name: bytes(value) for name, value in cur.fetchall()}
     cur.execute(db.sql.kek_versions_in_use)
     kek_versions_in_use = [row[0] for row in cur.fetchall()]
-    for name, key in configured.items():
-        if stored[name] != crypto.key_check_value(key):
+    for name, check_value in configured.items():
+        if stored[name] != check_value:
             raise StartupError(name, "does not match the key the stored data was written with")
     for version in kek_versions_in_use:
         if version not in settings.keks:
