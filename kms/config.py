@@ -58,6 +58,8 @@ class Settings:
     audit_key_lookups: bool = True
     legacy_signup_tokens: bool = True
     audit_head_file: str | None = None
+    hsm_dek_cache_ms: int = 60_000
+    hsm_dek_cache_size: int = 10_000
     pkcs11_module: str | None = None
     pkcs11_pin: str | None = field(default=None, repr=False)
     dek_cache_ms: int = 5 * 60 * 1000
@@ -149,7 +151,7 @@ def _keks(env: Mapping) -> tuple[dict, int]:
         keks[1] = _kek("KEK", env.get("KEK"))
     for variable, value in env.items():
         match = re.fullmatch(r"KEK_(\d+)", variable)
-        if match:
+        if match and (value or "").strip():  # an empty one is left out, as KEK may be
             version = int(match.group(1))
             if version < 2:
                 raise ConfigError(variable, "KEK versions start at KEK_2 (KEK is version 1)")
@@ -236,6 +238,8 @@ def load_settings(env: Mapping | None = None) -> Settings:
         audit_head_file=(env.get("AUDIT_HEAD_FILE") or "").strip() or None,
         pkcs11_module=pkcs11_module,
         pkcs11_pin=pkcs11_pin,
+        hsm_dek_cache_ms=_int(env, "HSM_DEK_CACHE", 60_000, maximum=3_600_000),
+        hsm_dek_cache_size=_int(env, "HSM_DEK_CACHE_SIZE", 10_000, minimum=1, maximum=1_000_000),
     )
 
 

@@ -9,7 +9,10 @@ import hashlib
 import hmac
 import os
 import struct
+import threading
+import time
 import uuid
+from collections import OrderedDict
 from datetime import datetime, timezone
 
 from cryptography.exceptions import InvalidTag
@@ -151,11 +154,45 @@ class RowMacs:
         return True
 
 
+class DekCache:
+    """Unwrapped DEKs, bounded in number and age, for KEKs whose every unwrap is a round trip to
+    an HSM. An entry is found only by everything its unwrap authenticated (the wrapped blob itself
+    and its associated data), so a changed row misses and is unwrapped, and fails, as usual. It
+    holds DEKs in plaintext in the process's memory for at most `ttl_s`: the security model says so."""
+
+    def __init__(self, ttl_s: float, size: int):
+        self.ttl_s = ttl_s
+        self.size = size
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, address: tuple) -> bytes | None:
+        with self._lock:
+            entry = self._entries.get(address)
+            if entry is None:
+                return None
+            dek, expires = entry
+            if expires <= time.monotonic():
+                del self._entries[address]
+                return None
+            return dek
+
+    def put(self, address: tuple, dek: bytes):
+        with self._lock:
+            self._entries[address] = (dek, time.monotonic() + self.ttl_s)
+            self._entries.move_to_end(address)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+
 class Keyring:
     """The KEKs and the database secret, ready to use. Holds key material: never log it."""
 
-    def __init__(self, keks: dict, kek_active: int, db_secret: bytes):
-        """`keks`: version -> a provider's Kek (kms.keyproviders), or 32 bytes of key material."""
+    def __init__(self, keks: dict, kek_active: int, db_secret: bytes, dek_cache: DekCache | None = None):
+        """`keks`: version -> a provider's Kek (kms.keyproviders), or 32 bytes of key material.
+        `dek_cache`: for DEKs unwrapped by a KEK in a token (never for environment KEKs, whose
+        unwrap costs a microsecond)."""
+        self._dek_cache = dek_cache
         from kms.keyproviders.environment import EnvironmentKek
         self._keks = {version: EnvironmentKek(kek) if isinstance(kek, bytes) else kek for version, kek in keks.items()}
         self.kek_active = kek_active
@@ -179,10 +216,19 @@ class Keyring:
         return _seal(self._keks[kek_version], dek, ad), kek_version
 
     def unwrap_dek(self, wrapped: bytes, owner_id: uuid.UUID, ref_hash: bytes, version: int, kek_version: int) -> bytes:
-        aead = self._keks.get(kek_version)
-        if aead is None:
+        kek = self._keks.get(kek_version)
+        if kek is None:
             raise IntegrityError("wrapped with a KEK version that is not configured")
-        return _open(aead, wrapped, dek_associated_data(owner_id, ref_hash, version, kek_version))
+        cache = self._dek_cache if kek.provider != "environment" else None
+        if cache is not None:
+            address = (wrapped, owner_id, bytes(ref_hash), version, kek_version)
+            dek = cache.get(address)
+            if dek is not None:
+                return dek
+        dek = _open(kek, wrapped, dek_associated_data(owner_id, ref_hash, version, kek_version))
+        if cache is not None:
+            cache.put(address, dek)
+        return dek
 
     def encrypt_field(self, plaintext: str, purpose: bytes, *identity: bytes) -> bytes:
         """Encrypt a column value under DB_SECRET, bound to its purpose and row identity."""

@@ -31,7 +31,9 @@ class Kms:
     def start(cls, settings: Settings) -> "Kms":
         kms = cls(
             settings=settings,
-            keyring=crypto.Keyring(open_keks(settings), settings.kek_active, settings.db_secret),
+            keyring=crypto.Keyring(open_keks(settings), settings.kek_active, settings.db_secret,
+                                   dek_cache=crypto.DekCache(settings.hsm_dek_cache_ms / 1000, settings.hsm_dek_cache_size)
+                                   if settings.hsm_dek_cache_ms else None),
             pool=db.ConnectionPool(settings.database_url, size=settings.server_threads),
             metrics=Metrics(),
             passwords=PasswordHasher(admitted=max(2, settings.server_threads // 4)),

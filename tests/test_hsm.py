@@ -101,8 +101,26 @@ def test_moving_a_running_kms_from_an_environment_kek_to_the_hsm(make_app, hsm_e
     _, deks = serve(env_only, make_keys)
     kek = generate_kek(make_app, hsm_env, "kek-move")
     mixed = make_app(**hsm_env, KEK_2=kek)
-    result = mixed.test_cli_runner().invoke(args=["kms", "kek", "rewrap"])
+
+    def rewrap_while_looking_up(http):  # online: look-ups go on, and are served, during the rewrap
+        import threading
+        token = AuthActions(http).login("moving-svc", "Client-passw0rd!")
+        statuses, done = [], threading.Event()
+
+        def look_up():
+            while not done.is_set():
+                statuses.append(http.get("/keys/k0", headers=bearer(token)).status_code)
+        looker = threading.Thread(target=look_up)
+        looker.start()
+        try:
+            return mixed.test_cli_runner().invoke(args=["kms", "kek", "rewrap"]), statuses
+        finally:
+            done.set()
+            looker.join()
+
+    result, statuses = serve(mixed, rewrap_while_looking_up)
     assert result.exit_code == 0 and "re-wrapped 5 DEK versions under KEK version 2" in result.output
+    assert statuses and set(statuses) == {200}
     hsm_only = make_app(**hsm_env, KEK="", KEK_2=kek)
     assert hsm_only.extensions["kms"].keyring.kek_versions == [2]
 
@@ -149,7 +167,7 @@ def test_an_extractable_key_is_refused(make_app, hsm_env, softhsm):
 
 def test_the_hsm_going_away_gives_503_and_the_service_heals(make_app, hsm_env, softhsm):
     kek = generate_kek(make_app, hsm_env, "kek-outage")
-    app = make_app(**hsm_env, KEK_2=kek)
+    app = make_app(**hsm_env, KEK_2=kek, HSM_DEK_CACHE=0)  # every look-up goes to the token
     module = app.extensions["kms"].keyring.kek(2).module
     tokens, hidden = softhsm["tokens"], softhsm["tokens"].parent / "tokens-away"
 
