@@ -13,15 +13,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import uuid
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_keys import LOOKUP, ROUNDS, SECONDS, THREADS, alternate, rounds  # noqa: E402
-from bench.common import (ROOT, bench_database, call, free_port, kms_env, new_client, require_wrk, row,  # noqa: E402
-                          server_process, wrk)
+from bench.common import ROOT, bench_database, free_port, kms_env, kms_with_key, require_wrk, row, wrk  # noqa: E402
 
 PIN = "bench-pin-1234"
 
@@ -49,11 +47,8 @@ def kms(database_url: str, **settings):
     if "KEK_2" in settings:  # make the token's key first, with the server's own settings
         subprocess.run([sys.executable, "-m", "flask", "--app", "app", "kms", "kek", "generate", "--pkcs11",
                         settings["KEK_2"]], cwd=ROOT, env={**env, "KEK_2": ""}, check=True, capture_output=True)
-    with server_process([sys.executable, "app.py"], env, port) as url:
-        token = new_client(url, f"bench-{uuid.uuid4().hex[:8]}")
-        call(url, "POST", "/keys/actions/generate", {"keyReference": "bench-key"}, token)
-        call(url, "POST", "/keys/bench-key/actions/rotate", None, token)
-        yield url, token
+    with kms_with_key(env, port) as server:
+        yield server
 
 
 def lookups(server, connections: int) -> dict:

@@ -12,15 +12,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import uuid
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_keys import LOOKUP, ROUNDS, SECONDS, THREADS, alternate, rounds  # noqa: E402
-from bench.common import (ROOT, bench_database, call, free_port, kms_env, new_client, require_wrk, row,  # noqa: E402
-                          server_process, wrk)
+from bench.common import ROOT, bench_database, free_port, kms_env, kms_with_key, require_wrk, row, wrk  # noqa: E402
 
 BASELINE = os.environ.get("BENCH_BASELINE", ":/Login admission: a burst after a quiet spell queues")
 
@@ -41,12 +39,8 @@ def worktree(revision: str):
 @contextmanager
 def kms_at(checkout: Path, database_url: str):
     port = free_port()
-    env = kms_env(database_url, port, THREADS)
-    with server_process([sys.executable, "app.py"], env, port, cwd=checkout) as url:
-        token = new_client(url, f"bench-{uuid.uuid4().hex[:8]}")
-        call(url, "POST", "/keys/actions/generate", {"keyReference": "bench-key"}, token)
-        call(url, "POST", "/keys/bench-key/actions/rotate", None, token)
-        yield url, token
+    with kms_with_key(kms_env(database_url, port, THREADS), port, cwd=checkout) as server:
+        yield server
 
 
 def lookups(server, connections: int) -> dict:

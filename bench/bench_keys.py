@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg2  # noqa: E402
 
-from bench.common import (ROOT, bench_database, call, free_port, kms_env, new_client, require_wrk, row,  # noqa: E402
+from bench.common import (ROOT, bench_database, call, free_port, kms_env, kms_with_key, require_wrk, row,  # noqa: E402
                           server_process, wrk)
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
@@ -63,11 +63,8 @@ def kms_server(env: dict, **settings):
     """A KMS in its own process, with a client of its own whose key bench-key has versions 1 and 2.
     `env` is a database's: servers sharing a database share its secrets."""
     port = free_port()
-    with server_process([sys.executable, "app.py"], {**env, "SERVER_PORT": str(port), **settings}, port) as url:
-        token = new_client(url, f"bench-{uuid.uuid4().hex[:8]}")
-        call(url, "POST", "/keys/actions/generate", {"keyReference": "bench-key"}, token)
-        call(url, "POST", "/keys/bench-key/actions/rotate", None, token)
-        yield url, token
+    with kms_with_key({**env, "SERVER_PORT": str(port), **settings}, port) as server:
+        yield server
 
 
 def median_run(runs: list[dict]) -> dict:

@@ -96,6 +96,17 @@ def server_process(argv: list[str], env: dict, port: int, cwd: Path = ROOT):
         os.unlink(log.name)
 
 
+@contextmanager
+def kms_with_key(env: dict, port: int, cwd: Path = ROOT):
+    """A KMS in its own process, with a client of its own whose key bench-key has versions 1 and
+    2: (base URL, the client's token)."""
+    with server_process([sys.executable, "app.py"], env, port, cwd=cwd) as url:
+        token = new_client(url, f"bench-{uuid.uuid4().hex[:8]}")
+        call(url, "POST", "/keys/actions/generate", {"keyReference": "bench-key"}, token)
+        call(url, "POST", "/keys/bench-key/actions/rotate", None, token)
+        yield url, token
+
+
 def call(base_url: str, method: str, path: str, body=None, token: str | None = None):
     request = urllib.request.Request(base_url + path, method=method,
                                      data=json.dumps(body).encode() if body is not None else None)
