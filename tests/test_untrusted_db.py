@@ -316,3 +316,20 @@ def _write_schema_3_client(url, env, clientname):
                      PasswordHasher(admitted=1).hash(CLIENT_PASSWORD), "client"))
     conn.close()
     return client_id
+
+
+def test_each_seal_records_the_head_outside_the_database(app, client, auth, captured_logs, runner):
+    """The log and /metrics carry the head after each seal; `audit verify --head` accepts it."""
+    from kms.audit.sealer import Sealer
+    auth.new_client()
+    sealer = Sealer(app.extensions["kms"])
+    with app.extensions["kms"].pool.connection() as conn:
+        sealer.seal_once(conn)
+    head = sealer.head
+    assert head is not None
+    metrics = client.get("/metrics").text
+    assert f'kms_audit_chain_head_info{{mac="{head.mac.hex()}",position="{head.position}"}} 1.0' in metrics
+    assert f"kms_audit_chain_head_position {float(head.position)}" in metrics
+    assert head.mac.hex() in captured_logs.getvalue()
+    result = runner.invoke(args=["kms", "audit", "verify", "--head", str(head)])
+    assert result.exit_code == 0, result.output
