@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from kms import crypto, db
 from kms.auth.access import require_admin
 from kms.context import Context
-from kms.ids import random_uuid
+from kms.ids import time_ordered_uuid
 
 GENESIS = b"\x00" * 32
 SEAL_BATCH = 2000
@@ -25,7 +25,7 @@ REFUSAL_WINDOW_S = 60
 def _event(ctx: Context, action: str, outcome: str, target: str | None, version: int | None,
            actor: str | None, repeats: int | None = None) -> dict:
     return {
-        "event_id": random_uuid(),
+        "event_id": time_ordered_uuid(),
         "at": datetime.now(timezone.utc).isoformat(),  # as _text() gives it: the MAC covers this text
         "actor": actor or ctx.actor,
         "action": action,
