@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_keys import LOOKUP, ROUNDS, SECONDS, THREADS, alternate, rounds  # noqa: E402
-from bench.common import ROOT, bench_database, free_port, kms_env, kms_with_key, require_wrk, row, wrk  # noqa: E402
+from bench.bench_keys import ROUNDS, SECONDS, THREADS, alternate, lookups, rounds  # noqa: E402
+from bench.common import ROOT, bench_database, free_port, kms_env, kms_with_key, require_wrk, row  # noqa: E402
 
 PIN = "bench-pin-1234"
 
@@ -49,11 +49,6 @@ def kms(database_url: str, **settings):
                         settings["KEK_2"]], cwd=ROOT, env={**env, "KEK_2": ""}, check=True, capture_output=True)
     with kms_with_key(env, port) as server:
         yield server
-
-
-def lookups(server, connections: int) -> dict:
-    url, token = server
-    return wrk(url, "GET", LOOKUP, connections=connections, seconds=SECONDS, token=token)
 
 
 def main():

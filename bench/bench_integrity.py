@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_keys import LOOKUP, ROUNDS, SECONDS, THREADS, alternate, rounds  # noqa: E402
-from bench.common import ROOT, bench_database, free_port, kms_env, kms_with_key, require_wrk, row, wrk  # noqa: E402
+from bench.bench_keys import ROUNDS, SECONDS, THREADS, alternate, lookups, rounds  # noqa: E402
+from bench.common import ROOT, bench_database, free_port, kms_env, kms_with_key, require_wrk, row  # noqa: E402
 
 BASELINE = os.environ.get("BENCH_BASELINE", ":/Login admission: a burst after a quiet spell queues")
 
@@ -41,11 +41,6 @@ def kms_at(checkout: Path, database_url: str):
     port = free_port()
     with kms_with_key(kms_env(database_url, port, THREADS), port, cwd=checkout) as server:
         yield server
-
-
-def lookups(server, connections: int) -> dict:
-    url, token = server
-    return wrk(url, "GET", LOOKUP, connections=connections, seconds=SECONDS, token=token)
 
 
 def main():
