@@ -183,17 +183,16 @@ def _where(error: BaseException) -> str:
     return " > ".join(frames[-6:])
 
 
-def report_integrity_failure(table: str, row_id: str, ctx=None):
+def report_integrity_failure(table: str, row_id: str):
     """Tell the operator a stored row failed its check: a log line (no secrets: a table and a row
-    id), a metric, and an audit event in a transaction of its own."""
+    id) and, within a request, a metric and an audit event in a transaction of its own."""
     from flask import has_request_context
     log.error("stored row failed its integrity check; not obeyed", extra={"table": table, "rowId": row_id})
+    if not has_request_context():
+        return
     try:
-        if ctx is None:
-            if not has_request_context():
-                return
-            from kms.web import context
-            ctx = context(authenticated=False)
+        from kms.web import context
+        ctx = context(authenticated=False)
         ctx.kms.metrics.integrity_failures.labels(table).inc()
         from kms.audit.service import record_alone
         record_alone(ctx, "integrity.failure", "detected", target=f"{table}:{row_id}", actor="kms")
