@@ -20,11 +20,41 @@ DAY_MS = 24 * 60 * 60 * 1000
 
 
 class ConfigError(click.ClickException):
-    """Printed by the CLI as one line: `Error: KEK: must decode to 32 bytes`."""
+    """Printed by the CLI as one line: `configuration error: KEK: must decode to 32 bytes`. Several
+    problems found at once are one ConfigError naming each (`problems`); `variable` is the first."""
 
-    def __init__(self, variable: str, problem: str):
-        super().__init__(f"{variable}: {problem}")
+    exit_code = 2  # README, "Exit codes": usage or configuration
+
+    def __init__(self, variable: str, problem: str, *, problems: list[tuple[str, str]] | None = None):
+        self.problems = problems or [(variable, problem)]
+        super().__init__("; ".join(f"{name}: {text}" for name, text in self.problems))
         self.variable = variable
+
+    def show(self, file=None):
+        if len(self.problems) == 1:
+            click.echo(f"configuration error: {self.format_message()}", err=True, file=file)
+            return
+        lines = [f"configuration errors: {len(self.problems)} problems"]
+        lines += [f"  {name}: {text}" for name, text in self.problems]
+        click.echo("\n".join(lines), err=True, file=file)
+
+
+class _Problems:
+    """Collects every ConfigError of a load, so that one run reports all of them."""
+
+    def __init__(self):
+        self.found: list[tuple[str, str]] = []
+
+    def check(self, parse, *args, default=None, **kwargs):
+        try:
+            return parse(*args, **kwargs)
+        except ConfigError as error:
+            self.found.extend(error.problems)
+            return default
+
+    def raise_any(self):
+        if self.found:
+            raise ConfigError(self.found[0][0], self.found[0][1], problems=self.found)
 
 
 @dataclass(frozen=True)
@@ -40,7 +70,7 @@ class Settings:
     server_host: str = "127.0.0.1"
     server_port: int = 8080
     server_threads: int = 16
-    env: str = "production"
+    server_workers: int = 1
     log_level: str = "INFO"
     jwt_ttl_ms: int = 15 * 60 * 1000
     master_admin_username: str | None = None
@@ -65,13 +95,13 @@ class Settings:
     dek_cache_ms: int = 5 * 60 * 1000
 
     def __repr__(self):  # never print secrets, even by accident
-        return f"Settings(env={self.env!r}, server={self.server_host}:{self.server_port})"
+        return f"Settings(server={self.server_host}:{self.server_port})"
 
 
 def decode_key(variable: str, value: str | None) -> bytes:
     """Decode a 32-byte base64url key (padding optional)."""
     if value is None or value.strip() == "":
-        raise ConfigError(variable, "is not set; generate one with `flask --app app kms gen-secret`")
+        raise ConfigError(variable, "is not set; make one with `kms gen-secret`")
     text = value.strip()
     if not re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", text):
         raise ConfigError(variable, "must be base64url (RFC 4648): characters A-Z a-z 0-9 - _")
@@ -157,7 +187,7 @@ def _keks(env: Mapping) -> tuple[dict, int]:
                 raise ConfigError(variable, "KEK versions start at KEK_2 (KEK is version 1)")
             keks[version] = _kek(variable, value)
     if not keks:
-        raise ConfigError("KEK", "is not set; generate one with `python app.py gen-secret`")
+        raise ConfigError("KEK", "is not set; make one with `kms gen-secret`")
     active = _int(env, "KEK_ACTIVE", max(keks), minimum=1)
     if active not in keks:
         raise ConfigError("KEK_ACTIVE", "names a KEK version that is not configured")
@@ -186,10 +216,7 @@ def _pkcs11(env: Mapping, keks: dict) -> tuple[str | None, str | None]:
     return module, pin
 
 
-def load_settings(env: Mapping | None = None) -> Settings:
-    env = os.environ if env is None else env
-    keks, kek_active = _keks(env)
-    pkcs11_module, pkcs11_pin = _pkcs11(env, keks)
+def _admin(env: Mapping) -> tuple[str | None, str | None]:
     admin_user = (env.get("MASTER_ADMIN_USERNAME") or "").strip() or None
     admin_password = env.get("MASTER_ADMIN_PASSWORD") or None
     if bool(admin_user) != bool(admin_password):
@@ -199,48 +226,62 @@ def load_settings(env: Mapping | None = None) -> Settings:
         raise ConfigError("MASTER_ADMIN_USERNAME", "must be 4-64 characters of A-Z a-z 0-9 -")
     if admin_password and (problem := password_problem(admin_password)):
         raise ConfigError("MASTER_ADMIN_PASSWORD", problem)
-    role = (env.get("DEFAULT_ROLE") or "client").strip()
-    if role not in {"client", "admin"}:
-        raise ConfigError("DEFAULT_ROLE", "must be client or admin")
-    level = (env.get("LOG_LEVEL") or "INFO").strip().upper()
-    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ConfigError("LOG_LEVEL", "must be DEBUG, INFO, WARNING or ERROR")
-    threads = _int(env, "SERVER_THREADS", 16, minimum=1, maximum=256)
-    return Settings(
-        database_url=_database_url(env),
-        jwt_secret=decode_key("JWT_SECRET", env.get("JWT_SECRET")),
-        db_secret=decode_key("DB_SECRET", env.get("DB_SECRET")),
-        signup_secret=decode_key("SIGNUP_SECRET", env.get("SIGNUP_SECRET")),
-        key_ref_secret=decode_key("KEY_REF_SECRET", env.get("KEY_REF_SECRET")),
-        username_secret=decode_key("USERNAME_SECRET", env.get("USERNAME_SECRET")),
+    return admin_user, admin_password
+
+
+def _choice(env: Mapping, variable: str, default: str, choices: tuple[str, ...], *, upper: bool = False) -> str:
+    value = (env.get(variable) or default).strip()
+    value = value.upper() if upper else value
+    if value not in choices:
+        raise ConfigError(variable, "must be " + ", ".join(choices[:-1]) + " or " + choices[-1])
+    return value
+
+
+def load_settings(env: Mapping | None = None) -> Settings:
+    """Every problem is reported at once, in one ConfigError (a fresh .env shows all it lacks)."""
+    env = os.environ if env is None else env
+    problems = _Problems()
+    check = problems.check
+    keks, kek_active = check(_keks, env, default=({}, 0))
+    pkcs11_module, pkcs11_pin = check(_pkcs11, env, keks, default=(None, None))
+    admin_user, admin_password = check(_admin, env, default=(None, None))
+    values = dict(
+        database_url=check(_database_url, env),
+        jwt_secret=check(decode_key, "JWT_SECRET", env.get("JWT_SECRET")),
+        db_secret=check(decode_key, "DB_SECRET", env.get("DB_SECRET")),
+        signup_secret=check(decode_key, "SIGNUP_SECRET", env.get("SIGNUP_SECRET")),
+        key_ref_secret=check(decode_key, "KEY_REF_SECRET", env.get("KEY_REF_SECRET")),
+        username_secret=check(decode_key, "USERNAME_SECRET", env.get("USERNAME_SECRET")),
         keks=keks,
         kek_active=kek_active,
         server_host=(env.get("SERVER_HOST") or "127.0.0.1").strip(),
-        server_port=_int(env, "SERVER_PORT", 8080, minimum=1, maximum=65535),
-        server_threads=threads,
-        env=(env.get("ENV") or "production").strip(),
-        log_level=level,
-        jwt_ttl_ms=_int(env, "JWT_TTL", 15 * 60 * 1000, minimum=1000, maximum=DAY_MS),
+        server_port=check(_int, env, "SERVER_PORT", 8080, minimum=1, maximum=65535),
+        server_threads=check(_int, env, "SERVER_THREADS", 16, minimum=1, maximum=256),
+        server_workers=check(_int, env, "SERVER_WORKERS", 1, minimum=1, maximum=64),
+        log_level=check(_choice, env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
+        jwt_ttl_ms=check(_int, env, "JWT_TTL", 15 * 60 * 1000, minimum=1000, maximum=DAY_MS),
         master_admin_username=admin_user,
         master_admin_password=admin_password,
-        default_role=role,
-        key_deletion_wait_ms=_int(env, "KEY_DELETION_WAIT", 7 * DAY_MS),
-        login_max_failures_per_client=_int(env, "LOGIN_MAX_FAILURES_PER_CLIENT", 5, minimum=1),
-        login_max_failures_per_address=_int(env, "LOGIN_MAX_FAILURES_PER_ADDRESS", 50, minimum=1),
-        login_failure_window_ms=_int(env, "LOGIN_FAILURE_WINDOW", 15 * 60 * 1000, minimum=1000),
-        trusted_proxy_hops=_int(env, "TRUSTED_PROXY_HOPS", 0, maximum=5),
-        max_body_bytes=_int(env, "MAX_BODY_BYTES", 64 * 1024, minimum=1024, maximum=16 * 1024 * 1024),
-        connection_limit=_int(env, "SERVER_CONNECTION_LIMIT", 1000, minimum=16, maximum=100_000),
-        request_read_timeout_ms=_int(env, "REQUEST_READ_TIMEOUT", 10_000, minimum=1000, maximum=300_000),
-        audit_seal_interval_ms=_int(env, "AUDIT_SEAL_INTERVAL", 2000),
-        audit_key_lookups=_bool(env, "AUDIT_KEY_LOOKUPS", True),
-        legacy_signup_tokens=_bool(env, "LEGACY_SIGNUP_TOKENS", True),
+        default_role=check(_choice, env, "DEFAULT_ROLE", "client", ("client", "admin")),
+        key_deletion_wait_ms=check(_int, env, "KEY_DELETION_WAIT", 7 * DAY_MS),
+        login_max_failures_per_client=check(_int, env, "LOGIN_MAX_FAILURES_PER_CLIENT", 5, minimum=1),
+        login_max_failures_per_address=check(_int, env, "LOGIN_MAX_FAILURES_PER_ADDRESS", 50, minimum=1),
+        login_failure_window_ms=check(_int, env, "LOGIN_FAILURE_WINDOW", 15 * 60 * 1000, minimum=1000),
+        trusted_proxy_hops=check(_int, env, "TRUSTED_PROXY_HOPS", 0, maximum=5),
+        max_body_bytes=check(_int, env, "MAX_BODY_BYTES", 64 * 1024, minimum=1024, maximum=16 * 1024 * 1024),
+        connection_limit=check(_int, env, "SERVER_CONNECTION_LIMIT", 1000, minimum=16, maximum=100_000),
+        request_read_timeout_ms=check(_int, env, "REQUEST_READ_TIMEOUT", 10_000, minimum=1000, maximum=300_000),
+        audit_seal_interval_ms=check(_int, env, "AUDIT_SEAL_INTERVAL", 2000),
+        audit_key_lookups=check(_bool, env, "AUDIT_KEY_LOOKUPS", True),
+        legacy_signup_tokens=check(_bool, env, "LEGACY_SIGNUP_TOKENS", True),
         audit_head_file=(env.get("AUDIT_HEAD_FILE") or "").strip() or None,
         pkcs11_module=pkcs11_module,
         pkcs11_pin=pkcs11_pin,
-        hsm_dek_cache_ms=_int(env, "HSM_DEK_CACHE", 60_000, maximum=3_600_000),
-        hsm_dek_cache_size=_int(env, "HSM_DEK_CACHE_SIZE", 10_000, minimum=1, maximum=1_000_000),
+        hsm_dek_cache_ms=check(_int, env, "HSM_DEK_CACHE", 60_000, maximum=3_600_000),
+        hsm_dek_cache_size=check(_int, env, "HSM_DEK_CACHE_SIZE", 10_000, minimum=1, maximum=1_000_000),
     )
+    problems.raise_any()
+    return Settings(**values)
 
 
 def generate_secret() -> str:
