@@ -285,13 +285,16 @@ def ensure_master_admin(kms):
     """Create the first admin from MASTER_ADMIN_* when no active admin exists. Restarts find the
     admin in place and do nothing."""
     settings = kms.settings
-    if not settings.master_admin_username:
-        return
     with kms.pool.connection() as conn:
         with db.transaction(conn) as cur:
             cur.execute(db.sql.active_admin_exists)
             if cur.fetchone()[0]:
                 return
+        if not settings.master_admin_username:
+            log.warning("no active admin exists, so nobody can issue signup tokens over HTTP: create one with "
+                        "`kms create-admin --name NAME`, or set MASTER_ADMIN_USERNAME and MASTER_ADMIN_PASSWORD "
+                        "for the next start (and remove the password from the environment afterwards)")
+            return
         ctx = Context(kms=kms, conn=conn, origin="cli")
         created = create_client(ctx, settings.master_admin_username, settings.master_admin_password, "admin")
         if created is None:
