@@ -45,7 +45,7 @@ def bench_database():
     try:
         psycopg2.connect(server_url, connect_timeout=2).close()
     except psycopg2.OperationalError:
-        from kms.devdb import ThrowawayPostgres
+        from kms.serving.throwaway_postgres import ThrowawayPostgres
         throwaway = ThrowawayPostgres().start()
         server_url = throwaway.dsn
         print("# using a throwaway PostgreSQL (fsync off)", flush=True)

@@ -27,13 +27,14 @@ class KmsFlask(Flask):
         return sync
 
 
-def create_app(env=None, *, settings: Settings | None = None) -> Flask:
+def create_app(env=None, *, settings: Settings | None = None, kms: Kms | None = None) -> Flask:
     """Build the app: validate settings, migrate the schema, check secrets against the stored
     data, open the connection pool and register the routes. Nothing happens at import time.
 
-    `env` is a mapping of environment variables (default: os.environ).
+    `env` is a mapping of environment variables (default: os.environ). A server's worker process
+    passes `kms`, opened after its parent prepared the database once for all workers.
     """
-    settings = settings or load_settings(env)
+    settings = kms.settings if kms else settings or load_settings(env)
     app = KmsFlask(__name__)
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
@@ -53,10 +54,10 @@ def create_app(env=None, *, settings: Settings | None = None) -> Flask:
     if settings.trusted_proxy_hops:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops, x_proto=settings.trusted_proxy_hops)
 
-    kms = Kms.start(settings)
+    kms = kms or Kms.start(settings)
     app.extensions["kms"] = kms
 
-    observability.init_app(app, kms.metrics)
+    observability.init_app(app, kms)
     errors.register_error_handlers(app)
     app.teardown_appcontext(db.close_db)
 

@@ -4,6 +4,7 @@ from sql/queries/*.sql and numbered migrations from sql/migrations/.
 import operator
 import queue
 import re
+import threading
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,9 @@ from flask import current_app, g
 
 from kms.errors import ServiceUnavailable
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# Installed, the SQL is package data (kms/sql); in a checkout it stands at the top.
+SQL_DIR = next(path for path in (Path(__file__).resolve().parent / "sql", Path(__file__).resolve().parent.parent / "sql")
+               if path.is_dir())
 MIGRATIONS_DIR = SQL_DIR / "migrations"
 QUERIES_DIR = SQL_DIR / "queries"
 MIGRATION_LOCK_ID = 7_100_001  # pg_advisory_lock key shared by every KMS process
@@ -67,6 +70,8 @@ class ConnectionPool:
         self.acquire_timeout = acquire_timeout
         self._free: deque = deque()
         self._tokens: queue.SimpleQueue = queue.SimpleQueue()  # one per slot on the stack
+        self.waiting = 0
+        self._waiting_lock = threading.Lock()
         for _ in range(size):
             self._push(None)
         self._generation = 0
@@ -76,8 +81,21 @@ class ConnectionPool:
         self._tokens.put(True)
 
     def _pop(self, timeout: float):
-        self._tokens.get(timeout=timeout)
+        try:
+            self._tokens.get_nowait()
+        except queue.Empty:  # the slow path counts who waits, for /metrics
+            with self._waiting_lock:
+                self.waiting += 1
+            try:
+                self._tokens.get(timeout=timeout)
+            finally:
+                with self._waiting_lock:
+                    self.waiting -= 1
         return self._free.pop()
+
+    @property
+    def in_use(self) -> int:
+        return self.size - self._tokens.qsize()
 
     def warm(self):
         """Open every connection now (min = max), so the first requests pay no connect."""
@@ -293,6 +311,15 @@ def _run_step(cur, name: str, steps: dict, migration: str):
     if cur.fetchone()[0]:
         raise MigrationNeedsSecrets(f"migration {migration} needs the service's secrets: start the KMS (or run "
                                     "`flask --app app kms migrate`) with its configuration")
+
+
+def schema_version_if_any(conn) -> int:
+    """0 on a database never migrated."""
+    with transaction(conn) as cur:
+        cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        if not cur.fetchone()[0]:
+            return 0
+    return schema_version(conn)
 
 
 def schema_version(conn) -> int:

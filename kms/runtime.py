@@ -28,31 +28,62 @@ class Kms:
     verified_tokens: VerifiedTokenCache
 
     @classmethod
-    def start(cls, settings: Settings) -> "Kms":
-        kms = cls(
+    def open(cls, settings: Settings, *, pool_size: int | None = None, hash_gate=None) -> "Kms":
+        """Keys, pool and metrics, without touching the database (see prepare() and check())."""
+        return cls(
             settings=settings,
             keyring=crypto.Keyring(open_keks(settings), settings.kek_active, settings.db_secret,
                                    dek_cache=crypto.DekCache(settings.hsm_dek_cache_ms / 1000, settings.hsm_dek_cache_size)
                                    if settings.hsm_dek_cache_ms else None),
-            pool=db.ConnectionPool(settings.database_url, size=settings.server_threads),
+            pool=db.ConnectionPool(settings.database_url, size=pool_size or settings.server_threads),
             metrics=Metrics(),
-            passwords=PasswordHasher(admitted=max(2, settings.server_threads // 4)),
+            passwords=PasswordHasher(admitted=max(2, settings.server_threads // 4), gate=hash_gate),
             # Its own key, derived from DB_SECRET: someone with database access alone cannot
             # recompute the audit chain.
             audit_key=crypto.keyed_hash(settings.db_secret, b"kms-audit-chain-v1"),
             verified_tokens=VerifiedTokenCache(),
         )
-        def row_macs(cur):  # migration 004: MACs of the stored rows, with secrets checked first
-            _check_secrets(cur, kms)
-            backfill_row_macs(cur, kms)
 
-        db.migrate(settings.database_url, steps={"row_macs": row_macs})
-        with kms.pool.connection() as conn, db.transaction(conn) as cur:
-            _check_secrets(cur, kms)
-        from kms.auth.service import ensure_master_admin
-        ensure_master_admin(kms)
-        kms.pool.warm()
+    @classmethod
+    def start(cls, settings: Settings, **kwargs) -> "Kms":
+        """Open, prepare the database and fill the pool: what a server does before serving."""
+        kms = cls.open(settings, **kwargs)
+        try:
+            kms.prepare()
+            kms.pool.warm()
+        except BaseException:
+            kms.close()
+            raise
         return kms
+
+    def migrate(self) -> list[str]:
+        """Apply pending migrations (computing row MACs where one needs them); returns their names."""
+        def row_macs(cur):  # migration 004: MACs of the stored rows, with secrets checked first
+            _check_secrets(cur, self)
+            backfill_row_macs(cur, self)
+
+        return db.migrate(self.settings.database_url, steps={"row_macs": row_macs})
+
+    def prepare(self) -> list[str]:
+        """Once per server start, before serving: migrate, check the secrets against the stored
+        data, create the first admin (or warn that there is none)."""
+        applied = self.migrate()
+        with self.pool.connection() as conn, db.transaction(conn) as cur:
+            _check_secrets(cur, self)
+        from kms.auth.service import ensure_master_admin
+        ensure_master_admin(self)
+        return applied
+
+    def check(self):
+        """For a command-line tool: the schema is current and the secrets fit the stored data;
+        nothing is changed (`kms migrate` migrates)."""
+        with self.pool.connection() as conn:
+            version = db.schema_version_if_any(conn)
+            if version != db.latest_schema_version():
+                raise StartupError("DATABASE_URL", f"names a database whose schema is at version {version}, "
+                                   f"not {db.latest_schema_version()}: run `kms migrate` (or start the server) first")
+            with db.transaction(conn) as cur:
+                _check_secrets(cur, self)
 
     def close(self):
         self.pool.close()

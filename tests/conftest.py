@@ -52,7 +52,7 @@ def pg_server():
     if url:
         yield url
         return
-    from kms.devdb import ThrowawayPostgres
+    from kms.serving.throwaway_postgres import ThrowawayPostgres
     server = ThrowawayPostgres().start()
     try:
         yield server.dsn

@@ -111,7 +111,7 @@ def test_server_start_with_a_bad_kek_prints_one_line_naming_it(base_env):
 
 
 def test_server_start_without_a_database_says_so_in_one_line(base_env):
-    from kms.devdb import _free_port
+    from kms.serving.throwaway_postgres import _free_port
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("KEK", "DB_", "JWT"))},
            **base_env, "DATABASE_URL": f"postgresql://kms:Sekrit-pw@127.0.0.1:{_free_port()}/kms"}
     result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)

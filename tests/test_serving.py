@@ -9,7 +9,7 @@ from pathlib import Path
 
 import requests
 
-from kms.devdb import _free_port as free_port
+from kms.serving.throwaway_postgres import _free_port as free_port
 from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def wait_for_health(base_url, process, timeout=90):
         try:
             if requests.get(base_url + "/healthz", timeout=1).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # refused, or accepted by a socket bound before serving
             pass
         time.sleep(0.2)
     raise AssertionError("server did not come up")

@@ -4,7 +4,7 @@ import threading
 
 from kms import db
 from kms.audit.service import (ChainTampered, flush_refusals, read_head_file, record_alone, seal_pending,
-                               unsealed_summary, write_head_file)
+                               write_head_file)
 from kms.context import Context
 
 log = logging.getLogger("kms.audit")
@@ -57,14 +57,10 @@ class Sealer(threading.Thread):
             return
         if head is not None and head != self.head:
             self.head = head
-            metrics.audit_head_position.set(head.position)
-            metrics.audit_head.info({"position": str(head.position), "mac": head.mac.hex()})
+            metrics.publish_audit_head(head.position, head.mac.hex())
             if self.kms.settings.audit_head_file:
                 write_head_file(self.kms.settings.audit_head_file, head)
             log.info("audit chain head", extra={"position": head.position, "mac": head.mac.hex(), "sealed": sealed})
-        count, age = unsealed_summary(conn)
-        metrics.audit_unsealed.set(count)
-        metrics.audit_unsealed_age.set(age)
 
     def stop(self):
         self.stopping.set()

@@ -247,7 +247,7 @@ class VerifyResult:
         return self.problem is None
 
 
-def verify_chain(conn, key: bytes, recorded_head: ChainHead | None = None) -> VerifyResult:
+def verify_chain(conn, key: bytes, recorded_head: ChainHead | None = None, progress=None) -> VerifyResult:
     """Seal what is pending, then walk the chain from its start; stop at the first bad row. With
     `recorded_head` (a head written down outside the database), the chain must still contain it:
     that catches the newest rows deleted, or the whole database put back to an older state."""
@@ -256,6 +256,10 @@ def verify_chain(conn, key: bytes, recorded_head: ChainHead | None = None) -> Ve
     except ChainTampered as tampered:
         return VerifyResult(0, tampered.problem, tampered.seq)
     expected_position, previous, checked, head = 1, GENESIS, 0, None
+    if progress is not None:
+        with db.transaction(conn) as cur:
+            cur.execute(db.sql.audit_chain_length)
+            progress.total = cur.fetchone()[0]
     while True:
         with db.transaction(conn) as cur:
             cur.execute(db.sql.sealed_audit_chain, {"after_pos": expected_position - 1, "limit": 5000})
@@ -284,18 +288,12 @@ def verify_chain(conn, key: bytes, recorded_head: ChainHead | None = None) -> Ve
                                              "re-written)", event["seq"])
             previous, expected_position, checked = stored_hash, expected_position + 1, checked + 1
             head = ChainHead(position, stored_hash)
+        if progress is not None:
+            progress.update(checked)
     if recorded_head is not None and (head is None or head.position < recorded_head.position):
         return VerifyResult(checked, f"the chain ends before the recorded head at position {recorded_head.position} "
                                      "(newest rows deleted, or the database restored to an older state)", head=head)
     return VerifyResult(checked, head=head)
-
-
-def unsealed_summary(conn) -> tuple[int, float]:
-    """(unsealed events, age in seconds of the oldest), for metrics."""
-    with db.transaction(conn) as cur:
-        cur.execute(db.sql.unsealed_audit_summary)
-        count, age = cur.fetchone()
-    return count, float(age or 0)
 
 
 def public_event(row) -> dict:

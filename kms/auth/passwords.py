@@ -20,9 +20,37 @@ ITERATIONS = 2
 LANES = 1
 
 
+class HashGate:
+    """What bounds hashing on the whole host: `concurrency` hashes at once (default: one core fewer
+    than the machine has, so hashing never takes every core) and when a login was last refused.
+    Made with shared=True in a server's parent before it forks its workers, so that N workers
+    still run at most `concurrency` hashes, not N times as many."""
+
+    def __init__(self, concurrency: int | None = None, *, shared: bool):
+        self.concurrency = concurrency or max(1, (os.cpu_count() or 2) - 1)
+        if shared:
+            import multiprocessing
+            context = multiprocessing.get_context("fork")
+            self.hashing = context.BoundedSemaphore(self.concurrency)
+            self._last_refusal = context.RawValue("d", float("-inf"))  # a race here only blurs a timestamp
+        else:
+            self.hashing = threading.BoundedSemaphore(self.concurrency)
+            self._last_refusal = _Cell(float("-inf"))
+
+    def refused(self):
+        self._last_refusal.value = time.monotonic()  # CLOCK_MONOTONIC: one clock for the whole host
+
+    def seconds_since_refusal(self) -> float:
+        return time.monotonic() - self._last_refusal.value
+
+
+class _Cell:
+    def __init__(self, value):
+        self.value = value
+
+
 class PasswordHasher:
-    """Argon2id with two bounds. At most `concurrency` hashes run at once (default: one core fewer
-    than the machine has, so hashing never takes every core), and at most `admitted` logins or
+    """Argon2id with two bounds. At most `concurrency` hashes run at once (see HashGate), and at most `admitted` logins or
     signups are in progress (see admission()); a further one is refused at once with 429 instead
     of holding a server thread that key requests need. Measured: without the second bound, a login
     flood took every waitress thread and cut key look-ups to 7 % of their throughput.
@@ -35,14 +63,17 @@ class PasswordHasher:
     long. A burst after a quiet spell queues; a sustained flood holds no more threads than
     `admitted` (measured: with waiting always allowed, look-ups during a flood fell to a quarter)."""
 
-    def __init__(self, concurrency: int | None = None, admitted: int | None = None, wait_s: float = 2.0):
+    def __init__(self, concurrency: int | None = None, admitted: int | None = None, wait_s: float = 2.0,
+                 gate: HashGate | None = None):
         self.wait_s = wait_s
-        self.concurrency = concurrency or max(1, (os.cpu_count() or 2) - 1)
-        self._hashing = threading.BoundedSemaphore(self.concurrency)
+        # Hashing slots and the flood signal are host-wide when worker processes share a gate;
+        # the admission places stay per process, as they guard this process's server threads.
+        self._gate = gate or HashGate(concurrency, shared=False)
+        self.concurrency = self._gate.concurrency
+        self._hashing = self._gate.hashing
         places = admitted or 4 * self.concurrency
         self._admitted = threading.BoundedSemaphore(places)
         self._waiting = threading.BoundedSemaphore(places)  # places in the line for a place
-        self._last_refusal = float("-inf")
         # Verified against when a client does not exist, so unknown names cost the same time.
         self._dummy = self._derive(os.urandom(32))
 
@@ -56,27 +87,27 @@ class PasswordHasher:
         """Hold a place in the line for hashing for a whole login or signup, taken before any
         other work, so a refused request costs next to nothing."""
         if not self._admitted.acquire(blocking=False) and not self._wait_for_place():
-            self._last_refusal = time.monotonic()
+            self._gate.refused()
             raise Throttled(1, "Too many logins in progress; retry in a second.")
         try:
             yield
         except Throttled:  # no hashing slot or client lock in time: a flood is on
-            self._last_refusal = time.monotonic()
+            self._gate.refused()
             raise
         finally:
             self._admitted.release()
 
     def _wait_for_place(self) -> bool:
-        if time.monotonic() - self._last_refusal < self.wait_s or not self._waiting.acquire(blocking=False):
+        if self._gate.seconds_since_refusal() < self.wait_s or not self._waiting.acquire(False):
             return False
         try:
-            return self._admitted.acquire(timeout=self.wait_s)
+            return self._admitted.acquire(True, self.wait_s)
         finally:
             self._waiting.release()
 
     @contextmanager
     def _slot(self):
-        if not self._hashing.acquire(timeout=self.wait_s):
+        if not self._hashing.acquire(True, self.wait_s):  # threading's and multiprocessing's alike
             raise Throttled(1, "Too many logins in progress; retry in a second.")
         try:
             yield

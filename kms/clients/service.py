@@ -95,13 +95,15 @@ def delete_client(ctx: Context, client_id: uuid.UUID):
         record(cur, ctx, "client.delete", target=str(client_id))
 
 
-def purge_stale_records(ctx: Context):
+def purge_stale_records(ctx: Context) -> int:
     """Housekeeping for the cron job: expired sessions, old login failures and signup tokens,
-    deleted clients whose keys are gone."""
+    deleted clients whose keys are gone. Returns how many expired sessions were cleared."""
     window = timedelta(milliseconds=ctx.kms.settings.login_failure_window_ms)
     with db.transaction(ctx.conn) as cur:
         cur.execute(db.sql.purge_expired_sessions)
+        sessions = cur.rowcount
         cur.execute(db.sql.purge_old_login_failures, {"window": window})
         cur.execute(db.sql.purge_old_signup_tokens)
         cur.execute(db.sql.purge_expired_legacy_signup_tokens)
         cur.execute(db.sql.purge_deleted_clients)
+    return sessions

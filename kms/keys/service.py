@@ -293,11 +293,18 @@ def list_versions(ctx: Context, reference: str) -> list[dict]:
 
 # Jobs for cron: `flask --app app kms keys rotate-due`.
 
-def rotate_due_keys(ctx: Context) -> int:
+def rotate_due_keys(ctx: Context, progress=None) -> int:
     with db.transaction(ctx.conn) as cur:
         cur.execute(db.sql.keys_due_for_rotation)
         due = [row[0] for row in cur.fetchall()]
-    return sum(1 for key_id in due if _rotate_if_due(ctx, key_id) is not None)
+    if progress is not None:
+        progress.total = len(due)
+    rotated = 0
+    for done, key_id in enumerate(due, 1):
+        rotated += _rotate_if_due(ctx, key_id) is not None
+        if progress is not None:
+            progress.update(done)
+    return rotated
 
 
 def destroy_due_keys(ctx: Context) -> int:
@@ -331,6 +338,10 @@ def rewrap_keys(ctx: Context, batch: int = 500, progress=None) -> RewrapResult:
     keyring = ctx.kms.keyring
     rewrapped, failed = 0, []
     after = (0, 0)
+    if progress is not None:
+        with db.transaction(ctx.conn) as cur:
+            cur.execute(db.sql.rewrap_backlog, {"active": keyring.kek_active})
+            progress.total = cur.fetchone()[0]
     while True:
         with db.transaction(ctx.conn) as cur:
             cur.execute(db.sql.versions_to_rewrap, {"active": keyring.kek_active, "limit": batch,
@@ -356,6 +367,6 @@ def rewrap_keys(ctx: Context, batch: int = 500, progress=None) -> RewrapResult:
                 record(cur, ctx, "kek.rewrap", outcome="success", version=keyring.kek_active)
         rewrapped += moved
         if progress is not None:
-            progress(rewrapped, len(failed))
+            progress.update(rewrapped + len(failed))
         if len(rows) < batch:
             return RewrapResult(rewrapped, failed)

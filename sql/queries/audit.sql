@@ -51,14 +51,14 @@ SELECT seq, txid::text, row_mac FROM audit_events
 WHERE chain_pos IS NULL AND txid < %(horizon)s::xid8
 ORDER BY txid, seq LIMIT %(limit)s;
 
--- name: unsealed_audit_summary
-SELECT count(*), extract(epoch FROM now() - min(at)) FROM audit_events WHERE chain_pos IS NULL;
-
 -- name: seal_audit_events
 -- A whole batch in one statement: the i-th seq gets the i-th chain position and hash.
 UPDATE audit_events e SET chain_pos = batch.chain_pos, chain_hash = batch.chain_hash, chain_format = 2
 FROM unnest(%(seqs)s::bigint[], %(positions)s::bigint[], %(hashes)s::bytea[]) AS batch (seq, chain_pos, chain_hash)
 WHERE e.seq = batch.seq;
+
+-- name: audit_chain_length
+SELECT coalesce(max(chain_pos), 0) FROM audit_events;
 
 -- name: sealed_audit_chain
 SELECT seq, event_id, at, actor, action, target, version, outcome, request_id, source_ip, repeats, row_mac,

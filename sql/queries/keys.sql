@@ -129,6 +129,9 @@ RETURNING client_id, ref_hash;
 SELECT kek_version, count(*) FROM key_versions WHERE wrapped_dek IS NOT NULL
 GROUP BY kek_version ORDER BY kek_version;
 
+-- name: rewrap_backlog
+SELECT count(*) FROM key_versions WHERE wrapped_dek IS NOT NULL AND kek_version <> %(active)s;
+
 -- name: versions_to_rewrap
 -- In (key, version) order from where the last batch ended, so a version that cannot be
 -- re-wrapped (it fails authentication) is passed over once, not met again in every batch.

@@ -1,0 +1,88 @@
+"""Serving: one process (`SERVER_WORKERS=1`), or one worker of several (kms/serving/workers.py).
+
+Both run the same loop: waitress's event loop until a stop signal, then a drain — the listening
+socket is no longer read, every request already received is answered and its answer written,
+and only then are connections closed — bounded by DRAIN_TIMEOUT_S.
+"""
+import logging
+import threading
+import time
+
+from waitress import wasyncore
+
+from kms.serving.http import create_server
+
+log = logging.getLogger("kms")
+
+LOOP_TIMEOUT_S = 0.5  # how soon a stop signal is noticed
+DRAIN_TIMEOUT_S = 30.0
+
+
+def _in_flight(server) -> int:
+    """Connections with a request being read, run or answered."""
+    return sum(1 for channel in list(server.active_channels.values())
+               if channel.requests or channel.request is not None or channel.total_outbufs_len)
+
+
+def serve_until(server, stopping: threading.Event, drain_timeout: float = DRAIN_TIMEOUT_S):
+    """Run `server` until `stopping` is set, drain it, close it."""
+    loop_map = server._map
+    while not stopping.is_set():
+        wasyncore.loop(timeout=LOOP_TIMEOUT_S, map=loop_map, use_poll=True, count=1)
+    server.accepting = False  # readable() is now False: other workers take new connections
+    deadline = time.monotonic() + drain_timeout
+    while _in_flight(server) and time.monotonic() < deadline:
+        wasyncore.loop(timeout=0.05, map=loop_map, use_poll=True, count=1)
+    left = _in_flight(server)
+    if left:
+        log.warning("stopped with requests still in flight", extra={"connections": left})
+    server.task_dispatcher.shutdown(timeout=5)
+    wasyncore.close_all(loop_map)
+
+
+def _sample_pool(kms, stopping: threading.Event, every_s: float = 1.0):
+    """The pool's gauges, kept current in every worker (a scrape reaches only one of them)."""
+    while not stopping.wait(every_s):
+        kms.metrics.sample_pool(kms.pool)
+
+
+def serve_app(app, sock, stopping: threading.Event, *, run_sealer: bool = True):
+    """Serve `app` on the bound `sock` until `stopping` is set; the audit sealer runs beside it."""
+    from kms.audit.sealer import start_sealer
+    kms = app.extensions["kms"]
+    server = create_server(app, kms.settings, sock=sock)
+    sealer = start_sealer(kms) if run_sealer else None
+    sampler = threading.Thread(target=_sample_pool, args=(kms, stopping), name="pool-sampler", daemon=True)
+    sampler.start()
+    log.info("serving", extra={"host": kms.settings.server_host, "port": server.effective_port,
+                               "threads": kms.settings.server_threads})
+    try:
+        serve_until(server, stopping)
+    finally:
+        if sealer:
+            sealer.stop()
+        kms.close()
+        log.info("stopped")
+
+
+def run_server(settings, workers: int | None = None) -> int:
+    """`kms serve`: bind first, prepare the database once, then serve in this process
+    (one worker) or under a supervisor (several)."""
+    from kms import create_app
+    from kms.runtime import Kms
+    from kms.serving.lifecycle import bind_listener, stop_on_signals
+    workers = workers or settings.server_workers
+    sock = bind_listener(settings.server_host, settings.server_port)
+    try:
+        kms = Kms.start(settings, pool_size=None if workers == 1 else 2)
+    except BaseException:
+        sock.close()
+        raise
+    if workers == 1:
+        stopping = threading.Event()
+        stop_on_signals(stopping)
+        serve_app(create_app(kms=kms), sock, stopping)
+        return 0
+    kms.close()  # nothing of the database crosses the fork: each worker opens its own pool
+    from kms.serving.workers import Supervisor
+    return Supervisor(settings, sock, workers).run()

@@ -1,0 +1,173 @@
+"""`SERVER_WORKERS=N`: N waitress processes on one listening socket, supervised by their parent.
+
+One process is bound by the GIL; N worker processes use N cores, as `gunicorn -w N` does, with
+waitress as the server. The parent binds the socket once, prepares the database once (migrations,
+secret checks, the first admin), then forks the workers and only supervises:
+- a worker that dies is replaced, after a back-off that grows while workers keep dying young;
+- SIGTERM, SIGINT or SIGHUP: every worker drains its in-flight requests, then the parent exits 0;
+- a worker never outlives its parent: Linux sends it SIGTERM when the parent dies (PDEATHSIG),
+  however the parent died.
+Shared state lives in PostgreSQL (sessions, throttles, locks), so workers need no coordination
+beyond two things the parent hands them: the host-wide bound on password hashing (HashGate) and
+a directory for the metrics every worker's /metrics sums.
+"""
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+from kms.serving.lifecycle import die_with_parent, stop_on_signals
+from kms.serving.server import DRAIN_TIMEOUT_S, serve_app
+
+log = logging.getLogger("kms")
+
+REAP_INTERVAL_S = 0.2
+STABLE_AFTER_S = 10.0  # a worker that lived this long resets the back-off
+MAX_BACKOFF_S = 30.0
+
+
+@dataclass
+class Worker:
+    slot: int  # 0 .. N-1; slot 0 runs the audit sealer
+    pid: int
+    started: float
+
+
+class Supervisor:
+    def __init__(self, settings, sock, workers: int):
+        from kms.auth.passwords import HashGate
+        self.settings = settings
+        self.sock = sock
+        self.count = workers
+        self.hash_gate = HashGate(shared=True)
+        self.metrics_dir = tempfile.mkdtemp(prefix="kms-metrics-")
+        self.workers: dict[int, Worker] = {}  # pid -> worker
+        self.failures = [0] * workers  # deaths in a row, young, per slot
+        self.respawn_at: dict[int, float] = {}  # slot -> when
+        self.stopping = threading.Event()
+
+    def run(self) -> int:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        stop_on_signals(self.stopping)
+        try:
+            for slot in range(self.count):
+                self._spawn(slot)
+            log.info("serving", extra={"host": self.settings.server_host, "port": self.sock.getsockname()[1],
+                                       "workers": self.count, "threads": self.settings.server_threads})
+            while not self.stopping.is_set():
+                self._reap()
+                self._respawn_due()
+                self.stopping.wait(REAP_INTERVAL_S)
+            self._stop_workers()
+        finally:
+            self.sock.close()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        log.info("stopped")
+        return 0
+
+    def _spawn(self, slot: int):
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the parent's code
+            code = 1
+            try:
+                code = run_worker(self.settings, self.sock, slot, self.hash_gate)
+            except BaseException as error:  # noqa: BLE001 - report, then exit with a code the parent sees
+                log.error("worker failed", extra={"slot": slot, "error_code": type(error).__name__,
+                                                  "problem": _safe_message(error)})
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.workers[pid] = Worker(slot, pid, time.monotonic())
+
+    def _reap(self):
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            self._forget_metrics(pid)
+            lived = time.monotonic() - worker.started
+            self.failures[worker.slot] = 0 if lived >= STABLE_AFTER_S else self.failures[worker.slot] + 1
+            delay = 0.0 if self.failures[worker.slot] <= 1 else min(MAX_BACKOFF_S, 2.0 ** (self.failures[worker.slot] - 1))
+            log.warning("worker died; replacing it", extra={"slot": worker.slot, "pid": pid, "exit": _describe(status),
+                                                           "livedSeconds": round(lived, 1), "restartInSeconds": delay})
+            self.respawn_at[worker.slot] = time.monotonic() + delay
+
+    def _respawn_due(self):
+        now = time.monotonic()
+        for slot, when in list(self.respawn_at.items()):
+            if when <= now:
+                del self.respawn_at[slot]
+                self._spawn(slot)
+
+    def _stop_workers(self):
+        for pid in self.workers:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S + 10
+        while self.workers and time.monotonic() < deadline:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                self.workers.pop(pid, None)
+            else:
+                time.sleep(0.05)
+        for pid in self.workers:  # stuck past its drain: no choice left
+            log.error("worker did not stop; killing it", extra={"pid": pid})
+            _signal(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        self.workers.clear()
+
+    def _forget_metrics(self, pid: int):
+        """A dead worker's counters stay in the sums; its live gauges (pool in use) go."""
+        from prometheus_client import multiprocess
+        multiprocess.mark_process_dead(pid, self.metrics_dir)
+
+
+def run_worker(settings, sock, slot: int, hash_gate) -> int:
+    """A worker's life: its own pool and app (the parent prepared the database), served on the
+    shared socket until SIGTERM."""
+    if not die_with_parent(signal.SIGTERM):
+        return 0  # the parent is already gone
+    stopping = threading.Event()
+    stop_on_signals(stopping, (signal.SIGTERM, signal.SIGHUP))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
+    from kms import create_app
+    from kms.observability import use_multiprocess_metrics
+    from kms.runtime import Kms
+    use_multiprocess_metrics()
+    kms = Kms.open(settings, hash_gate=hash_gate)
+    kms.pool.warm()
+    app = create_app(kms=kms)
+    serve_app(app, sock, stopping, run_sealer=slot == 0)
+    return 0
+
+
+def _signal(pid: int, sig: int):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return signal.Signals(os.WTERMSIG(status)).name
+    return f"exit {os.WEXITSTATUS(status)}"
+
+
+def _safe_message(error: BaseException) -> str:
+    """ConfigError and the like say what to fix and never carry secrets; anything else is named
+    by its type alone."""
+    from kms.config import ConfigError
+    return error.format_message() if isinstance(error, ConfigError) else type(error).__name__
