@@ -1,22 +1,78 @@
-"""Host-local administration: `flask --app app kms <command>`. Works on the database directly,
-without the HTTP server; host access is the authority, and every action is audited as `cli`."""
+"""The command line: `kms <command>` (or `flask --app app kms <command>`).
+
+`kms serve` and `kms dev` run the server; the admin commands work on the database directly,
+without the HTTP server: host access is the authority, and every action is audited as `cli`.
+Nothing needs configuration or a database until a command does: `kms --help` and `kms
+gen-secret` work anywhere. An admin command opens one database connection, checks that the
+schema is current and the secrets fit the stored data, and changes nothing else (`kms migrate`
+migrates).
+
+Exit codes (README, "Command line"): 0 done; 1 the command's own failure (a broken audit chain,
+no such client); 2 usage or configuration; 3 something needed is unreachable or taken (the
+database, the listening port); 4 stored data failed an integrity check.
+"""
 import json
 import re
 import sys
+import time
 from contextlib import contextmanager
 
 import click
-from flask import current_app
-from flask.cli import AppGroup
+from flask import Flask, current_app
+from flask.cli import AppGroup, FlaskGroup
 
-from kms import db
 from kms.rules import password_problem
 from kms.config import generate_secret
 from kms.context import Context
 
-EXIT_INTEGRITY = 4  # stored data failed an integrity check (README, "Command line")
+EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTEGRITY = 1, 2, 3, 4
 
 DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+class OneLineError(click.ClickException):
+    """What went wrong and what to do, on one line of stderr, without click's `Error:` prefix."""
+
+    def show(self, file=None):
+        click.echo(self.format_message(), err=True, file=file)
+
+
+class Unreachable(OneLineError):
+    exit_code = EXIT_UNREACHABLE
+
+
+class IntegrityProblem(OneLineError):
+    exit_code = EXIT_INTEGRITY
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+class KmsGroup(AppGroup):
+    """Turns what goes wrong outside the command's control into one line and an exit code,
+    instead of a traceback."""
+
+    def invoke(self, ctx):
+        import psycopg2
+        from kms.errors import IntegrityFailure, ServiceUnavailable
+        from kms.serving.lifecycle import PortTaken
+        from kms.db import MigrationNeedsSecrets
+        try:
+            return super().invoke(ctx)
+        except psycopg2.OperationalError as error:  # libpq names host and port, never the password
+            raise Unreachable(f"database unavailable: {_first_line(error)}; check DATABASE_URL and that "
+                              "PostgreSQL is running") from None
+        except ServiceUnavailable:
+            raise Unreachable("database unavailable: check DATABASE_URL and that PostgreSQL is running") from None
+        except PortTaken as error:
+            raise Unreachable(str(error)) from None
+        except IntegrityFailure:
+            raise IntegrityProblem("stored data failed an integrity check (see the log line above; the audit "
+                                   "trail records it as integrity.failure)") from None
+        except MigrationNeedsSecrets as error:
+            raise click.ClickException(str(error)) from None
 
 
 def parse_duration_ms(text: str) -> int:
@@ -27,14 +83,69 @@ def parse_duration_ms(text: str) -> int:
     return int(match.group(1)) * DURATION_UNITS[match.group(2) or "ms"]
 
 
+def runtime():
+    """The KMS the command works on: the app's own when it has one (dev mode, tests), else one
+    opened now from the environment with a single connection, checked, and closed with the command."""
+    app = current_app
+    kms = app.extensions.get("kms")
+    if kms is None:
+        from kms.config import load_settings
+        from kms.runtime import Kms
+        kms = Kms.open(load_settings(), pool_size=1)
+        click.get_current_context().call_on_close(kms.close)
+        kms.check()
+        app.extensions["kms"] = kms
+    return kms
+
+
 @contextmanager
 def cli_context():
-    kms = current_app.extensions["kms"]
+    kms = runtime()
     with kms.pool.connection() as conn:
         yield Context(kms=kms, conn=conn, source_ip="local", origin="cli")
 
 
-@click.group("kms", cls=AppGroup)
+class Progress:
+    """done/total and a rate on a terminal, redrawn at most every half second; nothing until the
+    summary line otherwise (cron mail, logs)."""
+
+    def __init__(self, what: str, stream=None):
+        self.what = what
+        self.stream = stream or sys.stderr
+        self.total: int | None = None
+        self.done = 0
+        self.started = time.monotonic()
+        self._drawn = 0.0
+        self.live = self.stream.isatty()
+
+    def update(self, done: int):
+        self.done = done
+        now = time.monotonic()
+        if self.live and (now - self._drawn >= 0.5 or done == self.total):
+            self._drawn = now
+            total = f"/{self.total}" if self.total is not None else ""
+            self.stream.write(f"\r{self.what}: {done}{total} ({self.rate():.0f}/s)  ")
+            self.stream.flush()
+
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.started, 1e-6)
+
+    def finish(self) -> str:
+        """The summary's timing part; ends the live line."""
+        if self.live and self._drawn:
+            self.stream.write("\n")
+        return f"in {time.monotonic() - self.started:.1f} s, {self.rate():.0f}/s"
+
+
+def cli_app() -> Flask:
+    """The app of the command line: the commands, no routes, nothing opened until a command
+    needs it (runtime())."""
+    app = Flask("kms")
+    app.cli.add_command(kms_cli)
+    return app
+
+
+@click.group("kms", cls=KmsGroup)
 def kms_cli():
     """KMS administration."""
 
@@ -96,16 +207,25 @@ def unlock(clientname):
 
 @kms_cli.command("migrate")
 def migrate():
-    """Apply pending schema migrations."""
-    applied = db.migrate(current_app.extensions["kms"].settings.database_url)
-    for name in applied:
-        click.echo(f"applied {name}")
-    click.echo(f"schema is current (version {db.latest_schema_version()})")
+    """Apply pending schema migrations (safe while servers run, and when several start at once)."""
+    from kms import db
+    from kms.config import load_settings
+    from kms.runtime import Kms
+    kms = current_app.extensions.get("kms")
+    if kms is None:
+        kms = Kms.open(load_settings(), pool_size=1)
+        click.get_current_context().call_on_close(kms.close)
+    applied = kms.migrate()
+    version = db.latest_schema_version()
+    if applied:
+        click.echo(f"applied {', '.join(applied)}; schema at version {version}")
+    else:
+        click.echo(f"schema is current (version {version})")
 
 
 @kms_cli.command("gen-secret")
 def gen_secret():
-    """Print a new random 32-byte key in base64url (for KEK, JWT_SECRET, ...)."""
+    """Print a new random 32-byte key in base64url (for KEK, JWT_SECRET, ...); needs no configuration."""
     click.echo(generate_secret())
 
 
@@ -134,7 +254,9 @@ def kek_generate(uri):
     """Create a non-extractable AES-256 key in a PKCS#11 token, for use as KEK_n=URI."""
     from kms.keyproviders import load_module
     from kms.keyproviders.pkcs11 import generate_key, parse_pkcs11_uri
-    settings = current_app.extensions["kms"].settings
+    from kms.config import load_settings
+    kms = current_app.extensions.get("kms")
+    settings = kms.settings if kms else load_settings()
     try:
         parsed = parse_pkcs11_uri(uri)
     except ValueError as problem:
@@ -155,12 +277,14 @@ def kek_generate(uri):
 def kek_rewrap():
     """Re-wrap every DEK under the active KEK (after adding KEK_n and setting KEK_ACTIVE)."""
     from kms.keys.service import rewrap_keys
+    progress = Progress("re-wrapping DEK versions")
     with cli_context() as ctx:
-        result = rewrap_keys(ctx)
-    active = current_app.extensions["kms"].keyring.kek_active
+        result = rewrap_keys(ctx, progress=progress)
+        active = ctx.kms.keyring.kek_active
+    timing = progress.finish()
     for key_id, version in result.failed:
         click.echo(f"key {key_id} version {version}: stored DEK failed authentication; left as it is", err=True)
-    click.echo(f"re-wrapped {result.rewrapped} DEK versions under KEK version {active}")
+    click.echo(f"re-wrapped {result.rewrapped} DEK versions under KEK version {active} ({timing})")
     if result.failed:
         click.echo(f"{len(result.failed)} DEK versions could not be re-wrapped (see above; recorded in the audit "
                    "trail as kek.rewrap integrity_error)", err=True)
@@ -179,12 +303,14 @@ def rotate_due():
     from kms.clients.service import purge_stale_records
     from kms.keys.service import destroy_due_keys, rotate_due_keys
     from kms.audit.service import flush_refusals
+    progress = Progress("rotating keys past their period")
     with cli_context() as ctx:
         flush_refusals(ctx)
-        rotated = rotate_due_keys(ctx)
+        rotated = rotate_due_keys(ctx, progress=progress)
         destroyed = destroy_due_keys(ctx)
-        purge_stale_records(ctx)
-    click.echo(f"rotated {rotated} keys, destroyed {destroyed} keys")
+        purged = purge_stale_records(ctx)
+    click.echo(f"rotated {rotated} keys ({progress.finish()}), destroyed {destroyed} keys, "
+               f"cleared {purged} expired sessions")
 
 
 @kms_cli.group("audit")
@@ -229,14 +355,17 @@ def audit_verify(head):
     with cli_context() as ctx:
         head = head or read_head_file(ctx.kms.settings.audit_head_file)
         flush_refusals(ctx)
-        result = verify_chain(ctx.conn, ctx.kms.audit_key, head)
+        progress = Progress("verifying the audit chain")
+        result = verify_chain(ctx.conn, ctx.kms.audit_key, head, progress=progress)
         record_alone(ctx, "audit.verify", "success" if result.ok else "broken",
                      target=None if result.ok else str(result.seq))
     if not result.ok:
+        progress.finish()
         click.echo(f"audit chain BROKEN at seq {result.seq}: {result.problem} ({result.checked} rows verified before it)",
                    err=True)
         sys.exit(1)
-    click.echo(f"audit chain intact: {result.checked} events verified; head {result.head or 'none'}")
+    click.echo(f"audit chain intact: {result.checked} events verified ({progress.finish()}); "
+               f"head {result.head or 'none'}")
 
 
 @audit.command("export")
@@ -247,3 +376,58 @@ def audit_export(after):
     with cli_context() as ctx:
         for event in export_events(ctx.conn, after):
             click.echo(json.dumps(event, default=str))
+
+
+@click.command("serve")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Worker processes sharing the port (default: SERVER_WORKERS, else 1).")
+def serve(workers):
+    """Serve the KMS with waitress (configuration from the environment or .env)."""
+    from kms.config import load_settings
+    from kms.observability import configure_logging
+    from kms.serving.server import run_server
+    settings = load_settings()
+    log_writer = configure_logging(settings.log_level)
+    try:
+        code = run_server(settings, workers)
+    finally:
+        log_writer.close()  # what is buffered gets written
+    sys.exit(code)
+
+
+@click.command("dev")
+def dev():
+    """A throwaway KMS: embedded PostgreSQL, generated secrets, an admin and a signup token."""
+    import os
+    from kms.observability import configure_logging
+    from kms.serving.dev import DevModeRefused, run_dev
+    from kms.serving.throwaway_postgres import NoServerBinaries
+    log_writer = configure_logging(os.environ.get("LOG_LEVEL", "INFO").upper())
+    try:
+        code = run_dev()
+    except DevModeRefused as refused:
+        raise click.UsageError(str(refused)) from None
+    except NoServerBinaries as missing:
+        raise click.ClickException(str(missing)) from None
+    finally:
+        log_writer.close()
+    sys.exit(code)
+
+
+class KmsCommand(FlaskGroup, KmsGroup):
+    """`kms`: a FlaskGroup for its `--env-file` and .env loading, without Flask's own commands
+    and options."""
+
+    def __init__(self, **kwargs):
+        super().__init__(create_app=lambda: Flask("kms"), add_default_commands=False, add_version_option=False,
+                         **kwargs)
+        self.params = [param for param in self.params if param.name == "env_file"]
+
+
+main = KmsCommand(name="kms", help="KMS: serve (`kms serve`, `kms dev`) and administer (every other command) "
+                                   "the key management service. Configuration comes from the environment, "
+                                   "from .env in this directory or above, or from --env-file.")
+main.add_command(serve)
+main.add_command(dev)
+for _command in kms_cli.commands.values():
+    main.add_command(_command)

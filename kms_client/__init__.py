@@ -26,7 +26,7 @@ from datetime import datetime
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["Client", "Key", "KeyBundle", "KmsError"]
+__all__ = ["Client", "Key", "KeyBundle", "KmsError", "KmsUnreachable", "BlobError"]
 
 BLOB_MAGIC = b"KMS1"  # blob: magic | version (4 bytes, big endian) | nonce (12) | ciphertext+tag
 
@@ -37,6 +37,20 @@ class KmsError(Exception):
     def __init__(self, status: int, code: str, message: str):
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message = status, code, message
+
+
+class KmsUnreachable(KmsError):
+    """No answer from the KMS: refused, timed out, a name that does not resolve, TLS failing."""
+
+    def __init__(self, base_url: str, reason: str):
+        super().__init__(0, "unreachable", f"no answer from {base_url} ({reason})")
+
+
+class BlobError(KmsError):
+    """A blob that is not one of ours, or that fails authentication (altered, other key or aad)."""
+
+    def __init__(self, message: str):
+        super().__init__(400, "bad_blob", message)
 
 
 @dataclass(frozen=True, repr=False)
@@ -101,6 +115,7 @@ class Client:
                     return json.loads(text) if text else None
             except urllib.error.HTTPError as error:
                 payload = error.read()
+                error.close()
                 if error.code in (429, 503) and attempt < self.retries:
                     retry_after = error.headers.get("Retry-After", "")
                     time.sleep(min(float(retry_after) if retry_after.isdigit() else 0.2 * 2 ** attempt, 10))
@@ -110,6 +125,9 @@ class Client:
                     raise KmsError(error.code, answer.get("error", "error"), answer.get("message", "")) from None
                 except ValueError:
                     raise KmsError(error.code, "error", "unexpected answer") from None
+            except (urllib.error.URLError, OSError) as error:  # HTTPError, above, is one too
+                reason = getattr(error, "reason", None) or error
+                raise KmsUnreachable(self.base_url, str(reason)) from None
         raise AssertionError("unreachable")
 
     def _token_for_request(self) -> str:
@@ -196,11 +214,11 @@ class Client:
 
     def decrypt(self, reference: str, blob: bytes, aad: bytes = b"") -> bytes:
         if len(blob) < 8 + 12 + 16 or blob[:4] != BLOB_MAGIC:
-            raise KmsError(400, "bad_blob", "not a KMS blob")
+            raise BlobError("not a KMS blob")
         header, nonce, ciphertext = blob[:8], blob[8:20], blob[20:]
         version = struct.unpack(">I", header[4:])[0]
         key = self.get_key(reference, version).decrypt_with
         try:
             return AESGCM(key.dek).decrypt(nonce, ciphertext, header + aad)
         except InvalidTag:
-            raise KmsError(400, "bad_blob", "the blob was altered, or the key or aad differs") from None
+            raise BlobError("the blob was altered, or the key or aad differs") from None
