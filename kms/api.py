@@ -91,4 +91,29 @@ def register_api(app):
         api.register_blueprint(blueprint)
     app.add_url_rule("/healthz", "healthz", healthz, methods=["GET"])
     app.add_url_rule("/readyz", "readyz", readyz, methods=["GET"])
+    _document_probes(app, api)
     return api
+
+
+def _document_probes(app, api):
+    """The probes and /metrics are plain Flask routes; describe them in /openapi.json too."""
+    rules = {rule.rule: rule for rule in app.url_map.iter_rules()}
+    anonymous = {"security": [], "tags": ["Operations"]}
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    api.spec.path(rule=rules["/healthz"], operations={"get": {
+        **anonymous, "summary": "Liveness: the process answers (it does not touch the database)",
+        "responses": {"200": {"description": "Alive", "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"status": {"type": "string", "enum": ["ok"]}}}}}}}}})
+    api.spec.path(rule=rules["/readyz"], operations={"get": {
+        **anonymous, "summary": "Readiness: the database answers and its schema is current",
+        "responses": {
+            "200": {"description": "Ready", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"status": {"type": "string", "enum": ["ready"]},
+                                                 "schemaVersion": {"type": "integer"}}}}}},
+            "503": {"description": "Not ready (database unreachable or schema not current); see Retry-After",
+                    "content": error}}}})
+    api.spec.path(rule=rules["/metrics"], operations={"get": {
+        **anonymous, "summary": "Prometheus metrics of the whole server (all workers); keep it on the internal "
+                                "network",
+        "responses": {"200": {"description": "Prometheus text exposition format 0.0.4",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}}}})

@@ -75,6 +75,11 @@ def _key(body: dict) -> Key:
                expires_at=datetime.fromisoformat(body["expiresAt"].replace("Z", "+00:00")).timestamp())
 
 
+def _now() -> float:
+    """Wall-clock seconds: expiry times from the KMS are wall-clock times."""
+    return time.time()
+
+
 def _segment(reference: str) -> str:
     return urllib.parse.quote(reference, safe="")
 
@@ -132,7 +137,7 @@ class Client:
 
     def _token_for_request(self) -> str:
         with self._lock:
-            if self._token is None or time.time() > self._token_expires - 30:
+            if self._token is None or _now() > self._token_expires - 30:
                 if not (self.clientname and self._password):
                     raise KmsError(401, "unauthorized", "no credentials: set KMS_USER and KMS_PASS")
                 body = self._send("POST", "/auth/login", {"clientname": self.clientname, "password": self._password},
@@ -184,7 +189,7 @@ class Client:
         cache_key = (reference, version)
         with self._lock:
             cached = self._cache.get(cache_key)
-        if cached and cached.encrypt_with.expires_at > time.time():
+        if cached and cached.encrypt_with.expires_at > _now():
             return cached
         path = f"/keys/{_segment(reference)}" + ("" if version is None else f"/{int(version)}")
         body = self._call("GET", path)
