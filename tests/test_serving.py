@@ -1,6 +1,5 @@
-"""The two ways to run the KMS as a process: `python app.py` and `python app.py dev`."""
+"""The KMS as a server process: `python app.py` (`kms serve`). Dev mode: tests/test_dev_mode.py."""
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -66,43 +65,3 @@ def test_server_serves_seals_the_audit_trail_and_stops_cleanly_on_sigterm(base_e
     assert process.returncode == 0
     assert '"msg": "stopped"' in stderr
     assert ADMIN_PASSWORD not in stderr and login.json()["token"] not in stderr
-
-
-def test_dev_mode_gives_a_working_server_whose_printed_token_works():
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "app.py", "dev"], cwd=ROOT,
-                               env=clean_env(SERVER_PORT=str(port), SERVER_THREADS="4"),
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        base_url = f"http://127.0.0.1:{port}"
-        wait_for_health(base_url, process)
-        printed = ""
-        while "Try it" not in printed:
-            printed += process.stdout.readline()
-        printed += "".join(process.stdout.readline() for _ in range(6))
-        signup_token = re.search(r"Signup token:\s+(\S+)", printed).group(1)
-        admin_password = re.search(r"Admin:\s+admin / (\S+)", printed).group(1)
-        # the printed curl lines, as requests
-        token = requests.post(base_url + "/auth/signup",
-                              json={"token": signup_token, "password": "Demo-passw0rd!"}).json()["token"]
-        generated = requests.post(base_url + "/keys/actions/generate", json={"keyReference": "billing-db"},
-                                  headers={"Authorization": f"Bearer {token}"})
-        assert generated.status_code == 200 and generated.json()["version"] == 1
-        assert "-d '{\"keyReference\": \"billing-db\"}'" in printed
-        assert requests.post(base_url + "/auth/login",
-                             json={"clientname": "admin", "password": admin_password}).status_code == 200
-        process.send_signal(signal.SIGINT)  # Ctrl-C
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stdout.close()
-    assert process.returncode == 0
-
-
-def test_dev_mode_refuses_a_non_loopback_host():
-    result = subprocess.run([sys.executable, "app.py", "dev"], cwd=ROOT, env=clean_env(SERVER_HOST="0.0.0.0"),
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0
-    assert "refuses to listen on 0.0.0.0" in result.stderr

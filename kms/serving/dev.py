@@ -98,6 +98,7 @@ KMS dev mode: throwaway database and secrets; everything is deleted when it stop
   URL:           {base}
   Admin:         admin / {env['MASTER_ADMIN_PASSWORD']}
   Signup token:  {token}   (for client "demo-service", valid 24 h)
+  Database:      {database.root}
   Settings:      {env_file} (mode 0600, deleted on exit), for the admin commands:
                  kms --env-file {DEV_ENV_FILE} signup-token --name billing-service
 

