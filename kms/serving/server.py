@@ -42,6 +42,7 @@ def serve_until(server, stopping: threading.Event, drain_timeout: float = DRAIN_
 
 def _sample_pool(kms, stopping: threading.Event, every_s: float = 1.0):
     """The pool's gauges, kept current in every worker (a scrape reaches only one of them)."""
+    kms.metrics.sample_pool(kms.pool)
     while not stopping.wait(every_s):
         kms.metrics.sample_pool(kms.pool)
 

@@ -1,0 +1,272 @@
+"""Several server processes: `kms serve --workers N` (one socket, a supervising parent, one set of
+metrics) and two servers on different ports over one database (shared state lives in PostgreSQL)."""
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg2
+import pytest
+import requests
+from prometheus_client.mmap_dict import MmapedDict
+
+from kms.serving.throwaway_postgres import _free_port
+from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, bearer
+
+KMS = str(Path(sys.executable).parent / "kms")
+
+
+class ServerProcess:
+    """`kms serve` in a process of its own, on a free port."""
+
+    def __init__(self, env: dict, tmp_path: Path, workers: int = 1):
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.tmp_path = tmp_path
+        environment = {name: value for name, value in os.environ.items() if name in ("PATH", "HOME", "LANG")}
+        environment.update(env, SERVER_PORT=str(self.port), TMPDIR=str(tmp_path))
+        self.log = open(tmp_path / f"server-{self.port}.log", "w")
+        self.process = subprocess.Popen([KMS, "serve", "--workers", str(workers)], env=environment,
+                                        stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.process.poll() is None, (tmp_path / f"server-{self.port}.log").read_text()
+            try:
+                if requests.get(self.base + "/readyz", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.1)
+        if workers > 1:
+            self.wait_for_workers(workers)
+
+    def workers(self) -> list[int]:
+        children = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    fields = (proc / "stat").read_text().rsplit(") ", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == self.process.pid and fields[0] != "Z":
+                    children.append(int(proc.name))
+        return sorted(children)
+
+    def wait_for_workers(self, count: int, exclude=(), timeout=30) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = self.workers()
+            if len(pids) == count and not set(pids) & set(exclude):
+                return pids
+            time.sleep(0.1)
+        raise AssertionError(f"workers: {self.workers()}")
+
+    def metrics_dir(self) -> Path:
+        return next(self.tmp_path.glob("kms-metrics-*"))
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def servers(make_app, base_env, tmp_path):
+    make_app()  # schema and first admin in place, tables emptied
+    started = []
+
+    def start(workers=1, **overrides):
+        server = ServerProcess({**base_env, "AUDIT_SEAL_INTERVAL": "100", **overrides}, tmp_path, workers)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def metric(base: str, line_start: str) -> float:
+    for line in requests.get(base + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def served_by_pid(metrics_dir: Path, route: str) -> dict[int, float]:
+    """Requests to `route` each worker counted, read from their own metric files."""
+    counts = {}
+    for path in metrics_dir.glob("counter_*.db"):
+        pid = int(path.stem.split("_")[1])
+        for key, value, *_rest in MmapedDict.read_all_values_from_file(str(path)):
+            if key.startswith('["kms_http_requests"') and f'"route": "{route}"' in key:
+                counts[pid] = counts.get(pid, 0) + value
+    return counts
+
+
+def hit(base: str, path: str, count: int, parallel: int = 8):
+    def one(_):
+        # a new connection each time, so the kernel hands them to whichever worker accepts first
+        return requests.get(base + path, headers={"Connection": "close"}, timeout=30).status_code
+
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_workers_share_one_port_and_metrics_add_up_over_all_of_them(servers):
+    server = servers(workers=2)
+    first, second = server.workers()
+    assert set(hit(server.base, "/healthz", 400)) == {200}
+    by_pid = served_by_pid(server.metrics_dir(), "/healthz")
+    assert by_pid.get(first, 0) > 0 and by_pid.get(second, 0) > 0, by_pid  # both served
+    assert sum(by_pid.values()) == 400
+    assert metric(server.base, 'kms_http_requests_total{method="GET",route="/healthz",status="200"}') == 400
+    # a worker that dies is replaced, and what it counted stays counted
+    os.kill(first, signal.SIGKILL)
+    replacement = server.wait_for_workers(2, exclude=[first])
+    assert second in replacement
+    assert set(hit(server.base, "/healthz", 100)) == {200}
+    assert metric(server.base, 'kms_http_requests_total{method="GET",route="/healthz",status="200"}') == 500
+    # live gauges of the dead one are gone: two pools of SERVER_THREADS each, once the new one is up
+    deadline = time.monotonic() + 10
+    while metric(server.base, "kms_db_pool_connections") != 2 * 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(server.base, "kms_db_pool_connections") == 2 * 4
+
+
+def test_sigterm_lets_every_in_flight_request_finish_then_exits_0(servers, base_env):
+    server = servers(workers=2)
+    blocker = psycopg2.connect(base_env["DATABASE_URL"])
+    answers = []
+    try:
+        with blocker.cursor() as cur:  # every audited write waits for this lock
+            cur.execute("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+        login = threading.Thread(target=lambda: answers.append(requests.post(
+            server.base + "/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}, timeout=30)))
+        login.start()
+        time.sleep(1.0)  # the login is in flight, waiting on the lock
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert server.process.poll() is None  # draining, not gone
+    finally:
+        blocker.rollback()  # the lock goes; the login completes
+        blocker.close()
+    login.join(timeout=30)
+    assert answers and answers[0].status_code == 200
+    assert server.process.wait(timeout=30) == 0
+    assert server.workers() == []
+
+
+def test_a_killed_parent_takes_its_workers_with_it(servers):
+    server = servers(workers=2)
+    workers = server.workers()
+    server.process.kill()
+    server.process.wait()
+    deadline = time.monotonic() + 30
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                 and Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0] != "Z"]
+        time.sleep(0.1)
+    assert alive == []
+    with pytest.raises(requests.ConnectionError):
+        requests.get(server.base + "/healthz", timeout=2)
+
+
+def signup(base: str, admin: str, name: str) -> str:
+    token = requests.post(base + "/auth/signup/generate", json={"clientname": name}, headers=bearer(admin)).json()
+    answer = requests.post(base + "/auth/signup", json={"token": token["token"], "password": CLIENT_PASSWORD})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["token"]
+
+
+def test_two_servers_over_one_database_share_sessions_throttles_rotations_and_the_audit_chain(servers, base_env):
+    a, b = servers(), servers()
+    admin = requests.post(a.base + "/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}).json()
+    admin = admin["token"]
+    # a token logged out through one is refused by the other at once
+    token = signup(a.base, admin, "svc-one")
+    assert requests.get(b.base + "/keys", headers=bearer(token)).status_code == 200
+    assert requests.post(a.base + "/auth/logout", headers=bearer(token)).status_code == 204
+    assert requests.get(b.base + "/keys", headers=bearer(token)).status_code == 401
+    # a client disabled through one is refused by the other
+    other = signup(b.base, admin, "svc-two")
+    assert requests.get(b.base + "/keys", headers=bearer(other)).status_code == 200
+    clients = requests.get(a.base + "/clients", headers=bearer(admin)).json()["clients"]
+    two = next(c["id"] for c in clients if c["clientname"] == "svc-two")
+    assert requests.post(a.base + f"/clients/{two}/actions/disable", headers=bearer(admin)).ok
+    assert requests.get(b.base + "/keys", headers=bearer(other)).status_code == 401
+    # the login throttle counts failures made through both (5 per client by default)
+    signup(a.base, admin, "svc-three")
+    for base in (a.base, b.base, a.base, b.base, a.base):
+        wrong = requests.post(base + "/auth/login", json={"clientname": "svc-three", "password": "Wrong-passw0rd!"})
+        assert wrong.status_code == 401
+    locked = requests.post(b.base + "/auth/login", json={"clientname": "svc-three", "password": CLIENT_PASSWORD})
+    assert locked.status_code == 429
+    # parallel rotations through both: contiguous versions, exactly one in use
+    owner = signup(b.base, admin, "svc-four")
+    assert requests.post(a.base + "/keys/actions/generate", json={"keyReference": "shared"},
+                         headers=bearer(owner)).status_code == 200
+
+    def rotate(index):
+        return requests.post((a.base, b.base)[index % 2] + "/keys/shared/actions/rotate", headers=bearer(owner),
+                             timeout=30).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(rotate, range(40)))
+    assert set(statuses) <= {200, 409} and statuses.count(200) >= 1
+    versions = requests.get(b.base + "/keys/shared/versions", headers=bearer(owner)).json()["versions"]
+    assert [v["version"] for v in versions] == list(range(1, statuses.count(200) + 2))
+    assert [v["state"] for v in versions].count("in-use") == 1
+    # both sealers ran all along (every 100 ms): the chain has each event once, in order, intact
+    time.sleep(0.5)
+    with psycopg2.connect(base_env["DATABASE_URL"]) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*), count(DISTINCT chain_pos), min(chain_pos), max(chain_pos) FROM audit_events "
+                    "WHERE chain_pos IS NOT NULL")
+        count, distinct, first, last = cur.fetchone()
+    conn.close()
+    assert count == distinct == last and first == 1
+    env = {name: value for name, value in os.environ.items() if name in ("PATH", "HOME", "LANG")}
+    verified = subprocess.run([KMS, "audit", "verify"], env={**env, **base_env}, capture_output=True, text=True,
+                              timeout=60)
+    assert verified.returncode == 0 and verified.stdout.startswith("audit chain intact"), verified.stderr
+
+
+def _hold_the_only_hashing_slot(gate, held, release):
+    gate.hashing.acquire()
+    held.set()
+    release.wait(10)
+    gate.hashing.release()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_password_hashing_is_bounded_across_worker_processes(shared):
+    from kms.auth.passwords import HashGate, PasswordHasher
+    from kms.errors import Throttled
+    context = multiprocessing.get_context("fork")
+    gate = HashGate(concurrency=1, shared=shared)  # as a server's parent makes it, before forking
+    held, release = context.Event(), context.Event()
+    other_worker = context.Process(target=_hold_the_only_hashing_slot, args=(gate, held, release))
+    other_worker.start()
+    try:
+        assert held.wait(10)
+        hasher = PasswordHasher(gate=gate, wait_s=0.3)
+        if shared:  # the other worker holds the host's only slot: this one may not hash too
+            with pytest.raises(Throttled):
+                hasher.verify("Some-passw0rd!", None)
+        else:  # the control: with a gate per process, both would hash at once
+            assert hasher.verify("Some-passw0rd!", None) is False
+    finally:
+        release.set()
+        other_worker.join(10)
+    assert PasswordHasher(gate=gate, wait_s=2).verify("Some-passw0rd!", None) is False  # the slot is free again
