@@ -160,7 +160,10 @@ def signup_token(clientname, ttl, role):
     from schemas.common import CLIENTNAME, DAY_MS
     if not re.fullmatch(CLIENTNAME.regex, clientname):
         raise click.BadParameter(CLIENTNAME.error, param_hint="--name")
-    ttl_ms = parse_duration_ms(ttl)
+    try:
+        ttl_ms = parse_duration_ms(ttl)
+    except click.BadParameter as problem:
+        raise click.BadParameter(problem.message, param_hint="--ttl") from None
     if not 0 < ttl_ms <= 30 * DAY_MS:
         raise click.BadParameter("must be more than 0 and at most 30d", param_hint="--ttl")
     with cli_context() as ctx:

@@ -7,6 +7,7 @@ import uuid
 import pytest
 
 from kms.audit.service import record, seal_pending, verify_chain
+from kms.config import generate_secret
 from kms.context import Context
 from kms.db import connect, transaction
 from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, bearer
@@ -26,56 +27,77 @@ def actions(db):
     return [row[1] for row in events(db)]
 
 
-def full_workflow(client, auth, runner, db):
-    """Touch every kind of event once; returns the secrets seen on the way."""
+def ok(response):
+    assert response.status_code < 300, (response.request.method, response.request.path_url, response.text)
+    return response
+
+
+def cli_ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def full_workflow(client, auth, runner, db, make_app):
+    """Touch every kind of event once, each step checked to have done what it should; returns
+    the secrets seen on the way."""
     seen = {"passwords": [ADMIN_PASSWORD, CLIENT_PASSWORD], "tokens": [], "deks": [], "refs": [RAW_REF]}
     seen["tokens"].append(auth.admin_token)
     signup_token = auth.signup_token("audited-svc")
     seen["tokens"].append(signup_token)
-    token = client.post("/auth/signup", json={"token": signup_token, "password": CLIENT_PASSWORD}).json()["token"]
+    token = ok(client.post("/auth/signup", json={"token": signup_token, "password": CLIENT_PASSWORD})).json()["token"]
     seen["tokens"].append(token)
     h = bearer(token)
-    seen["deks"].append(client.post("/keys/actions/generate", json={"keyReference": RAW_REF}, headers=h).json()["dek"])
-    seen["deks"].append(client.post(f"/keys/{RAW_REF}/actions/rotate", headers=h).json()["dek"])
-    seen["deks"].append(client.get(f"/keys/{RAW_REF}/1", headers=h).json()["decryptWith"]["dek"])
-    client.post(f"/keys/{RAW_REF}/actions/set-rotation-period", json={"rotationPeriod": 60_000}, headers=h)
+    seen["deks"].append(ok(client.post("/keys/actions/generate", json={"keyReference": RAW_REF}, headers=h)).json()["dek"])
+    seen["deks"].append(ok(client.post(f"/keys/{RAW_REF}/actions/rotate", headers=h)).json()["dek"])
+    seen["deks"].append(ok(client.get(f"/keys/{RAW_REF}/1", headers=h)).json()["decryptWith"]["dek"])
+    ok(client.post(f"/keys/{RAW_REF}/actions/set-rotation-period", json={"rotationPeriod": 60_000}, headers=h))
     with db.cursor() as cur:
         cur.execute("UPDATE key_versions SET created_at = now() - interval '2 minutes'")
-    seen["deks"].append(client.get(f"/keys/{RAW_REF}", headers=h).json()["encryptWith"]["dek"])  # auto-rotates
-    client.post(f"/keys/{RAW_REF}/actions/retire", json={"belowVersion": 2}, headers=h)
-    client.delete(f"/keys/{RAW_REF}/actions/delete", headers=h)
-    client.post(f"/keys/{RAW_REF}/actions/restore", headers=h)
-    client.delete(f"/keys/{RAW_REF}/actions/delete", headers=h)
+    auto = ok(client.get(f"/keys/{RAW_REF}", headers=h)).json()["encryptWith"]
+    assert auto["version"] == 3  # auto-rotated
+    seen["deks"].append(auto["dek"])
+    ok(client.post(f"/keys/{RAW_REF}/actions/retire", json={"belowVersion": 2}, headers=h))
+    ok(client.delete(f"/keys/{RAW_REF}/actions/delete", headers=h))
+    ok(client.post(f"/keys/{RAW_REF}/actions/restore", headers=h))
+    ok(client.delete(f"/keys/{RAW_REF}/actions/delete", headers=h))
     with db.cursor() as cur:
         cur.execute("UPDATE keys SET destroy_after = now()")
-    runner.invoke(args=["kms", "keys", "rotate-due"])
-    client.post("/auth/logout", headers=h)
-    client.post("/auth/login", json={"clientname": "audited-svc", "password": "Wrong-passw0rd!"})
+    assert ", destroyed 1 keys" in cli_ok(runner.invoke(args=["kms", "keys", "rotate-due"])).output
+    seen["deks"].append(ok(client.post("/keys/actions/generate", json={"keyReference": "rewrap-me"}, headers=h))
+                        .json()["dek"])
+    ok(client.post("/auth/logout", headers=h))
+    assert client.post("/auth/login", json={"clientname": "audited-svc", "password": "Wrong-passw0rd!"}) \
+        .status_code == 401
     client_id = auth.client_id("audited-svc")
     admin = bearer(auth.admin_token)
-    client.post(f"/clients/{client_id}/role", json={"role": "admin"}, headers=admin)
-    client.post(f"/clients/{client_id}/actions/disable", headers=admin)
-    client.post(f"/clients/{client_id}/actions/enable", headers=admin)
-    client.delete(f"/clients/{client_id}", headers=admin)
-    cli_token = runner.invoke(args=["kms", "signup-token", "--name", "cli-svc"]).stdout.strip().splitlines()[-1]
+    ok(client.post(f"/clients/{client_id}/role", json={"role": "admin"}, headers=admin))
+    ok(client.post(f"/clients/{client_id}/actions/disable", headers=admin))
+    ok(client.post(f"/clients/{client_id}/actions/enable", headers=admin))
+    ok(client.delete(f"/clients/{client_id}", headers=admin))
+    cli_token = cli_ok(runner.invoke(args=["kms", "signup-token", "--name", "cli-svc"])).stdout.strip().splitlines()[-1]
     seen["tokens"].append(cli_token)
-    runner.invoke(args=["kms", "kek", "rewrap"])
+    # a second KEK, and the DEK still under the first moved to it
+    with_new_kek = make_app(KEK_2=generate_secret())
+    rewrapped = cli_ok(with_new_kek.test_cli_runner().invoke(args=["kms", "kek", "rewrap"]))
+    assert rewrapped.output.startswith("re-wrapped 1 DEK versions under KEK version 2")
     return seen
 
 
-def test_every_security_event_is_recorded(client, auth, runner, db):
-    full_workflow(client, auth, runner, db)
+def test_every_security_event_is_recorded_with_its_outcome(client, auth, runner, db, make_app):
+    full_workflow(client, auth, runner, db, make_app)
     for _ in range(5):
-        client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": "Wrong-passw0rd!"})
-    client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD})
-    recorded = set(actions(db))
-    assert recorded >= {
+        assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": "Wrong-passw0rd!"}) \
+            .status_code == 401
+    assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}).status_code == 429
+    recorded = {(row[1], row[4]) for row in events(db)}
+    succeeded = {
         "client.create", "login", "signup_token.issue", "signup_token.use", "client.signup", "key.generate",
         "key.rotate", "key.lookup", "key.set_rotation_period", "key.auto_rotate", "key.retire", "key.delete",
         "key.restore", "key.destroy", "logout", "client.role_change", "client.disable", "client.enable",
-        "client.delete"}
-    outcomes = {(row[1], row[4]) for row in events(db)}
-    assert ("login", "denied") in outcomes and ("login", "throttled") in outcomes
+        "client.delete", "kek.rewrap"}
+    assert {(action, "success") for action in succeeded} <= recorded, \
+        {(action, "success") for action in succeeded} - recorded
+    assert ("login", "denied") in recorded and ("login", "throttled") in recorded
 
 
 def test_events_name_actor_hashed_target_version_request_and_source(client, auth, db):
@@ -227,8 +249,9 @@ def test_audit_export_writes_json_lines(client, auth, runner):
     assert [e["seq"] for e in exported] == sorted(e["seq"] for e in exported)
 
 
-def test_no_secret_reaches_a_log_line_or_an_audit_row(client, auth, runner, db, secrets_env, captured_logs):
-    seen = full_workflow(client, auth, runner, db)
+def test_no_secret_reaches_a_log_line_or_an_audit_row(client, auth, runner, db, secrets_env, captured_logs,
+                                                     make_app):
+    seen = full_workflow(client, auth, runner, db, make_app)
     with db.cursor() as cur:
         cur.execute("SELECT string_agg(t::text, '\n') FROM audit_events t")
         audit_dump = cur.fetchone()[0]

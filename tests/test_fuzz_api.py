@@ -43,3 +43,19 @@ def test_fuzzing_as_a_client_finds_no_failure(live_server, auth, client):
 def test_fuzzing_as_an_admin_finds_no_failure(live_server, auth):
     result = fuzz(live_server, auth.admin_token)
     assert result.returncode == 0, f"KMS_FUZZ_SEED={result.seed}\n" + result.stdout[-4000:]
+
+
+@pytest.mark.skipif(not ST.exists(), reason="schemathesis is not installed")
+def test_fuzzing_logout_finds_no_failure(live_server, auth):
+    # Alone, with a token of its own: the first logout ends it, and every later call must still be
+    # a documented answer (401), never a 500.
+    token = auth.new_client("fuzz-logout-svc")
+    result = subprocess.run(
+        [str(ST), "--config-file", str(CONFIG), "run", f"{live_server}/openapi.json",
+         "-H", f"Authorization: Bearer {token}", "--include-path", "/auth/logout",
+         "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
+                     "response_headers_conformance,response_schema_conformance",
+         "--max-examples", EXAMPLES, "--workers", "1", "--no-color"],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "Operations:       1 selected" in result.stdout and "Tested: 1" in result.stdout

@@ -141,6 +141,25 @@ def test_parallel_generates_of_one_reference_give_one_200_and_409s(client, token
     assert statuses == [200] + [409] * 19
 
 
+def test_a_generate_in_progress_makes_another_answer_409_at_once_not_wait(app, client, token, db):
+    import time
+    import uuid
+    import jwt
+    from kms.keys.service import hash_key_reference
+    owner = uuid.UUID(jwt.decode(token, options={"verify_signature": False})["sub"])
+    ref_hash = hash_key_reference(app.extensions["kms"], owner, "racy")
+    with db.cursor() as cur:  # another generate of the same reference, mid-transaction
+        cur.execute("BEGIN")
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (int.from_bytes(ref_hash[:8], "big", signed=True),))
+        started = time.monotonic()
+        answer = generate(client, token, "racy")
+        elapsed = time.monotonic() - started
+        cur.execute("ROLLBACK")
+    assert answer.status_code == 409
+    assert elapsed < 1.0, elapsed  # waiting would have lasted until the lock timeout (5 s)
+    assert generate(client, token, "racy").status_code == 200  # once it is gone, the reference is free
+
+
 def test_one_in_use_version_is_enforced_by_the_database(client, token, db):
     generate(client, token)
     import psycopg2

@@ -1,6 +1,12 @@
 """The HTTP rules every route shares, operations endpoints, the factory and restarts."""
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from tests.conftest import bearer
+from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, AuthActions, HttpClient, bearer, serve_in_thread, stop_server
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def assert_envelope(response, status, code=None):
@@ -91,23 +97,45 @@ def test_openapi_document_comes_from_the_request_schemas(client):
     assert schemas["SignupTokenRequest"]["properties"]["ttl"]["maximum"] == 30 * 24 * 3600 * 1000
 
 
-def test_restarting_against_the_same_database_keeps_working(make_app, base_env):
+def test_restarting_against_the_same_database_keeps_the_data_and_the_admin(make_app, db):
     first = make_app()
-    second = make_app()  # a second start: migrations, secret checks and the first admin are in place
-    with second.extensions["kms"].pool.connection() as conn, conn.cursor() as cur:
+    server, base_url = serve_in_thread(first)
+    try:
+        with HttpClient(base_url) as http:
+            token = AuthActions(http).new_client("keeper-svc")
+            dek = http.post("/keys/actions/generate", json={"keyReference": "kept"}, headers=bearer(token)).json()["dek"]
+    finally:
+        stop_server(server)
+    first.extensions["kms"].close()
+    second = make_app()  # a restart: migrations, secret checks and the first admin are in place already
+    server, base_url = serve_in_thread(second)
+    try:
+        with HttpClient(base_url) as http:
+            assert http.get("/keys/kept", headers=bearer(token)).json()["encryptWith"]["dek"] == dek
+            assert AuthActions(http).login(ADMIN_NAME, ADMIN_PASSWORD)
+    finally:
+        stop_server(server)
+    with db.cursor() as cur:
         cur.execute("SELECT count(*) FROM clients WHERE role = 'admin'")
         assert cur.fetchone()[0] == 1
-    assert first is not second
+        cur.execute("SELECT count(*) FROM schema_migrations")
+        assert cur.fetchone()[0] == len(list((ROOT / "sql" / "migrations").glob("*.sql")))
 
 
-def test_app_factory_has_no_side_effects_at_import():
-    import importlib
-    import sys
-    for name in [m for m in sys.modules if m == "app"]:
-        del sys.modules[name]
-    module = importlib.import_module("app")
-    assert callable(module.create_app)
-    assert not hasattr(module, "app")
+def test_importing_the_app_does_nothing(tmp_path):
+    # No configuration, no database, an .env that would fail: importing must not read, connect,
+    # start a thread or build an app.
+    (tmp_path / ".env").write_text("KEK=not-a-key\n")
+    program = ("import threading; import app, kms, kms.cli; "
+               "assert threading.active_count() == 1, threading.enumerate(); "
+               "from flask import Flask; "
+               "assert not any(isinstance(v, Flask) for v in vars(app).values()); "
+               "print('quiet')")
+    env = {name: value for name, value in os.environ.items() if name in ("PATH", "HOME", "LANG")}
+    result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "quiet\n" and result.stderr == ""
 
 
 def test_cli_gen_secret_prints_a_32_byte_key(runner):
@@ -130,3 +158,55 @@ def test_server_errors_never_leak_internals(app, client, auth, db):
         cur.execute("UPDATE key_versions SET wrapped_dek = '\\x02'::bytea || substring(wrapped_dek from 2)")
     body = assert_envelope(client.get("/keys/k1", headers=bearer(token)), 500, "integrity_error")
     assert "Traceback" not in body["message"] and "wrapped" not in body["message"]
+
+
+def metric_value(text: str, series: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_metrics_show_what_an_operator_watches(client, auth, db):
+    token = auth.new_client("metered-svc")
+    h = bearer(token)
+    assert client.post("/keys/actions/generate", json={"keyReference": "k1"}, headers=h).status_code == 200
+    assert client.get("/keys/k1", headers=h).status_code == 200
+    assert client.get("/keys/nope", headers=h).status_code == 404
+    assert client.post("/keys/k1/actions/set-rotation-period", json={"rotationPeriod": 60_000},
+                       headers=h).status_code == 200
+    with db.cursor() as cur:  # its version is now older than its period: the cron has work
+        cur.execute("UPDATE key_versions SET created_at = now() - interval '2 minutes'")
+    for _ in range(5):
+        client.post("/auth/login", json={"clientname": "metered-svc", "password": "Wrong-passw0rd!"})
+    assert client.post("/auth/login", json={"clientname": "metered-svc", "password": "Wrong-passw0rd!"}) \
+        .status_code == 429
+    text = client.get("/metrics").text
+    assert metric_value(text, 'kms_key_operations_total{action="generate",outcome="success"}') == 1
+    assert metric_value(text, 'kms_key_operations_total{action="lookup",outcome="success"}') == 1
+    assert metric_value(text, 'kms_key_operations_total{action="lookup",outcome="not_found"}') == 1
+    assert metric_value(text, 'kms_logins_total{outcome="unauthenticated"}') == 5
+    assert metric_value(text, 'kms_logins_total{outcome="throttled"}') == 1
+    assert metric_value(text, "kms_keys_rotation_due") == 1
+    assert metric_value(text, "kms_keys_destruction_due") == 0
+    assert metric_value(text, 'kms_kek_wrapped_dek_versions{kek_version="1"}') == 1
+    assert metric_value(text, "kms_kek_active_version") == 1
+    assert metric_value(text, "kms_audit_unsealed_events") >= 8  # nothing seals in these tests
+    assert metric_value(text, "kms_audit_unsealed_oldest_seconds") > 0
+    assert metric_value(text, "kms_db_pool_connections") == 4
+    assert metric_value(text, "kms_db_pool_connections_in_use") == 0  # sampled before the scrape reads the database
+    assert metric_value(text, "kms_db_pool_waiting") == 0
+    assert metric_value(text, "kms_metrics_database_up") == 1
+
+
+def test_openapi_documents_the_probes_and_metrics(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503"}
+    assert paths["/healthz"]["get"]["security"] == [] and paths["/metrics"]["get"]["security"] == []
+    assert "text/plain" in paths["/metrics"]["get"]["responses"]["200"]["content"]
+
+
+def test_a_database_without_an_admin_warns_how_to_make_one(make_app, captured_logs):
+    make_app(MASTER_ADMIN_USERNAME="", MASTER_ADMIN_PASSWORD="")
+    warnings = [line for line in captured_logs.getvalue().splitlines() if '"level": "warning"' in line]
+    assert any("no active admin exists" in line and "kms create-admin" in line for line in warnings), warnings
