@@ -264,10 +264,11 @@ def test_login_timing_does_not_reveal_whether_a_client_exists(make_app):
                 invalid.append(timed("x!", expected=400))  # refused before any hashing
     finally:
         stop_server(server)
-    ratio = statistics.median(unknown) / statistics.median(wrong)
-    assert 0.8 < ratio < 1.25, (ratio, unknown, wrong)
+    # The median of pair-wise ratios: a pause of the machine hits one pair, not the statistic.
+    ratio = statistics.median(u / w for u, w in zip(unknown, wrong))
+    assert 0.75 < ratio < 1.33, (ratio, unknown, wrong)
     # The control: the same statistic does tell apart a path that skips the hash.
-    assert statistics.median(invalid) / statistics.median(wrong) < 0.5
+    assert statistics.median(i / w for i, w in zip(invalid, wrong)) < 0.5
 
 
 def test_failed_logins_are_throttled_per_clientname(make_app, client, auth):
