@@ -1,6 +1,6 @@
 """Key endpoints under load: lookup, generate and rotate at 1, 16 and 64 connections, against a
-bare Flask + waitress + psycopg2 endpoint doing one SELECT; the cost of auditing lookups; and
-lookup latency with 1k versus 1M stored keys.
+bare Flask + waitress + psycopg2 endpoint doing one SELECT; 1 worker process against N
+(SERVER_WORKERS); the cost of auditing lookups; and lookup latency with 1k versus 1M stored keys.
 
 Every comparison runs its two servers side by side and alternates their runs for BENCH_ROUNDS
 rounds: on a shared VM throughput drifts by 10-20 % over minutes, so a ratio is only meaningful
@@ -8,7 +8,8 @@ between runs made back to back. A ratio reported is the median of the rounds' ra
 the run with the median throughput.
 
     python bench/bench_keys.py          (needs wrk; BENCH_SECONDS, BENCH_ROUNDS, BENCH_THREADS,
-                                         BENCH_DATABASE_URL)
+                                         BENCH_WORKERS (default: the cores), BENCH_DATABASE_URL)
+    python bench/bench_keys.py workers  (only the 1-against-N-workers comparison)
 """
 import os
 import statistics
@@ -27,6 +28,7 @@ from bench.common import (ROOT, bench_database, call, free_port, kms_env, kms_wi
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 THREADS = int(os.environ.get("BENCH_THREADS", "16"))
+WORKERS = int(os.environ.get("BENCH_WORKERS", str(os.cpu_count() or 2)))
 CONNECTIONS = (1, 16, 64)
 LOOKUP = "/keys/bench-key/1"  # decryptWith version 1, encryptWith version 2: two unwraps
 
@@ -81,6 +83,46 @@ def alternate(first, second, connections: int):
     return median_run(firsts), median_run(seconds), statistics.median(ratios), ratios
 
 
+def alternate_many(runs: dict, connections: int) -> tuple[dict, list]:
+    """ROUNDS rounds, each running every server once in turn: the median run of each and the
+    rounds' runs (for ratios taken within a round)."""
+    results = {name: [] for name in runs}
+    for _ in range(ROUNDS):
+        for name, run in runs.items():
+            results[name].append(run(connections))
+    return {name: median_run(found) for name, found in results.items()}, results
+
+
+def ratio_of(results: dict, numerator: str, denominator: str, key: str = "rps") -> tuple[float, list]:
+    ratios = [a[key] / b[key] for a, b in zip(results[numerator], results[denominator])]
+    return statistics.median(ratios), ratios
+
+
+def compare_workers(env: dict, url: str):
+    """1 worker, WORKERS workers and the bare one-process endpoint, side by side, alternating."""
+    print(f"## workers: KMS GET {LOOKUP} with 1 and {WORKERS} worker processes ({THREADS} threads each), and the "
+          "bare one-process Flask endpoint", flush=True)
+    bare_port = free_port()
+    bare_env = {**os.environ, "DATABASE_URL": url, "SERVER_PORT": str(bare_port), "SERVER_THREADS": str(THREADS)}
+    with kms_server(env, SERVER_WORKERS="1") as one, kms_server(env, SERVER_WORKERS=str(WORKERS)) as many, \
+            server_process([sys.executable, str(ROOT / "bench" / "bare_app.py")], bare_env, bare_port) as bare:
+        for connections in (16, 64):
+            medians, results = alternate_many({
+                "one": lambda c: lookups(one, c),
+                "many": lambda c: lookups(many, c),
+                "bare": lambda c: wrk(bare, "GET", "/bare/bench-key", connections=c, seconds=SECONDS)},
+                connections)
+            scale, scale_rounds = ratio_of(results, "many", "one")
+            over_bare, bare_rounds = ratio_of(results, "many", "bare")
+            p99, p99_rounds = ratio_of(results, "many", "one", "p99_ms")
+            print(row(f"lookup 1 worker   c={connections}", medians["one"]), flush=True)
+            print(row(f"lookup {WORKERS} workers  c={connections}", medians["many"]), flush=True)
+            print(row(f"bare, 1 process   c={connections}", medians["bare"]), flush=True)
+            print(f"c={connections}: {WORKERS} workers / 1 worker = {scale:.2f}x throughput ({rounds(scale_rounds)}), "
+                  f"p99 {p99:.2f}x ({rounds(p99_rounds)}); {WORKERS} workers / bare = {over_bare:.2f}x "
+                  f"({rounds(bare_rounds)})", flush=True)
+
+
 def rounds(ratios) -> str:
     return "rounds " + " ".join(f"{ratio:.2f}" for ratio in ratios)
 
@@ -96,6 +138,9 @@ def main():
           f"{ROUNDS} alternating rounds per comparison", flush=True)
     with bench_database() as url:
         env = kms_env(url, 0, THREADS)
+        compare_workers(env, url)
+        if sys.argv[1:] == ["workers"]:
+            return
         bare_port = free_port()
         bare_env = {**os.environ, "DATABASE_URL": url, "SERVER_PORT": str(bare_port), "SERVER_THREADS": str(THREADS)}
         with kms_server(env) as kms, \

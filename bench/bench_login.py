@@ -3,7 +3,8 @@
 Reports login throughput (Argon2id, bounded to one hash per core), key-lookup p99 alone, and
 key-lookup p99 while a login flood runs against the same server.
 
-    python bench/bench_login.py         (needs wrk; BENCH_SECONDS, BENCH_THREADS, BENCH_DATABASE_URL)
+    python bench/bench_login.py         (needs wrk; BENCH_SECONDS, BENCH_THREADS, BENCH_DATABASE_URL,
+                                         BENCH_WORKERS: worker processes, default 1)
 """
 import json
 import os
@@ -18,15 +19,17 @@ from bench.common import (CLIENT_PASSWORD, bench_database, call, free_port, kms_
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 THREADS = int(os.environ.get("BENCH_THREADS", "16"))
+WORKERS = int(os.environ.get("BENCH_WORKERS", "1"))
 
 
 def main():
     require_wrk()
-    print(f"# {SECONDS}s per run, {THREADS} server threads, {os.cpu_count()} cores", flush=True)
+    print(f"# {SECONDS}s per run, {WORKERS} worker process(es) of {THREADS} server threads, {os.cpu_count()} cores",
+          flush=True)
     with bench_database() as url:
         port = free_port()
         # A flood of valid logins: nothing is throttled, every request pays for one Argon2id hash.
-        env = kms_env(url, port, THREADS, LOGIN_MAX_FAILURES_PER_ADDRESS=1_000_000)
+        env = kms_env(url, port, THREADS, LOGIN_MAX_FAILURES_PER_ADDRESS=1_000_000, SERVER_WORKERS=WORKERS)
         with server_process([sys.executable, "app.py"], env, port) as kms:
             token = new_client(kms, "bench-svc")
             call(kms, "POST", "/keys/actions/generate", {"keyReference": "bench-key"}, token)

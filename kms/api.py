@@ -63,6 +63,9 @@ def readyz():
     try:
         with kms.pool.connection() as conn:
             current = db.schema_version(conn)
+    except db.ReadOnlyDatabase:
+        return errors.error_response(503, "not_ready", "Only a read-only standby answers; waiting for a primary.",
+                                     headers={"Retry-After": "2"})
     except Exception:  # noqa: BLE001 - any failure here means "not ready"
         return errors.error_response(503, "not_ready", "The database does not answer.", headers={"Retry-After": "2"})
     expected = db.latest_schema_version()

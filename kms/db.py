@@ -48,7 +48,20 @@ def connect(dsn: str, *, options: str = SESSION_OPTIONS, application_name: str =
     conn = psycopg2.connect(dsn, connect_timeout=3, options=options, application_name=application_name,
                             connection_factory=Connection)
     conn.autocommit = True
+    # A server in recovery (a standby, or a demoted primary a stale DNS answer still points at)
+    # cannot take our writes: never lend it out. With several hosts and
+    # target_session_attrs=read-write, libpq already skips such servers.
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_is_in_recovery()")
+        in_recovery = cur.fetchone()[0]
+    if in_recovery:
+        conn.close()
+        raise ReadOnlyDatabase("the database server is a read-only standby")
     return conn
+
+
+class ReadOnlyDatabase(psycopg2.OperationalError):
+    """Connected to a server that accepts no writes: as good as no database (503)."""
 
 
 class ConnectionPool:
@@ -159,6 +172,24 @@ def get_db():
     if conn is None:
         conn = request_globals.db = current_app.extensions["kms"].pool.acquire()
     return conn
+
+
+def replace_broken_connection(conn):
+    """The request's connection broke (the server went away, or a failover ended its session):
+    give it back (the pool retires it and its siblings) and take a fresh one, which libpq opens to
+    whichever listed host now accepts writes."""
+    request_globals = g._get_current_object()
+    pool = current_app.extensions["kms"].pool
+    if request_globals.get("db") is conn:
+        request_globals.db = None
+    pool.release(conn)
+    request_globals.db = pool.acquire()
+    return request_globals.db
+
+
+def is_broken(conn, error: BaseException) -> bool:
+    """A connection-level failure (not a statement's own: a time-out leaves the session usable)."""
+    return isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError)) and bool(conn.closed)
 
 
 def close_db(_error=None):

@@ -5,6 +5,7 @@ Messages are written for the caller and never carry secrets or internals.
 import logging
 
 import psycopg2
+import psycopg2.errors
 from flask import jsonify
 from werkzeug.exceptions import HTTPException
 
@@ -156,6 +157,16 @@ def register_error_handlers(app):
     def _kek_unavailable(_error):
         log.warning("a KEK's token does not answer", extra={"error_code": "KekUnavailable"})
         return _api_error(ServiceUnavailable("The key encryption key's HSM does not answer; retry shortly."))
+
+    @app.errorhandler(psycopg2.errors.ReadOnlySqlTransaction)
+    def _read_only(_error):
+        # The server this session is on was demoted to a standby: never use the session again.
+        from flask import g
+        conn = g.get("db")
+        if conn is not None:
+            conn.close()  # the pool retires it, and its siblings, when it is given back
+        log.warning("database session on a read-only server", extra={"error_code": "ReadOnlySqlTransaction"})
+        return _api_error(ServiceUnavailable())
 
     @app.errorhandler(psycopg2.OperationalError)
     @app.errorhandler(psycopg2.InterfaceError)

@@ -5,8 +5,11 @@ version's DEK is stored only wrapped under a KEK, bound to owner, reference, ver
 """
 import logging
 import uuid
+from dataclasses import replace
 from datetime import timedelta
 from typing import NamedTuple
+
+import psycopg2
 
 from kms import crypto, db, rows
 from kms.audit.service import new_event, record, record_alone
@@ -131,6 +134,13 @@ def generate_key(ctx: Context, reference: str) -> KeyMaterial:
     return material
 
 
+def _look_up(conn, params: dict):
+    with conn.cursor() as cur:  # one statement: its own transaction, no BEGIN/COMMIT round trips
+        # Who fetched which key is recorded without waiting for the disk flush (README, "Audit").
+        db.execute_prepared(cur, "lookup_key", params, prefix=db.sql.relax_commit_durability + "; ")
+        return cur.fetchone()
+
+
 def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[KeyMaterial, KeyMaterial]:
     """(decryptWith, encryptWith). One statement, one round trip: it checks the token, reads both
     versions and writes the audit record of a successful look-up. Nothing read is believed before
@@ -141,10 +151,15 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
     # UUIDs go as text (the statement casts them): psycopg2 adapts UUID objects in Python.
     params.update(jti=ctx.claims.jti_text, client_id=ctx.claims.client_id_text, ref_hash=ref_hash,
                   audit=ctx.kms.settings.audit_key_lookups)
-    with ctx.conn.cursor() as cur:  # one statement: its own transaction, no BEGIN/COMMIT round trips
-        # Who fetched which key is recorded without waiting for the disk flush (README, "Audit").
-        db.execute_prepared(cur, "lookup_key", params, prefix=db.sql.relax_commit_durability + "; ")
-        row = cur.fetchone()
+    try:
+        row = _look_up(ctx.conn, params)
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as error:
+        if ctx.origin != "api" or not db.is_broken(ctx.conn, error):
+            raise
+        # The connection broke before an answer (a failover, a restarted server): a look-up changes
+        # nothing but its own audit record, so it is tried once more on a fresh connection.
+        ctx = replace(ctx, conn=db.replace_broken_connection(ctx.conn))
+        row = _look_up(ctx.conn, params)
     if row is None:
         raise Unauthorized(TOKEN_NOT_LIVE)
     expires_at, epoch, session_mac, name_hash, password_hash, role, client_mac, key_id, current, retired_below, \

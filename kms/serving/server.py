@@ -47,11 +47,11 @@ def _sample_pool(kms, stopping: threading.Event, every_s: float = 1.0):
         kms.metrics.sample_pool(kms.pool)
 
 
-def serve_app(app, sock, stopping: threading.Event, *, run_sealer: bool = True):
+def serve_app(app, sock, stopping: threading.Event, *, run_sealer: bool = True, balance=None):
     """Serve `app` on the bound `sock` until `stopping` is set; the audit sealer runs beside it."""
     from kms.audit.sealer import start_sealer
     kms = app.extensions["kms"]
-    server = create_server(app, kms.settings, sock=sock)
+    server = create_server(app, kms.settings, sock=sock, balance=balance)
     sealer = start_sealer(kms) if run_sealer else None
     sampler = threading.Thread(target=_sample_pool, args=(kms, stopping), name="pool-sampler", daemon=True)
     sampler.start()

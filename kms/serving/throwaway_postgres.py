@@ -92,9 +92,14 @@ def _as_child_of_this_process(user: tuple[int, int] | None):
 
 
 class ThrowawayPostgres:
-    def __init__(self, port: int | None = None):
+    # Fast and disposable: nothing here must survive a crash of the machine.
+    FAST = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+
+    def __init__(self, port: int | None = None, *, settings: dict | None = None, _data_from=None):
+        """`settings`: postgresql.conf settings over FAST (durable ones for a failover test)."""
         self.bin = _binaries()
         self.port = port or _free_port()
+        self.settings = {**self.FAST, "max_connections": "200", **(settings or {})}
         self._user = _unprivileged_user()
         self.root = Path(tempfile.mkdtemp(prefix="kms-pg-", dir=_reachable_temp_dir() if self._user else None))
         self.data = self.root / "data"
@@ -104,10 +109,44 @@ class ThrowawayPostgres:
             if self._user:
                 os.chown(self.root, *self._user)
                 self._make_binaries_reachable()
-            self._initdb()
+            if _data_from is None:
+                self._initdb()
+            else:
+                _data_from(self)
         except BaseException:
             shutil.rmtree(self.root, ignore_errors=True)
             raise
+
+    @classmethod
+    def standby_of(cls, primary: "ThrowawayPostgres", name: str = "standby1",
+                   settings: dict | None = None) -> "ThrowawayPostgres":
+        """A streaming replica of a running `primary` (pg_basebackup), named `name` for the
+        primary's synchronous_standby_names; start() it, and promote() it to take over."""
+        def base_backup(standby):
+            standby._run("pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
+                         "-D", str(standby.data), "-X", "stream", "-R", "--no-sync", "--checkpoint=fast",
+                         timeout=300)
+            with open(standby.data / "postgresql.auto.conf", "a") as conf:
+                conf.write(f"primary_conninfo = 'host=127.0.0.1 port={primary.port} user=postgres "
+                           f"application_name={name}'\n")
+        return cls(settings={**primary.settings, **(settings or {})}, _data_from=base_backup)
+
+    def promote(self):
+        import psycopg2
+        conn = psycopg2.connect(self.dsn, connect_timeout=5)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_promote(wait => true, wait_seconds => 30)")
+            promoted = cur.fetchone()[0]
+        conn.close()
+        if not promoted:
+            raise RuntimeError("the standby did not finish promotion in 30 s")
+
+    def crash(self):
+        """Stop at once, as `pg_ctl stop -m immediate` does: no checkpoint, sessions cut."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)
+            self.process.wait(timeout=30)
 
     @property
     def dsn(self) -> str:
@@ -141,9 +180,9 @@ class ThrowawayPostgres:
 
     def start(self, timeout: float = 60) -> "ThrowawayPostgres":
         """Start the server as a child of this process (not daemonised: it must not outlive us)."""
-        options = ["-c", "listen_addresses=127.0.0.1", "-p", str(self.port), "-k", str(self.root),
-                   "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                   "-c", "max_connections=200"]
+        options = ["-c", "listen_addresses=127.0.0.1", "-p", str(self.port), "-k", str(self.root)]
+        for name, value in self.settings.items():
+            options += ["-c", f"{name}={value}"]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(self._command("postgres", "-D", str(self.data), *options), cwd=self.root,
                                             stdin=subprocess.DEVNULL, stdout=log, stderr=log,

@@ -28,6 +28,7 @@ log = logging.getLogger("kms")
 REAP_INTERVAL_S = 0.2
 STABLE_AFTER_S = 10.0  # a worker that lived this long resets the back-off
 MAX_BACKOFF_S = 30.0
+EMPTY_SLOT = 1 << 40  # the connection count of a slot whose worker is dead or not started
 
 
 @dataclass
@@ -44,6 +45,10 @@ class Supervisor:
         self.sock = sock
         self.count = workers
         self.hash_gate = HashGate(shared=True)
+        import multiprocessing
+        # Each worker's open connections, for accepting least-loaded first (http.Server.readable);
+        # a slot with no live worker counts as full.
+        self.connections = multiprocessing.get_context("fork").RawArray("l", [EMPTY_SLOT] * workers)
         self.metrics_dir = tempfile.mkdtemp(prefix="kms-metrics-")
         self.workers: dict[int, Worker] = {}  # pid -> worker
         self.failures = [0] * workers  # deaths in a row, young, per slot
@@ -74,7 +79,7 @@ class Supervisor:
         if pid == 0:  # the worker: never returns into the parent's code
             code = 1
             try:
-                code = run_worker(self.settings, self.sock, slot, self.hash_gate)
+                code = run_worker(self.settings, self.sock, slot, self.hash_gate, (self.connections, slot))
             except BaseException as error:  # noqa: BLE001 - report, then exit with a code the parent sees
                 log.error("worker failed", extra={"slot": slot, "error_code": type(error).__name__,
                                                   "problem": _safe_message(error)})
@@ -95,6 +100,7 @@ class Supervisor:
             if worker is None:
                 continue
             self._forget_metrics(pid)
+            self.connections[worker.slot] = EMPTY_SLOT
             lived = time.monotonic() - worker.started
             self.failures[worker.slot] = 0 if lived >= STABLE_AFTER_S else self.failures[worker.slot] + 1
             delay = 0.0 if self.failures[worker.slot] <= 1 else min(MAX_BACKOFF_S, 2.0 ** (self.failures[worker.slot] - 1))
@@ -134,7 +140,7 @@ class Supervisor:
         multiprocess.mark_process_dead(pid, self.metrics_dir)
 
 
-def run_worker(settings, sock, slot: int, hash_gate) -> int:
+def run_worker(settings, sock, slot: int, hash_gate, balance=None) -> int:
     """A worker's life: its own pool and app (the parent prepared the database), served on the
     shared socket until SIGTERM."""
     if not die_with_parent(signal.SIGTERM):
@@ -149,7 +155,7 @@ def run_worker(settings, sock, slot: int, hash_gate) -> int:
     kms = Kms.open(settings, hash_gate=hash_gate)
     kms.pool.warm()
     app = create_app(kms=kms)
-    serve_app(app, sock, stopping, run_sealer=slot == 0)
+    serve_app(app, sock, stopping, run_sealer=slot == 0, balance=balance)
     return 0
 
 
