@@ -86,6 +86,7 @@ class Settings:
     request_read_timeout_ms: int = 10_000
     audit_seal_interval_ms: int = 2000
     audit_key_lookups: bool = True
+    audit_key_lookups_durable: bool = False
     legacy_signup_tokens: bool = True
     audit_head_file: str | None = None
     hsm_dek_cache_ms: int = 60_000
@@ -273,6 +274,7 @@ def load_settings(env: Mapping | None = None) -> Settings:
         request_read_timeout_ms=check(_int, env, "REQUEST_READ_TIMEOUT", 10_000, minimum=1000, maximum=300_000),
         audit_seal_interval_ms=check(_int, env, "AUDIT_SEAL_INTERVAL", 2000),
         audit_key_lookups=check(_bool, env, "AUDIT_KEY_LOOKUPS", True),
+        audit_key_lookups_durable=check(_bool, env, "AUDIT_KEY_LOOKUPS_DURABLE", False),
         legacy_signup_tokens=check(_bool, env, "LEGACY_SIGNUP_TOKENS", True),
         audit_head_file=(env.get("AUDIT_HEAD_FILE") or "").strip() or None,
         pkcs11_module=pkcs11_module,

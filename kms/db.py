@@ -5,6 +5,7 @@ import operator
 import queue
 import re
 import threading
+import time
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,7 +117,9 @@ class ConnectionPool:
         for conn in connections:
             self.release(conn)
 
-    def acquire(self):
+    def acquire(self, patience: float = 0.0):
+        """A connection; opening one may keep failing for up to `patience` seconds (a failover in
+        progress) before the error is raised."""
         try:
             conn = self._pop(self.acquire_timeout)
         except queue.Empty:
@@ -126,12 +129,24 @@ class ConnectionPool:
             conn = None
         if conn is None:
             try:
-                conn = connect(self.dsn)
+                conn = self._connect_within(patience)
             except BaseException:
                 self._push(None)
                 raise
             conn.kms_generation = self._generation
         return conn
+
+    def _connect_within(self, patience: float):
+        deadline = time.monotonic() + patience
+        pause = 0.1
+        while True:
+            try:
+                return connect(self.dsn)
+            except psycopg2.OperationalError:
+                if time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
     def release(self, conn):
         try:
@@ -165,12 +180,17 @@ class ConnectionPool:
             self.release(conn)
 
 
-def get_db():
+# How long a key look-up waits for a database to connect to (a failover or switchover in
+# progress) before it answers 503: reads ride through; writes answer 503 at once.
+LOOKUP_PATIENCE_S = 10.0
+
+
+def get_db(patience: float = 0.0):
     """The request's connection, taken from the pool on first use."""
     request_globals = g._get_current_object()  # one context-local hop, not three
     conn = request_globals.get("db")
     if conn is None:
-        conn = request_globals.db = current_app.extensions["kms"].pool.acquire()
+        conn = request_globals.db = current_app.extensions["kms"].pool.acquire(patience)
     return conn
 
 
@@ -183,7 +203,7 @@ def replace_broken_connection(conn):
     if request_globals.get("db") is conn:
         request_globals.db = None
     pool.release(conn)
-    request_globals.db = pool.acquire()
+    request_globals.db = pool.acquire(LOOKUP_PATIENCE_S)
     return request_globals.db
 
 

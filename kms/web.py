@@ -131,14 +131,16 @@ def verify_bearer_first(kms, this_request):
     this_request.environ[CLAIMS] = bearer_claims(kms, this_request.headers.get("Authorization", ""))
 
 
-def context(*, authenticated: bool = True) -> Context:
+def context(*, authenticated: bool = True, db_patience: float = 0.0) -> Context:
+    """The request's Context. `db_patience`: how long opening a database connection may keep
+    failing before the request gives up (kms.db.LOOKUP_PATIENCE_S for look-ups)."""
     kms = current_app.extensions["kms"]
     this_request = request._get_current_object()  # one context-local hop, not one per attribute
     environ = this_request.environ
     claims = None
     if authenticated:
         claims = environ.get(CLAIMS) or bearer_claims(kms, this_request.headers.get("Authorization", ""))
-    return Context(kms=kms, conn=get_db(), request_id=environ.get(REQUEST_ID), source_ip=this_request.remote_addr,
+    return Context(kms=kms, conn=get_db(db_patience), request_id=environ.get(REQUEST_ID), source_ip=this_request.remote_addr,
                    claims=claims)
 
 

@@ -133,7 +133,8 @@ class Load:
             thread.join(90)
 
 
-def test_the_kms_rides_through_a_failover_losing_nothing_it_acknowledged(cluster, tmp_path):
+@pytest.mark.parametrize("durable_lookups", [False, True])
+def test_the_kms_rides_through_a_failover_losing_nothing_it_acknowledged(cluster, tmp_path, durable_lookups):
     primary, standby = cluster
     url = (f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/kms"
            "?target_session_attrs=read-write")
@@ -142,7 +143,8 @@ def test_the_kms_rides_through_a_failover_losing_nothing_it_acknowledged(cluster
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
     env.update({name: generate_secret() for name in SECRET_VARIABLES})
     env.update(DATABASE_URL=url, SERVER_PORT=str(port), SERVER_THREADS="8", AUDIT_SEAL_INTERVAL="200",
-               MASTER_ADMIN_USERNAME=ADMIN[0], MASTER_ADMIN_PASSWORD=ADMIN[1])
+               MASTER_ADMIN_USERNAME=ADMIN[0], MASTER_ADMIN_PASSWORD=ADMIN[1],
+               AUDIT_KEY_LOOKUPS_DURABLE=str(durable_lookups).lower())
     log = open(tmp_path / "kms.log", "w")
     server = subprocess.Popen([KMS, "serve"], env=env, stdout=log, stderr=log)
     try:
@@ -229,8 +231,11 @@ def test_the_kms_rides_through_a_failover_losing_nothing_it_acknowledged(cluster
         assert lost == [], (operation, len(lost))
     lookups = load.acknowledged.get("lookup", [])
     lost_lookups = [rid for rid in lookups if rid not in recorded]
-    print(f"look-up audit records: {len(lookups) - len(lost_lookups)} of {len(lookups)} acknowledged look-ups "
-          f"recorded, {len(lost_lookups)} lost with the primary")
+    print(f"look-up audit records (AUDIT_KEY_LOOKUPS_DURABLE={str(durable_lookups).lower()}): "
+          f"{len(lookups) - len(lost_lookups)} of {len(lookups)} acknowledged look-ups recorded, "
+          f"{len(lost_lookups)} lost with the primary")
+    if durable_lookups:
+        assert lost_lookups == []
     env["DATABASE_URL"] = url
     verified = subprocess.run([KMS, "audit", "verify"], env=env, capture_output=True, text=True, timeout=120)
     assert verified.returncode == 0, verified.stderr

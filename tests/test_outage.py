@@ -1,9 +1,11 @@
 """The database going away turns requests into 503s; its return heals the server, no restart."""
+import threading
 import time
 
 import pytest
 
 from kms import create_app
+from kms.db import LOOKUP_PATIENCE_S
 from kms.serving.throwaway_postgres import ThrowawayPostgres
 from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, AuthActions, HttpClient, bearer, serve_in_thread, stop_server
 
@@ -37,16 +39,27 @@ def test_database_outage_gives_503_then_recovers_without_restart(own_database, s
 
             own_database.stop()
             for _ in range(6):  # every pooled connection is dead now, and no new one can be made
-                response = client.get("/keys/k", headers=bearer(token))
+                response = client.get("/keys", headers=bearer(token))
                 assert response.status_code == 503, response.text
                 assert response.headers["Retry-After"].isdigit()
                 assert response.json()["error"] == "service_unavailable"
             assert client.get("/readyz").status_code == 503
             assert client.get("/healthz").status_code == 200
-
+            # A look-up waits up to LOOKUP_PATIENCE_S for a database before its 503 ...
+            started = time.monotonic()
+            assert client.get("/keys/k", headers=bearer(token)).status_code == 503
+            assert LOOKUP_PATIENCE_S - 1 <= time.monotonic() - started <= LOOKUP_PATIENCE_S + 5
+            # ... so one made while the database restarts is answered once it is back
+            answer = []
+            waiting = threading.Thread(target=lambda: answer.append(client.get("/keys/k", headers=bearer(token))))
+            waiting.start()
+            time.sleep(1)
             own_database.start()
             own_database.wait_until_ready()
-            assert wait_for(lambda: client.get("/keys/k", headers=bearer(token)).status_code == 200)
+            waiting.join(30)
+            assert answer[0].status_code == 200
+
+            assert wait_for(lambda: client.get("/keys", headers=bearer(token)).status_code == 200)
             statuses = [client.get("/keys/k", headers=bearer(token)).status_code for _ in range(20)]
             assert statuses == [200] * 20
             assert client.get("/readyz").status_code == 200

@@ -45,6 +45,11 @@ class ServerProcess:
             time.sleep(0.1)
         if workers > 1:
             self.wait_for_workers(workers)
+            # and each serving: a worker samples its pool into the metrics as it starts its loop
+            threads = int(env.get("SERVER_THREADS", "16"))
+            while metric(self.base, "kms_db_pool_connections") != workers * threads:
+                assert time.monotonic() < deadline + 30, "the workers did not all start serving"
+                time.sleep(0.1)
 
     def workers(self) -> list[int]:
         children = []
@@ -142,6 +147,32 @@ def test_workers_share_one_port_and_metrics_add_up_over_all_of_them(servers):
     while metric(server.base, "kms_db_pool_connections") != 2 * 4 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert metric(server.base, "kms_db_pool_connections") == 2 * 4
+
+
+def test_keep_alive_connections_are_shared_out_evenly_between_workers(servers):
+    import http.client
+    server = servers(workers=2)
+    first, second = server.workers()
+    connections = []
+    try:
+        def open_one(_):
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            connection.request("GET", "/healthz")
+            assert connection.getresponse().read()
+            return connection
+
+        with ThreadPoolExecutor(16) as pool:  # all at once, as a load generator or a client pool opens them
+            connections.extend(pool.map(open_one, range(16)))
+        for _ in range(5):  # then used: each worker serves the connections it accepted
+            for connection in connections:
+                connection.request("GET", "/healthz")
+                assert connection.getresponse().read()
+        by_pid = served_by_pid(server.metrics_dir(), "/healthz")
+        assert sum(by_pid.values()) == 16 * 6
+        assert abs(by_pid.get(first, 0) - by_pid.get(second, 0)) <= 2 * 6, by_pid  # 8 and 8, give or take one
+    finally:
+        for connection in connections:
+            connection.close()
 
 
 def test_sigterm_lets_every_in_flight_request_finish_then_exits_0(servers, base_env):

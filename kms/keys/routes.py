@@ -1,4 +1,4 @@
-from kms import web
+from kms import db, web
 from kms.keys import service
 from schemas.keys import (GenerateKeyRequest, KeyBundle, KeyList, KeyMetadata, KeyObject, KeyReferencePath,
                           KeyVersionList, KeyVersionPath, RetireRequest, RotationPeriodRequest)
@@ -42,7 +42,7 @@ def list_keys():
 @bp.response(200, KeyBundle)
 def get_current(ref):
     """The current version, as both decryptWith and encryptWith."""
-    return _bundle(*service.get_key(web.context(), _ref(ref)))
+    return _bundle(*service.get_key(web.context(db_patience=db.LOOKUP_PATIENCE_S), _ref(ref)))
 
 
 @bp.route("/<keyref:ref>/<version:version>", methods=["GET"])
@@ -50,7 +50,7 @@ def get_current(ref):
 def get_version(ref, version):
     """A given version to decrypt with, and the current one to encrypt with."""
     path = web.parse_path(_versioned, ref=ref, version=version)
-    return _bundle(*service.get_key(web.context(), path["ref"], path["version"]))
+    return _bundle(*service.get_key(web.context(db_patience=db.LOOKUP_PATIENCE_S), path["ref"], path["version"]))
 
 
 @bp.route("/<keyref:ref>/versions", methods=["GET"])

@@ -134,10 +134,11 @@ def generate_key(ctx: Context, reference: str) -> KeyMaterial:
     return material
 
 
-def _look_up(conn, params: dict):
+def _look_up(conn, params: dict, durable: bool):
     with conn.cursor() as cur:  # one statement: its own transaction, no BEGIN/COMMIT round trips
-        # Who fetched which key is recorded without waiting for the disk flush (README, "Audit").
-        db.execute_prepared(cur, "lookup_key", params, prefix=db.sql.relax_commit_durability + "; ")
+        # Who fetched which key is recorded without waiting for the disk flush (and a synchronous
+        # standby), unless AUDIT_KEY_LOOKUPS_DURABLE (README, "Audit"; docs/DEPLOYMENT.md).
+        db.execute_prepared(cur, "lookup_key", params, prefix="" if durable else db.sql.relax_commit_durability + "; ")
         return cur.fetchone()
 
 
@@ -147,19 +148,24 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
     its row's MAC checks out."""
     owner_id, ref_hash = _address(ctx, reference)
     target = ref_hash.hex()
-    params = new_event(ctx, "key.lookup", "success", target=target, version=version)
-    # UUIDs go as text (the statement casts them): psycopg2 adapts UUID objects in Python.
-    params.update(jti=ctx.claims.jti_text, client_id=ctx.claims.client_id_text, ref_hash=ref_hash,
-                  audit=ctx.kms.settings.audit_key_lookups)
+    def statement_parameters():
+        params = new_event(ctx, "key.lookup", "success", target=target, version=version)
+        # UUIDs go as text (the statement casts them): psycopg2 adapts UUID objects in Python.
+        params.update(jti=ctx.claims.jti_text, client_id=ctx.claims.client_id_text, ref_hash=ref_hash,
+                      audit=ctx.kms.settings.audit_key_lookups)
+        return params
+
+    durable = ctx.kms.settings.audit_key_lookups_durable
     try:
-        row = _look_up(ctx.conn, params)
+        row = _look_up(ctx.conn, statement_parameters(), durable)
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as error:
         if ctx.origin != "api" or not db.is_broken(ctx.conn, error):
             raise
         # The connection broke before an answer (a failover, a restarted server): a look-up changes
-        # nothing but its own audit record, so it is tried once more on a fresh connection.
+        # nothing but its own audit record, so it is tried once more on a fresh connection, as a
+        # new event (the first may have committed before the answer was lost: then both are kept).
         ctx = replace(ctx, conn=db.replace_broken_connection(ctx.conn))
-        row = _look_up(ctx.conn, params)
+        row = _look_up(ctx.conn, statement_parameters(), durable)
     if row is None:
         raise Unauthorized(TOKEN_NOT_LIVE)
     expires_at, epoch, session_mac, name_hash, password_hash, role, client_mac, key_id, current, retired_below, \
