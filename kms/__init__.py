@@ -57,6 +57,8 @@ def create_app(env=None, *, settings: Settings | None = None, kms: Kms | None = 
     kms = kms or Kms.start(settings)
     app.extensions["kms"] = kms
 
+    from kms.auth.passwords import LoginFloodShedder
+    app.wsgi_app = LoginFloodShedder(app.wsgi_app, kms.passwords)  # inside the observer: logged, counted
     observability.init_app(app, kms)
     errors.register_error_handlers(app)
     app.teardown_appcontext(db.close_db)

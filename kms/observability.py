@@ -404,6 +404,8 @@ class RequestObserver:
             flask_request = environ.get("werkzeug.request")
             if flask_request is not None and flask_request.url_rule is not None:
                 seen[0] = self._template(flask_request.url_rule.rule)
+            elif "kms.route" in environ:  # answered before Flask (LoginFloodShedder)
+                seen[0] = environ["kms.route"]
             seen[1] = int(status[:3])
             headers.append(("X-Request-ID", request_id))
             return start_response(status, headers, exc_info)

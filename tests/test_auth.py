@@ -146,6 +146,41 @@ def test_login_admission_queues_a_burst_and_turns_a_flood_away_at_once():
     assert outcomes[:2] == [("429", "1"), ("429", "1")]
 
 
+def test_during_a_flood_logins_are_refused_before_flask_with_the_same_answer(app, client):
+    passwords = app.extensions["kms"].passwords
+    release, held = threading.Event(), []
+
+    def hold_a_place():
+        with passwords.admission():
+            held.append(1)
+            release.wait(10)
+
+    holders = [threading.Thread(target=hold_a_place) for _ in range(2)]  # admitted = max(2, 4 // 4)
+    for holder in holders:
+        holder.start()
+    try:
+        while len(held) < 2:
+            time.sleep(0.01)
+        body = {"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}
+        waited = client.post("/auth/login", json=body)  # no flood yet: it waits for a place, then 429
+        assert waited.status_code == 429
+        assert passwords.flooded()
+        started = time.monotonic()
+        shed = client.post("/auth/login", json=body)
+        assert time.monotonic() - started < 0.5  # refused at once, in the middleware
+        assert shed.status_code == 429 and shed.headers["Retry-After"] == "1"
+        assert shed.json() == {**waited.json(), "requestId": shed.headers["X-Request-ID"]}
+        assert shed.headers["Content-Type"] == "application/json"
+    finally:
+        release.set()
+        for holder in holders:
+            holder.join()
+    metrics = client.get("/metrics").text
+    assert 'kms_logins_total{outcome="throttled"} 2.0' in metrics
+    assert not passwords.flooded()  # places free again: logins go through
+    assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}).status_code == 200
+
+
 def test_key_requests_keep_answering_during_a_login_flood(client, auth):
     """SERVER_THREADS=4 admits 2 logins at a time: key requests still find free threads."""
     token = auth.new_client()

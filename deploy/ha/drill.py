@@ -146,7 +146,7 @@ def wait_until(check, timeout: float, what: str):
         try:
             if check():
                 return
-        except (OSError, ValueError, KeyError):
+        except Exception:  # noqa: BLE001 - not up yet, whatever the way it says so
             pass
         time.sleep(0.25)
     raise SystemExit(f"drill failed: {what} within {timeout:.0f} s")
@@ -236,10 +236,13 @@ class Load:
 
 def report(load: Load, phase: str, event_at: float):
     rows = [a for a in load.answers if a[0] == phase]
-    writes = sorted(end for _, _, end, op, status, _ in rows if op in ("generate", "rotate") and status == 200)
-    before = [end for end in writes if end < event_at]
-    after = [end for end in writes if end >= event_at]
-    gap = (after[0] - (before[-1] if before else event_at)) if after else float("inf")
+    # The longest stretch without a successful write, from the last one before the event on.
+    writes = sorted(end for _, _, end, op, status, _ in load.answers
+                    if op in ("generate", "rotate") and status == 200)
+    around = [end for end in writes if end >= event_at] if writes else []
+    last_before = max((end for end in writes if end < event_at), default=event_at)
+    stretch = [last_before] + [end for end in around if end <= max(a[2] for a in rows)]
+    gap = max((later - earlier for earlier, later in zip(stretch, stretch[1:])), default=float("inf"))
     by_status = Counter(status for *_, status, _ in rows)
     lookup_errors = Counter(status for _, _, _, op, status, _ in rows if op == "lookup" and status != 200)
     write_errors = Counter(status for _, _, _, op, status, _ in rows
@@ -290,8 +293,17 @@ def main() -> int:
                                    pg2_port=ports["pg2"], rest1_port=ports["rest1"], rest2_port=ports["rest2"])
         stack.start("haproxy", ["haproxy", "-db", "-f", str(haproxy_cfg)])
         write_url = f"postgresql://postgres@127.0.0.1:{ports['pg_write']}"
-        wait_until(lambda: psycopg2.connect(write_url + "/postgres", connect_timeout=2).close() is None, 30,
-                   "haproxy leads to the leader")
+        def writable_through_haproxy() -> bool:
+            # haproxy counts a server up until its first checks fail: wait until they did
+            conn = psycopg2.connect(write_url + "/postgres", connect_timeout=2)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT NOT pg_is_in_recovery()")
+                    return cur.fetchone()[0]
+            finally:
+                conn.close()
+
+        wait_until(lambda: all(writable_through_haproxy() for _ in range(4)), 30, "haproxy leads to the leader")
         admin_conn = psycopg2.connect(write_url + "/postgres")
         admin_conn.autocommit = True
         with admin_conn.cursor() as cur:
@@ -385,6 +397,11 @@ def main() -> int:
               and set(write_errors) <= {503})
         say("DRILL PASSED" if ok else "DRILL FAILED")
         return 0 if ok else 1
+    except BaseException:
+        for log in sorted(stack.work.glob("*.log")):
+            tail = log.read_text(errors="replace").splitlines()[-5:]
+            print(f"--- {log.name}\n" + "\n".join(tail), file=sys.stderr)
+        raise
     finally:
         stack.stop_all()
         say("stopped everything the drill started and removed its files")
