@@ -175,6 +175,39 @@ def test_keep_alive_connections_are_shared_out_evenly_between_workers(servers):
             connection.close()
 
 
+def test_python_app_py_takes_workers_too(base_env, make_app, tmp_path):
+    make_app()
+    port = _free_port()
+    env = {name: value for name, value in os.environ.items() if name in ("PATH", "HOME", "LANG")}
+    process = subprocess.Popen([sys.executable, "app.py", "--workers", "2"], cwd=Path(__file__).parent.parent,
+                               env={**env, **base_env, "SERVER_PORT": str(port)}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        children = []
+        while len(children) < 2 and time.monotonic() < deadline:
+            children = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent_of(p) == process.pid]
+            time.sleep(0.1)
+        assert len(children) == 2
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+
+
+def _parent_of(proc: Path) -> int | None:
+    try:
+        fields = (proc / "stat").read_text().rsplit(") ", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]) if fields[0] != "Z" else None
+
+
 def test_sigterm_lets_every_in_flight_request_finish_then_exits_0(servers, base_env):
     server = servers(workers=2)
     blocker = psycopg2.connect(base_env["DATABASE_URL"])
