@@ -208,6 +208,27 @@ def _parent_of(proc: Path) -> int | None:
     return int(fields[1]) if fields[0] != "Z" else None
 
 
+def test_workers_dying_young_are_replaced_after_a_growing_back_off(servers):
+    server = servers(workers=2)
+    victim = server.workers()[0]
+    delays = []
+    for _ in range(3):  # a crash loop: each replacement killed as soon as it appears
+        others = set(server.workers()) - {victim}
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        replacement = None
+        while replacement is None:
+            assert time.monotonic() - killed_at < 20, "no replacement"
+            new = set(server.workers()) - others - {victim}
+            replacement = next(iter(new), None)
+            time.sleep(0.02)
+        delays.append(time.monotonic() - killed_at)
+        victim = replacement
+    # the first death is replaced at once, the next ones after 2 s, then 4 s
+    assert delays[0] < 1.5 and 1.8 < delays[1] < 4 and 3.8 < delays[2] < 7, delays
+    assert server.process.poll() is None and requests.get(server.base + "/healthz", timeout=5).status_code == 200
+
+
 def test_sigterm_lets_every_in_flight_request_finish_then_exits_0(servers, base_env):
     server = servers(workers=2)
     blocker = psycopg2.connect(base_env["DATABASE_URL"])
