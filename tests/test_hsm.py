@@ -236,3 +236,36 @@ def test_sessions_are_per_thread_and_a_forked_child_starts_over(make_app, hsm_en
     _, status = os.waitpid(child, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert round_trip(1)  # and the parent still works
+
+
+def test_worker_processes_each_use_the_token_after_the_fork(make_app, hsm_env, softhsm, base_env, tmp_path):
+    """The parent opens the token to check the KEKs, then forks: each worker must initialise the
+    library and log in again, and serve with the KEK in the token."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+    from tests.test_workers import ServerProcess, served_by_pid
+    kek = generate_kek(make_app, hsm_env, "kek-workers")
+    make_app(**hsm_env, KEK_2=kek)  # migrated, the KEK checked
+    server = ServerProcess({**base_env, **hsm_env, "KEK_2": kek, "SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"],
+                            "HSM_DEK_CACHE": "0"}, tmp_path, workers=2)
+    try:
+        with HttpClient(server.base) as http:
+            token = AuthActions(http).new_client()
+            generated = http.post("/keys/actions/generate", json={"keyReference": "k"}, headers=bearer(token))
+            assert generated.status_code == 200
+
+        def look_up(_):
+            answer = requests.get(server.base + "/keys/k", headers={**bearer(token), "Connection": "close"},
+                                  timeout=30)
+            return answer.status_code, answer.json()["encryptWith"]["dek"]
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(look_up, range(80)))
+        assert {status for status, _ in answers} == {200}
+        assert {dek for _, dek in answers} == {generated.json()["dek"]}
+        by_pid = served_by_pid(server.metrics_dir(), "/keys/<ref>")
+        assert len([pid for pid, count in by_pid.items() if count]) == 2, by_pid  # both unwrapped in the token
+    finally:
+        server.stop()
+    assert server.process.returncode == 0
