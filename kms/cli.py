@@ -388,7 +388,7 @@ def serve(workers):
     """Serve the KMS with waitress (configuration from the environment or .env)."""
     from kms.config import load_settings
     from kms.observability import configure_logging
-    from kms.serving.server import run_server
+    from kms.serving.workers import run_server
     settings = load_settings()
     log_writer = configure_logging(settings.log_level)
     try:

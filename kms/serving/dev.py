@@ -85,11 +85,11 @@ def run_dev() -> int:
         env = dev_environment(database.dsn, host, sock.getsockname()[1])
         kms = Kms.start(load_settings(env))
         app = create_app(kms=kms)
-        with app.app_context():
-            from kms.auth.service import issue_signup_token
-            from kms.cli import cli_context
-            with cli_context() as ctx:
-                token, _ = issue_signup_token(ctx, "demo-service", 24 * 3600 * 1000)
+        from kms.auth.service import issue_signup_token
+        from kms.context import Context
+        with kms.pool.connection() as conn:
+            token, _ = issue_signup_token(Context(kms=kms, conn=conn, source_ip="local", origin="cli"), "demo-service",
+                                          24 * 3600 * 1000)
         write_env_file(env_file, env)
         base = f"http://{host}:{env['SERVER_PORT']}"
         print(f"""

@@ -65,25 +65,3 @@ def serve_app(app, sock, stopping: threading.Event, *, run_sealer: bool = True, 
         kms.close()
         log.info("stopped")
 
-
-def run_server(settings, workers: int | None = None) -> int:
-    """`kms serve`: bind first, prepare the database once, then serve in this process
-    (one worker) or under a supervisor (several)."""
-    from kms import create_app
-    from kms.runtime import Kms
-    from kms.serving.lifecycle import bind_listener, stop_on_signals
-    workers = workers or settings.server_workers
-    sock = bind_listener(settings.server_host, settings.server_port)
-    try:
-        kms = Kms.start(settings, pool_size=None if workers == 1 else 2)
-    except BaseException:
-        sock.close()
-        raise
-    if workers == 1:
-        stopping = threading.Event()
-        stop_on_signals(stopping)
-        serve_app(create_app(kms=kms), sock, stopping)
-        return 0
-    kms.close()  # nothing of the database crosses the fork: each worker opens its own pool
-    from kms.serving.workers import Supervisor
-    return Supervisor(settings, sock, workers).run()

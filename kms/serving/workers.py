@@ -1,4 +1,5 @@
-"""`SERVER_WORKERS=N`: N waitress processes on one listening socket, supervised by their parent.
+"""`kms serve`: one process, or (`SERVER_WORKERS=N`) N waitress processes on one listening
+socket, supervised by their parent.
 
 One process is bound by the GIL; N worker processes use N cores, as `gunicorn -w N` does, with
 waitress as the server. The parent binds the socket once, prepares the database once (migrations,
@@ -12,6 +13,7 @@ beyond two things the parent hands them: the host-wide bound on password hashing
 a directory for the metrics every worker's /metrics sums.
 """
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -20,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from kms.serving.lifecycle import die_with_parent, stop_on_signals
+from kms.serving.lifecycle import bind_listener, die_with_parent, stop_on_signals
 from kms.serving.server import DRAIN_TIMEOUT_S, serve_app
 
 log = logging.getLogger("kms")
@@ -29,6 +31,27 @@ REAP_INTERVAL_S = 0.2
 STABLE_AFTER_S = 10.0  # a worker that lived this long resets the back-off
 MAX_BACKOFF_S = 30.0
 EMPTY_SLOT = 1 << 40  # the connection count of a slot whose worker is dead or not started
+
+
+def run_server(settings, workers: int | None = None) -> int:
+    """`kms serve`: bind first, prepare the database once, then serve in this process
+    (one worker) or under a supervisor (several)."""
+    from kms import create_app
+    from kms.runtime import Kms
+    workers = workers or settings.server_workers
+    sock = bind_listener(settings.server_host, settings.server_port)
+    try:
+        kms = Kms.start(settings, pool_size=None if workers == 1 else 2)
+    except BaseException:
+        sock.close()
+        raise
+    if workers == 1:
+        stopping = threading.Event()
+        stop_on_signals(stopping)
+        serve_app(create_app(kms=kms), sock, stopping)
+        return 0
+    kms.close()  # nothing of the database crosses the fork: each worker opens its own pool
+    return Supervisor(settings, sock, workers).run()
 
 
 @dataclass
@@ -45,7 +68,6 @@ class Supervisor:
         self.sock = sock
         self.count = workers
         self.hash_gate = HashGate(shared=True)
-        import multiprocessing
         # Each worker's open connections, for accepting least-loaded first (http.Server.readable);
         # a slot with no live worker counts as full.
         self.connections = multiprocessing.get_context("fork").RawArray("l", [EMPTY_SLOT] * workers)
