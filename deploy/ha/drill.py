@@ -6,6 +6,7 @@
     two `kms serve` processes, their DATABASE_URL pointing at haproxy's PostgreSQL endpoint
 
 Under a bounded mixed load (look-ups, generates, rotations, signups, logins, logouts) it
+0. kills the leader's PostgreSQL alone, which Patroni restarts in place (crash recovery), then
 1. kills the leader node (its Patroni and its PostgreSQL, SIGKILL: a machine lost — killing only
    PostgreSQL makes Patroni restart it in place, a restart rather than a failover), waits for
    Patroni to promote the standby, brings the old node back as a standby, and
@@ -335,6 +336,18 @@ def main() -> int:
         load = Load(base, ca, admin, owner)
         load.start()
         time.sleep(SECONDS)
+
+        # 0. The leader's PostgreSQL crashes (SIGKILL), its Patroni lives: Patroni restarts it in
+        #    place (crash recovery), keeping the leader lock: no failover.
+        load.phase = "postgres crash"
+        crashed = leader(stack)
+        pid = int((stack.work / crashed / "postmaster.pid").read_text().split()[0])
+        crashed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        say(f"postgres crash: killed {crashed}'s PostgreSQL (SIGKILL); its Patroni restarts it")
+        wait_until(lambda: healthy(stack) and leader(stack) == crashed, 120, "the leader's PostgreSQL back")
+        time.sleep(SECONDS)
+        report(load, "postgres crash", crashed_at)
 
         # 1. Failover: the leader node is lost.
         lost = leader(stack)
