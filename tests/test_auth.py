@@ -146,6 +146,24 @@ def test_login_admission_queues_a_burst_and_turns_a_flood_away_at_once():
     assert outcomes[:2] == [("429", "1"), ("429", "1")]
 
 
+def test_hashes_run_at_a_lower_cpu_priority_than_requests(monkeypatch):
+    import os
+    from kms.auth import passwords as module
+    hasher = module.PasswordHasher(admitted=2)
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = []
+    real = module.Argon2id.derive_phc_encoded
+
+    def spy(self, password):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return real(self, password)
+
+    monkeypatch.setattr(module.Argon2id, "derive_phc_encoded", spy)
+    hasher.hash("Some-passw0rd!")
+    assert seen == [min(19, base + module.HASHING_NICENESS)]  # the hashing thread, not the caller
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+
+
 def test_during_a_flood_logins_are_refused_before_flask_with_the_same_answer(app, client):
     passwords = app.extensions["kms"].passwords
     release, held = threading.Event(), []
