@@ -366,6 +366,23 @@ def database_collector(kms, every_s: float = 10.0):
 
 
 access_log = logging.getLogger("kms.access")
+
+
+class _EverySecond:
+    """Counts events and logs how many at most once a second: a flood must not turn into a flood
+    of log lines."""
+
+    def __init__(self, message: str):
+        self.message = message
+        self.pending = 0
+        self.since = float("-inf")  # the first one is logged at once: a flood has begun
+
+    def count(self):
+        self.pending += 1  # a lost increment under a race only blurs a summary
+        now = time.monotonic()
+        if now - self.since >= 1.0:
+            pending, self.pending, self.since = self.pending, 0, now
+            access_log.warning(self.message, extra={"refused": pending, "route": "/auth/login", "status": 429})
 REQUEST_ID = "kms.request_id"  # the WSGI environ key of the request's id
 
 
@@ -387,6 +404,8 @@ class RequestObserver:
     def __init__(self, wsgi_app, metrics: Metrics):
         self.wsgi_app = wsgi_app
         self.metrics = metrics
+        self._shed_summary = _EverySecond("logins refused in a flood, before the application (one line a second "
+                                          "instead of one a request; kms_logins_total counts each)")
         self._templates: dict = {}  # rule -> its template without converter names, once per rule
 
     def _template(self, rule: str) -> str:
@@ -414,7 +433,9 @@ class RequestObserver:
         elapsed = time.perf_counter() - started
         (route, status), method = seen, environ["REQUEST_METHOD"]
         self.metrics.observe(route, method, status, elapsed)
-        if access_log.isEnabledFor(logging.INFO):
+        if "kms.shed" in environ:  # a refusal in a flood: counted above, summed up in the log
+            self._shed_summary.count()
+        elif access_log.isEnabledFor(logging.INFO):
             access_log.info("request", extra={"requestId": request_id, "method": method, "route": route,
                                               "status": status, "durationMs": round(elapsed * 1000, 2)})
         return body

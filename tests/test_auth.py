@@ -164,7 +164,7 @@ def test_hashes_run_at_a_lower_cpu_priority_than_requests(monkeypatch):
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
 
 
-def test_during_a_flood_logins_are_refused_before_flask_with_the_same_answer(app, client):
+def test_during_a_flood_logins_are_refused_before_flask_with_the_same_answer(app, client, captured_logs):
     passwords = app.extensions["kms"].passwords
     release, held = threading.Event(), []
 
@@ -195,6 +195,11 @@ def test_during_a_flood_logins_are_refused_before_flask_with_the_same_answer(app
             holder.join()
     metrics = client.get("/metrics").text
     assert 'kms_logins_total{outcome="throttled"} 2.0' in metrics
+    lines = [json.loads(line) for line in captured_logs.getvalue().splitlines()]
+    # the refusal in the route has its access line; the one in the flood is summed up instead
+    assert [line["requestId"] for line in lines if line.get("requestId") in
+            (waited.headers["X-Request-ID"], shed.headers["X-Request-ID"])] == [waited.headers["X-Request-ID"]]
+    assert [line["refused"] for line in lines if line["msg"].startswith("logins refused in a flood")] == [1]
     assert not passwords.flooded()  # places free again: logins go through
     assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}).status_code == 200
 

@@ -175,6 +175,7 @@ class LoginFloodShedder:
             from kms.observability import REQUEST_ID
             self.passwords._gate.refused()
             environ["kms.route"] = "/auth/login"
+            environ["kms.shed"] = True
             body = json.dumps({"error": "too_many_requests", "message": FLOOD_MESSAGE,
                                "requestId": environ.get(REQUEST_ID)}).encode()
             start_response("429 TOO MANY REQUESTS", [("Content-Type", "application/json"),
