@@ -51,17 +51,21 @@ class ServerProcess:
                 assert time.monotonic() < deadline + 30, "the workers did not all start serving"
                 time.sleep(0.1)
 
-    def workers(self) -> list[int]:
-        children = []
+    def children(self, named: str) -> list[int]:
+        found = []
         for proc in Path("/proc").iterdir():
             if proc.name.isdigit():
                 try:
                     fields = (proc / "stat").read_text().rsplit(") ", 1)[1].split()
+                    comm = (proc / "comm").read_text().strip()
                 except OSError:
                     continue
-                if int(fields[1]) == self.process.pid and fields[0] != "Z":
-                    children.append(int(proc.name))
-        return sorted(children)
+                if int(fields[1]) == self.process.pid and fields[0] != "Z" and comm.startswith(named):
+                    found.append(int(proc.name))
+        return sorted(found)
+
+    def workers(self) -> list[int]:
+        return self.children("kms-worker-")
 
     def wait_for_workers(self, count: int, exclude=(), timeout=30) -> list[int]:
         deadline = time.monotonic() + timeout
@@ -175,6 +179,37 @@ def test_keep_alive_connections_are_shared_out_evenly_between_workers(servers):
             connection.close()
 
 
+def test_the_sealer_runs_in_a_process_of_its_own_and_is_replaced_when_it_dies(servers, base_env):
+    server = servers(workers=2)
+    (sealer,) = server.children("kms-sealer")
+
+    def unsealed() -> int:
+        with psycopg2.connect(base_env["DATABASE_URL"]) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM audit_events WHERE chain_pos IS NULL")
+            count = cur.fetchone()[0]
+        conn.close()
+        return count
+
+    def logins_sealed():
+        for _ in range(5):
+            assert requests.post(server.base + "/auth/login", json={"clientname": ADMIN_NAME,
+                                                                   "password": ADMIN_PASSWORD}).status_code == 200
+        deadline = time.monotonic() + 15
+        while unsealed() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return unsealed() == 0
+
+    assert logins_sealed()
+    os.kill(sealer, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while not set(server.children("kms-sealer")) - {sealer}:
+        assert time.monotonic() < deadline, "the sealer was not replaced"
+        time.sleep(0.1)
+    assert logins_sealed()  # the new one seals
+    head = metric(server.base, "kms_audit_chain_head_position")
+    assert head >= 10  # published by the sealer's process, answered by a worker
+
+
 def test_python_app_py_takes_workers_too(base_env, make_app, tmp_path):
     make_app()
     port = _free_port()
@@ -186,7 +221,8 @@ def test_python_app_py_takes_workers_too(base_env, make_app, tmp_path):
         deadline = time.monotonic() + 60
         children = []
         while len(children) < 2 and time.monotonic() < deadline:
-            children = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent_of(p) == process.pid]
+            children = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent_of(p) == process.pid
+                        and (p / "comm").read_text().startswith("kms-worker-")]
             time.sleep(0.1)
         assert len(children) == 2
         while time.monotonic() < deadline:
@@ -254,7 +290,8 @@ def test_sigterm_lets_every_in_flight_request_finish_then_exits_0(servers, base_
 
 def test_a_killed_parent_takes_its_workers_with_it(servers):
     server = servers(workers=2)
-    workers = server.workers()
+    workers = server.children("kms-")  # the workers and the sealer
+    assert len(workers) == 3 and len(server.children("kms-sealer")) == 1
     server.process.kill()
     server.process.wait()
     deadline = time.monotonic() + 30

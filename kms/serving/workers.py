@@ -9,8 +9,10 @@ secret checks, the first admin), then forks the workers and only supervises:
 - a worker never outlives its parent: Linux sends it SIGTERM when the parent dies (PDEATHSIG),
   however the parent died.
 Shared state lives in PostgreSQL (sessions, throttles, locks), so workers need no coordination
-beyond two things the parent hands them: the host-wide bound on password hashing (HashGate) and
-a directory for the metrics every worker's /metrics sums.
+beyond three things the parent hands them: the host-wide bound on password hashing (HashGate),
+each worker's connection count (to accept least-loaded first) and a directory for the metrics
+every worker's /metrics sums. The audit sealer runs in a supervised process of its own
+(`kms-sealer`; workers are `kms-worker-N` in ps).
 """
 import logging
 import multiprocessing
@@ -22,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from kms.serving.lifecycle import bind_listener, die_with_parent, stop_on_signals
+from kms.serving.lifecycle import bind_listener, die_with_parent, name_this_process, stop_on_signals
 from kms.serving.server import DRAIN_TIMEOUT_S, serve_app
 
 log = logging.getLogger("kms")
@@ -54,9 +56,12 @@ def run_server(settings, workers: int | None = None) -> int:
     return Supervisor(settings, sock, workers).run()
 
 
+SEALER_SLOT = -1  # the audit sealer's process; workers are slots 0 .. N-1
+
+
 @dataclass
 class Worker:
-    slot: int  # 0 .. N-1; slot 0 runs the audit sealer
+    slot: int  # 0 .. N-1, or SEALER_SLOT
     pid: int
     started: float
 
@@ -73,7 +78,7 @@ class Supervisor:
         self.connections = multiprocessing.get_context("fork").RawArray("l", [EMPTY_SLOT] * workers)
         self.metrics_dir = tempfile.mkdtemp(prefix="kms-metrics-")
         self.workers: dict[int, Worker] = {}  # pid -> worker
-        self.failures = [0] * workers  # deaths in a row, young, per slot
+        self.failures: dict[int, int] = {}  # deaths in a row, young, per slot
         self.respawn_at: dict[int, float] = {}  # slot -> when
         self.stopping = threading.Event()
 
@@ -83,6 +88,8 @@ class Supervisor:
         try:
             for slot in range(self.count):
                 self._spawn(slot)
+            if self.settings.audit_seal_interval_ms > 0:
+                self._spawn(SEALER_SLOT)
             log.info("serving", extra={"host": self.settings.server_host, "port": self.sock.getsockname()[1],
                                        "workers": self.count, "threads": self.settings.server_threads})
             while not self.stopping.is_set():
@@ -101,7 +108,11 @@ class Supervisor:
         if pid == 0:  # the worker: never returns into the parent's code
             code = 1
             try:
-                code = run_worker(self.settings, self.sock, slot, self.hash_gate, (self.connections, slot))
+                if slot == SEALER_SLOT:
+                    self.sock.close()  # it serves nothing
+                    code = run_sealer(self.settings)
+                else:
+                    code = run_worker(self.settings, self.sock, slot, self.hash_gate, (self.connections, slot))
             except BaseException as error:  # noqa: BLE001 - report, then exit with a code the parent sees
                 log.error("worker failed", extra={"slot": slot, "error_code": type(error).__name__,
                                                   "problem": _safe_message(error)})
@@ -122,10 +133,11 @@ class Supervisor:
             if worker is None:
                 continue
             self._forget_metrics(pid)
-            self.connections[worker.slot] = EMPTY_SLOT
+            if worker.slot != SEALER_SLOT:
+                self.connections[worker.slot] = EMPTY_SLOT
             lived = time.monotonic() - worker.started
-            self.failures[worker.slot] = 0 if lived >= STABLE_AFTER_S else self.failures[worker.slot] + 1
-            delay = 0.0 if self.failures[worker.slot] <= 1 else min(MAX_BACKOFF_S, 2.0 ** (self.failures[worker.slot] - 1))
+            failures = self.failures[worker.slot] = 0 if lived >= STABLE_AFTER_S else self.failures.get(worker.slot, 0) + 1
+            delay = 0.0 if failures <= 1 else min(MAX_BACKOFF_S, 2.0 ** (failures - 1))
             log.warning("worker died; replacing it", extra={"slot": worker.slot, "pid": pid, "exit": _describe(status),
                                                            "livedSeconds": round(lived, 1), "restartInSeconds": delay})
             self.respawn_at[worker.slot] = time.monotonic() + delay
@@ -167,6 +179,7 @@ def run_worker(settings, sock, slot: int, hash_gate, balance=None) -> int:
     shared socket until SIGTERM."""
     if not die_with_parent(signal.SIGTERM):
         return 0  # the parent is already gone
+    name_this_process(f"kms-worker-{slot}")
     stopping = threading.Event()
     stop_on_signals(stopping, (signal.SIGTERM, signal.SIGHUP))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
@@ -177,7 +190,32 @@ def run_worker(settings, sock, slot: int, hash_gate, balance=None) -> int:
     kms = Kms.open(settings, hash_gate=hash_gate)
     kms.pool.warm()
     app = create_app(kms=kms)
-    serve_app(app, sock, stopping, run_sealer=slot == 0, balance=balance)
+    serve_app(app, sock, stopping, run_sealer=False, balance=balance)
+    return 0
+
+
+def run_sealer(settings) -> int:
+    """The audit sealer, in a process of its own beside the workers: chaining a second's worth of
+    events is a burst of Python work, and in a worker it made that worker's requests queue for
+    the GIL (look-up tails of hundreds of milliseconds under load)."""
+    if not die_with_parent(signal.SIGTERM):
+        return 0
+    name_this_process("kms-sealer")
+    stopping = threading.Event()
+    stop_on_signals(stopping, (signal.SIGTERM, signal.SIGHUP))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from kms.audit.sealer import start_sealer
+    from kms.observability import use_multiprocess_metrics
+    from kms.runtime import Kms
+    use_multiprocess_metrics()
+    kms = Kms.open(settings, pool_size=1)
+    sealer = start_sealer(kms)
+    try:
+        stopping.wait()
+    finally:
+        sealer.stop()
+        sealer.join(timeout=30)
+        kms.close()
     return 0
 
 
