@@ -9,14 +9,14 @@ import hashlib
 import hmac
 import os
 import struct
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from datetime import datetime, timezone
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from kms.expiring import ExpiringMap
 
 FORMAT_V1 = b"\x01"
 NONCE_BYTES = 12
@@ -163,26 +163,13 @@ class DekCache:
     def __init__(self, ttl_s: float, size: int):
         self.ttl_s = ttl_s
         self.size = size
-        self._entries: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
+        self._entries = ExpiringMap(size)
 
     def get(self, address: tuple) -> bytes | None:
-        with self._lock:
-            entry = self._entries.get(address)
-            if entry is None:
-                return None
-            dek, expires = entry
-            if expires <= time.monotonic():
-                del self._entries[address]
-                return None
-            return dek
+        return self._entries.get(address, time.monotonic())
 
     def put(self, address: tuple, dek: bytes):
-        with self._lock:
-            self._entries[address] = (dek, time.monotonic() + self.ttl_s)
-            self._entries.move_to_end(address)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
+        self._entries.put(address, dek, time.monotonic() + self.ttl_s)
 
 
 class Keyring:

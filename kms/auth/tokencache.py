@@ -5,38 +5,21 @@ many times. Only the signature check is remembered: every request still checks t
 session row in the database, so logout and revocation still take effect at once.
 """
 import hashlib
-import threading
 import time
-from collections import OrderedDict
+
+from kms.expiring import ExpiringMap
 
 
 class VerifiedTokenCache:
     def __init__(self, size: int = 4096):
-        self._size = size
-        self._entries: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
+        self._entries = ExpiringMap(size)
 
     @staticmethod
     def _key(token: str) -> bytes:
         return hashlib.sha256(token.encode()).digest()  # tokens themselves are not kept
 
     def get(self, token: str):
-        key = self._key(token)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            claims, expires_at = entry
-            if expires_at <= time.time():
-                del self._entries[key]
-                return None
-            self._entries.move_to_end(key)
-            return claims
+        return self._entries.get(self._key(token), time.time())  # a JWT's exp is wall-clock time
 
     def put(self, token: str, claims, expires_at: float):
-        key = self._key(token)
-        with self._lock:
-            self._entries[key] = (claims, expires_at)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._size:
-                self._entries.popitem(last=False)
+        self._entries.put(self._key(token), claims, expires_at)
