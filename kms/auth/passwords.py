@@ -116,6 +116,13 @@ class PasswordHasher:
             return False
         return True
 
+    def refuse_if_flooded(self) -> bool:
+        """flooded(), and if so the refusal counts as one (the flood goes on)."""
+        if not self.flooded():
+            return False
+        self._gate.refused()
+        return True
+
     def _wait_for_place(self) -> bool:
         if self._gate.seconds_since_refusal() < self.wait_s or not self._waiting.acquire(False):
             return False
@@ -171,9 +178,8 @@ class LoginFloodShedder:
 
     def __call__(self, environ, start_response):
         if (environ["PATH_INFO"] == "/auth/login" and environ["REQUEST_METHOD"] == "POST"
-                and self.passwords.flooded()):
+                and self.passwords.refuse_if_flooded()):
             from kms.observability import REQUEST_ID
-            self.passwords._gate.refused()
             environ["kms.route"] = "/auth/login"
             environ["kms.shed"] = True
             body = json.dumps({"error": "too_many_requests", "message": FLOOD_MESSAGE,
