@@ -3,8 +3,10 @@ app per test, and a real HTTP server (waitress on a free port) to send real requ
 import io
 import logging
 import os
+import sys
 import threading
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
@@ -17,11 +19,21 @@ from kms.config import SECRET_VARIABLES, generate_secret
 from kms.observability import JsonFormatter
 from kms.serving.http import create_server
 
+KMS_COMMAND = str(Path(sys.executable).parent / "kms")  # the console script `pip install` made
 ADMIN_NAME = "root-admin"
 ADMIN_PASSWORD = "Root-admin-passw0rd"
 CLIENT_PASSWORD = "Client-passw0rd!"
 APP_TABLES = ("clients, sessions, signup_tokens, login_failures, keys, key_versions, secret_checks, audit_events, "
               "audit_refusals, legacy_signup_tokens_used")
+
+
+def bare_env(**settings) -> dict:
+    """The environment of a shell with nothing of ours configured, plus `settings`: for running
+    the KMS's commands as a user would."""
+    env = {name: value for name, value in os.environ.items()
+           if name in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")}
+    env.update(settings)
+    return env
 
 
 def with_database(url: str, name: str) -> str:

@@ -14,18 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from kms.serving.throwaway_postgres import _free_port
-from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, bearer, serve_in_thread, stop_server
+from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, KMS_COMMAND as KMS, bare_env, bearer, serve_in_thread,
+                            stop_server)
 
 ROOT = Path(__file__).resolve().parent.parent
-KMS = str(Path(sys.executable).parent / "kms")  # the console script
-
-
-def bare_env(**settings) -> dict:
-    """The environment of a shell with nothing of ours configured."""
-    env = {name: value for name, value in os.environ.items()
-           if name in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")}
-    env.update(settings)
-    return env
 
 
 def run_kms(*args, env, cwd="/", timeout=60, **kwargs):

@@ -6,7 +6,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,15 +13,13 @@ import pytest
 import requests
 
 from kms.serving.throwaway_postgres import _free_port
+from tests.conftest import KMS_COMMAND as KMS, bare_env
 
 ROOT = Path(__file__).resolve().parent.parent
-KMS = str(Path(sys.executable).parent / "kms")
 
 
 def dev_env(tmp_path, **settings) -> dict:
-    env = {name: value for name, value in os.environ.items() if name in ("PATH", "HOME", "LANG", "TMPDIR")}
-    env.update(SERVER_THREADS="4", **settings)
-    return env
+    return bare_env(SERVER_THREADS="4", **settings)
 
 
 class DevServer:

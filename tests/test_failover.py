@@ -2,14 +2,11 @@
 same binaries the other tests use), the KMS pointed at both with libpq's multi-host URL. Under
 load the primary is stopped as `pg_ctl stop -m immediate` does and the standby promoted; the KMS
 must answer again on its own, and nothing it acknowledged may be missing."""
-import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 
 import psycopg2
 import pytest
@@ -17,8 +14,8 @@ import requests
 
 from kms.config import SECRET_VARIABLES, generate_secret
 from kms.serving.throwaway_postgres import ThrowawayPostgres, _free_port
+from tests.conftest import KMS_COMMAND as KMS, bare_env
 
-KMS = str(Path(sys.executable).parent / "kms")
 ADMIN = ("failover-admin", "Failover-admin-passw0rd")
 PASSWORD = "Failover-passw0rd!"
 DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on", "wal_level": "replica",
@@ -140,7 +137,7 @@ def test_the_kms_rides_through_a_failover_losing_nothing_it_acknowledged(cluster
            "?target_session_attrs=read-write")
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    env = bare_env()
     env.update({name: generate_secret() for name in SECRET_VARIABLES})
     env.update(DATABASE_URL=url, SERVER_PORT=str(port), SERVER_THREADS="8", AUDIT_SEAL_INTERVAL="200",
                MASTER_ADMIN_USERNAME=ADMIN[0], MASTER_ADMIN_PASSWORD=ADMIN[1],

@@ -1,10 +1,10 @@
 """The HTTP rules every route shares, operations endpoints, the factory and restarts."""
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, AuthActions, HttpClient, bearer, serve_in_thread, stop_server
+from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, AuthActions, HttpClient, bare_env, bearer, serve_in_thread,
+                            stop_server)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,7 +131,7 @@ def test_importing_the_app_does_nothing(tmp_path):
                "from flask import Flask; "
                "assert not any(isinstance(v, Flask) for v in vars(app).values()); "
                "print('quiet')")
-    env = {name: value for name, value in os.environ.items() if name in ("PATH", "HOME", "LANG")}
+    env = bare_env()
     result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -1,9 +1,7 @@
 """Claims README makes that no other test performs: each is done here, against a real database."""
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -11,11 +9,11 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, AuthActions, HttpClient, bearer,
-                            create_database, drop_database, serve_in_thread, stop_server, with_database)
+from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, KMS_COMMAND as KMS, AuthActions,
+                            HttpClient, bare_env, bearer, create_database, drop_database, serve_in_thread,
+                            stop_server, with_database)
 
 ROOT = Path(__file__).resolve().parent.parent
-KMS = str(Path(sys.executable).parent / "kms")
 
 
 def count_events(db, action: str) -> int:
@@ -121,7 +119,7 @@ def test_readme_grants_and_the_trigger_keep_the_audit_trail_append_only(pg_serve
     url = with_database(pg_server, name)
     as_owner = re.sub(r"//[^@/]*@", f"//{owner}@", url)
     as_app = re.sub(r"//[^@/]*@", f"//{application}@", url)
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    env = bare_env()
     env.update(secrets_env, MASTER_ADMIN_USERNAME=ADMIN_NAME, MASTER_ADMIN_PASSWORD=ADMIN_PASSWORD)
     try:
         migrated = subprocess.run([KMS, "migrate"], env={**env, "DATABASE_URL": as_owner}, capture_output=True,

@@ -16,9 +16,8 @@ import requests
 from prometheus_client.mmap_dict import MmapedDict
 
 from kms.serving.throwaway_postgres import _free_port
-from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, bearer
+from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, KMS_COMMAND as KMS, bare_env, bearer
 
-KMS = str(Path(sys.executable).parent / "kms")
 
 
 class ServerProcess:
@@ -28,7 +27,7 @@ class ServerProcess:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.tmp_path = tmp_path
-        environment = {name: value for name, value in os.environ.items() if name in ("PATH", "HOME", "LANG")}
+        environment = bare_env()
         environment.update(env, SERVER_PORT=str(self.port), TMPDIR=str(tmp_path))
         self.log = open(tmp_path / f"server-{self.port}.log", "w")
         self.process = subprocess.Popen([KMS, "serve", "--workers", str(workers)], env=environment,
@@ -213,7 +212,7 @@ def test_the_sealer_runs_in_a_process_of_its_own_and_is_replaced_when_it_dies(se
 def test_python_app_py_takes_workers_too(base_env, make_app, tmp_path):
     make_app()
     port = _free_port()
-    env = {name: value for name, value in os.environ.items() if name in ("PATH", "HOME", "LANG")}
+    env = bare_env()
     process = subprocess.Popen([sys.executable, "app.py", "--workers", "2"], cwd=Path(__file__).parent.parent,
                                env={**env, **base_env, "SERVER_PORT": str(port)}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -358,7 +357,7 @@ def test_two_servers_over_one_database_share_sessions_throttles_rotations_and_th
         count, distinct, first, last = cur.fetchone()
     conn.close()
     assert count == distinct == last and first == 1
-    env = {name: value for name, value in os.environ.items() if name in ("PATH", "HOME", "LANG")}
+    env = bare_env()
     verified = subprocess.run([KMS, "audit", "verify"], env={**env, **base_env}, capture_output=True, text=True,
                               timeout=60)
     assert verified.returncode == 0 and verified.stdout.startswith("audit chain intact"), verified.stderr
