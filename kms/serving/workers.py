@@ -174,23 +174,32 @@ class Supervisor:
         multiprocess.mark_process_dead(pid, self.metrics_dir)
 
 
+def _become_child(name: str) -> threading.Event | None:
+    """What every process the supervisor forks does first: die with the parent, take a name,
+    stop on SIGTERM or SIGHUP (Ctrl-C reaches the whole group; the parent decides, and passes it
+    on as SIGTERM), keep its metrics in the shared directory. None when the parent is gone."""
+    if not die_with_parent(signal.SIGTERM):
+        return None
+    name_this_process(name)
+    stopping = threading.Event()
+    stop_on_signals(stopping, (signal.SIGTERM, signal.SIGHUP))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from kms.observability import use_multiprocess_metrics
+    use_multiprocess_metrics()
+    return stopping
+
+
 def run_worker(settings, sock, slot: int, hash_gate, balance=None) -> int:
     """A worker's life: its own pool and app (the parent prepared the database), served on the
     shared socket until SIGTERM."""
-    if not die_with_parent(signal.SIGTERM):
-        return 0  # the parent is already gone
-    name_this_process(f"kms-worker-{slot}")
-    stopping = threading.Event()
-    stop_on_signals(stopping, (signal.SIGTERM, signal.SIGHUP))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
+    stopping = _become_child(f"kms-worker-{slot}")
+    if stopping is None:
+        return 0
     from kms import create_app
-    from kms.observability import use_multiprocess_metrics
     from kms.runtime import Kms
-    use_multiprocess_metrics()
     kms = Kms.open(settings, hash_gate=hash_gate)
     kms.pool.warm()
-    app = create_app(kms=kms)
-    serve_app(app, sock, stopping, run_sealer=False, balance=balance)
+    serve_app(create_app(kms=kms), sock, stopping, run_sealer=False, balance=balance)
     return 0
 
 
@@ -198,16 +207,11 @@ def run_sealer(settings) -> int:
     """The audit sealer, in a process of its own beside the workers: chaining a second's worth of
     events is a burst of Python work, and in a worker it made that worker's requests queue for
     the GIL (look-up tails of hundreds of milliseconds under load)."""
-    if not die_with_parent(signal.SIGTERM):
+    stopping = _become_child("kms-sealer")
+    if stopping is None:
         return 0
-    name_this_process("kms-sealer")
-    stopping = threading.Event()
-    stop_on_signals(stopping, (signal.SIGTERM, signal.SIGHUP))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from kms.audit.sealer import start_sealer
-    from kms.observability import use_multiprocess_metrics
     from kms.runtime import Kms
-    use_multiprocess_metrics()
     kms = Kms.open(settings, pool_size=1)
     sealer = start_sealer(kms)
     try:
