@@ -8,8 +8,8 @@ such a row, but not make the MAC match: the row is then refused (IntegrityFailur
 What a MAC cannot show is that a row is the *latest* one: a writer may put back an older copy of
 a row, MAC and all. The columns are chosen so that such copies gain nothing that lasts: sessions
 carry their client's epoch (moved on by disable, delete, role change), keys carry their current
-version and the line below which versions are retired, and look-ups check that no newer version
-exists than the key row says. README's security model lists what remains.
+version and the line below which versions are retired, and look-ups check that the version after
+the key row's current one does not exist. README's security model lists what remains.
 """
 import uuid
 from datetime import datetime

@@ -175,11 +175,28 @@ def sealed_history(client, auth, runner):
 
 
 def test_the_trigger_keeps_the_table_append_only_for_a_plain_writer(db, sealed_history):
+    # An unsealed row of the writer's own: sealing it is the one update allowed, changing it while
+    # sealing is not. (Not sql(): this writer has not got past the trigger.)
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO audit_events (event_id, at, actor, action, outcome, row_mac) "
+                    "VALUES (gen_random_uuid(), now(), 'x', 'key.lookup', 'success', '\\x00')")
+    seal_with_a_change = ("UPDATE audit_events SET chain_pos = 1000000, chain_hash = '\\x00', chain_format = 2, "
+                          "{} WHERE chain_pos IS NULL")
     for statement in ["UPDATE audit_events SET outcome = 'denied' WHERE seq = 2",
                       "UPDATE audit_events SET chain_pos = NULL, chain_hash = NULL, chain_format = NULL",
-                      "DELETE FROM audit_events WHERE seq = 2", "TRUNCATE audit_events"]:
+                      "UPDATE audit_events SET chain_hash = '\\x00' WHERE seq = 2",
+                      seal_with_a_change.format("outcome = 'denied'"),
+                      seal_with_a_change.format("repeats = 5"),
+                      seal_with_a_change.format("row_mac = '\\x01'"),
+                      "UPDATE audit_events SET outcome = 'denied' WHERE chain_pos IS NULL",
+                      "DELETE FROM audit_events WHERE seq = 2", "DELETE FROM audit_events WHERE chain_pos IS NULL",
+                      "TRUNCATE audit_events"]:
         with pytest.raises(psycopg2.errors.RaiseException), db.cursor() as cur:
             cur.execute(statement)
+    # ... and the update the sealer makes is still allowed.
+    with db.cursor() as cur:
+        cur.execute(seal_with_a_change.replace(", {}", ""))
+        assert cur.rowcount == 1
 
 
 def test_unchaining_and_deleting_rows_cannot_be_resealed_behind_a_recorded_head(app, client, auth, runner, db,

@@ -169,14 +169,14 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
     if row is None:
         raise Unauthorized(TOKEN_NOT_LIVE)
     expires_at, epoch, session_mac, name_hash, password_hash, role, client_mac, key_id, current, retired_below, \
-        period, key_mac, newest, rotation_due, cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome = row
+        period, key_mac, superseded, rotation_due, cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome = row
     jti, client_id = ctx.claims.jti_text, ctx.claims.client_id_text  # what the statement matched them on
     check_caller_row(ctx.kms, (jti, client_id, expires_at, epoch, False, bytes(session_mac),
                                client_id, bytes(name_hash), password_hash, role, "active", epoch, bytes(client_mac)),
                      text_ids=True)
     if key_id is not None:
         rows.check_key(ctx.kms, (key_id, owner_id, ref_hash, current, retired_below, False, period, bytes(key_mac)))
-        if newest != current:  # the key row was put back from an older copy
+        if superseded:  # a version after the key row's current one exists: the row was put back
             raise IntegrityFailure("keys", key_id)
     if outcome != "success":
         if ctx.kms.settings.audit_key_lookups:
