@@ -3,12 +3,15 @@ without them (default: the commit before row MACs arrived), side by side, altern
 
 Each side runs from its own checkout (the baseline in a temporary git worktree) against a database
 of its own, with the same settings, and serves the same look-up (two versions, two unwraps,
-audited) at 16 and 64 connections.
+audited) at 16 and 64 connections. Besides throughput, each run reads the CPU time the server's
+processes and its database's PostgreSQL backends spent (the scheduler's counts, /proc/PID/schedstat):
+CPU per look-up is what the checks add, and a shared VM disturbs it far less than throughput.
 
     python bench/bench_integrity.py     (needs wrk and git; BENCH_BASELINE=<rev>, BENCH_SECONDS,
                                          BENCH_ROUNDS, BENCH_THREADS, BENCH_DATABASE_URL)
 """
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -17,8 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_keys import ROUNDS, SECONDS, THREADS, alternate, lookups, rounds  # noqa: E402
-from bench.common import ROOT, bench_database, free_port, kms_env, kms_with_key, require_wrk, row  # noqa: E402
+from bench.bench_keys import ROUNDS, SECONDS, THREADS, alternate_many, lookups, ratio_of, rounds  # noqa: E402
+from bench.common import (ROOT, bench_database, cpu_seconds, free_port, kms_env, kms_with_key, require_wrk,  # noqa: E402
+                          row)
 
 BASELINE = os.environ.get("BENCH_BASELINE", ":/Login admission: a burst after a quiet spell queues")
 
@@ -40,7 +44,25 @@ def worktree(revision: str):
 def kms_at(checkout: Path, database_url: str):
     port = free_port()
     with kms_with_key(kms_env(database_url, port, THREADS), port, cwd=checkout) as server:
-        yield server
+        yield server, database_url
+
+
+def measured_lookups(side, connections: int) -> dict:
+    """A look-up run, with the CPU its server and database backends spent per look-up (ms)."""
+    server, database_url = side
+    before = cpu_seconds(server[0], database_url)
+    result = lookups(server, connections)
+    after = cpu_seconds(server[0], database_url)
+    for part in ("server", "postgres"):
+        result[f"{part}_ms"] = (after[part] - before[part]) * 1000 / max(result["requests"], 1)
+    result["cpu_ms"] = result["server_ms"] + result["postgres_ms"]
+    return result
+
+
+def cpu_row(label: str, runs: list[dict]) -> str:
+    median = {key: statistics.median(run[key] for run in runs) for key in ("server_ms", "postgres_ms", "cpu_ms")}
+    return (f"{label:<44} CPU per look-up {median['cpu_ms']:.3f} ms (server {median['server_ms']:.3f}, "
+            f"PostgreSQL {median['postgres_ms']:.3f})")
 
 
 def main():
@@ -52,11 +74,16 @@ def main():
         checked = stack.enter_context(kms_at(ROOT, stack.enter_context(bench_database())))
         unchecked = stack.enter_context(kms_at(baseline_dir, stack.enter_context(bench_database())))
         for connections in (16, 64):
-            with_checks, without, ratio, ratios = alternate(
-                lambda c: lookups(checked, c), lambda c: lookups(unchecked, c), connections)
-            print(row(f"lookup with row MACs    c={connections}", with_checks), flush=True)
-            print(row(f"lookup without (baseline) c={connections}", without) +
+            medians, results = alternate_many({"with": lambda c: measured_lookups(checked, c),
+                                               "without": lambda c: measured_lookups(unchecked, c)}, connections)
+            ratio, ratios = ratio_of(results, "with", "without")
+            cpu, cpu_ratios = ratio_of(results, "with", "without", "cpu_ms")
+            print(row(f"lookup with row MACs    c={connections}", medians["with"]), flush=True)
+            print(row(f"lookup without (baseline) c={connections}", medians["without"]) +
                   f"   with / without = {ratio:.2f}x ({rounds(ratios)})", flush=True)
+            print(cpu_row(f"  with row MACs  c={connections}", results["with"]), flush=True)
+            print(cpu_row(f"  without        c={connections}", results["without"]) +
+                  f"   with / without = {cpu:.3f}x ({rounds(cpu_ratios)})", flush=True)
 
 
 if __name__ == "__main__":

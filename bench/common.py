@@ -74,11 +74,55 @@ def kms_env(database_url: str, port: int, threads: int, **overrides) -> dict:
     return env
 
 
+SERVER_PIDS: dict[str, int] = {}  # base URL -> the server's process id (see cpu_seconds)
+
+
+def _descendants(pid: int) -> list[int]:
+    found, pending = [], [pid]
+    while pending:
+        parent = pending.pop()
+        found.append(parent)
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                pending.extend(int(child) for child in task.read_text().split())
+            except OSError:
+                pass
+    return found
+
+
+def _on_cpu_seconds(pid: int) -> float:
+    """Every thread's time on a CPU, in nanoseconds as the scheduler keeps it (finer than the 10 ms
+    ticks of /proc/PID/stat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(task.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / 1e9
+
+
+def cpu_seconds(base_url: str, database_url: str) -> dict:
+    """CPU time used so far by a server's processes (the one started for base_url and its
+    children) and by the PostgreSQL backends connected to its database: read before and after a
+    run, the difference over the requests served is CPU per request, which a busy VM disturbs far
+    less than throughput. (A backend that ends in between takes its time with it: servers here keep
+    their pools open.)"""
+    name = database_url.rsplit("/", 1)[1].split("?", 1)[0]
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+        backends = [pid for (pid,) in cur.fetchall()]
+    conn.close()
+    return {"server": sum(map(_on_cpu_seconds, _descendants(SERVER_PIDS[base_url]))),
+            "postgres": sum(map(_on_cpu_seconds, backends))}
+
+
 @contextmanager
 def server_process(argv: list[str], env: dict, port: int, cwd: Path = ROOT):
     """Run a server in its own process (logs to a file: they cost what they cost in production)."""
     log = tempfile.NamedTemporaryFile(prefix="kms-bench-", suffix=".log", delete=False)
     process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=log)
+    SERVER_PIDS[f"http://127.0.0.1:{port}"] = process.pid
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -186,6 +230,7 @@ def wrk(base_url: str, method: str, path: str, *, connections: int, seconds: int
         "p50_ms": _seconds(latency["50"]) * 1000,
         "p99_ms": _seconds(latency["99"]) * 1000,
         "non_2xx": non_2xx,
+        "requests": requests,
         "socket_errors": socket_errors.group(1) if socket_errors else "",
     }
 
