@@ -53,16 +53,17 @@ def measured_lookups(side, connections: int) -> dict:
     before = cpu_seconds(server[0], database_url)
     result = lookups(server, connections)
     after = cpu_seconds(server[0], database_url)
-    for part in ("server", "postgres"):
+    for part in ("server", "postgres", "sealer_postgres"):
         result[f"{part}_ms"] = (after[part] - before[part]) * 1000 / max(result["requests"], 1)
     result["cpu_ms"] = result["server_ms"] + result["postgres_ms"]
     return result
 
 
 def cpu_row(label: str, runs: list[dict]) -> str:
-    median = {key: statistics.median(run[key] for run in runs) for key in ("server_ms", "postgres_ms", "cpu_ms")}
+    median = {key: statistics.median(run[key] for run in runs)
+              for key in ("server_ms", "postgres_ms", "sealer_postgres_ms", "cpu_ms")}
     return (f"{label:<44} CPU per look-up {median['cpu_ms']:.3f} ms (server {median['server_ms']:.3f}, "
-            f"PostgreSQL {median['postgres_ms']:.3f})")
+            f"PostgreSQL {median['postgres_ms']:.3f} of which sealing {median['sealer_postgres_ms']:.3f})")
 
 
 def main():

@@ -110,11 +110,13 @@ def cpu_seconds(base_url: str, database_url: str) -> dict:
     their pools open.)"""
     name = database_url.rsplit("/", 1)[1].split("?", 1)[0]
     with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
-        cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
-        backends = [pid for (pid,) in cur.fetchall()]
+        cur.execute("SELECT pid, application_name = 'kms-audit-sealer' FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+        backends = cur.fetchall()
     conn.close()
     return {"server": sum(map(_on_cpu_seconds, _descendants(SERVER_PIDS[base_url]))),
-            "postgres": sum(map(_on_cpu_seconds, backends))}
+            "postgres": sum(_on_cpu_seconds(pid) for pid, _ in backends),
+            "sealer_postgres": sum(_on_cpu_seconds(pid) for pid, sealer in backends if sealer)}
 
 
 @contextmanager
