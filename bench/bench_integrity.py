@@ -1,5 +1,12 @@
-"""What checking row MACs costs the key look-up: this checkout against a baseline revision
-without them (default: the commit before row MACs arrived), side by side, alternating rounds.
+"""What checking row MACs costs the key look-up: this checkout against the same code with the
+checks taken out, side by side, alternating rounds.
+
+The baseline is this checkout's commit with bench/no_row_checks.patch applied: the look-up reads no
+MAC columns and no newer-version probe, and checks no session, client or key row; everything else
+(the token check, the two unwraps, the audit record and its chain) is the same code. That isolates
+what #10's checks cost from everything else that changed since they arrived. BENCH_BASELINE=<rev>
+compares with a revision as it was instead (":/Login admission: a burst after a quiet spell
+queues" is the commit before row MACs; that comparison also counts every later feature).
 
 Each side runs from its own checkout (the baseline in a temporary git worktree) against a database
 of its own, with the same settings, and serves the same look-up (two versions, two unwraps,
@@ -24,18 +31,25 @@ from bench.bench_keys import ROUNDS, SECONDS, THREADS, alternate_many, lookups, 
 from bench.common import (ROOT, bench_database, cpu_seconds, free_port, kms_env, kms_with_key, require_wrk,  # noqa: E402
                           row)
 
-BASELINE = os.environ.get("BENCH_BASELINE", ":/Login admission: a burst after a quiet spell queues")
+BASELINE = os.environ.get("BENCH_BASELINE")  # None: this commit without the checks
+ABLATION = ROOT / "bench" / "no_row_checks.patch"
 
 
 @contextmanager
-def worktree(revision: str):
+def worktree(revision: str, patch: Path | None = None):
+    """A temporary checkout of `revision`, with `patch` applied: (its path, a description)."""
     path = Path(tempfile.mkdtemp(prefix="kms-baseline-"))
     commit = subprocess.run(["git", "rev-parse", "--short", revision], cwd=ROOT, check=True, capture_output=True,
                             text=True).stdout.strip()
     subprocess.run(["git", "worktree", "add", "--detach", str(path), commit], cwd=ROOT, check=True,
                    capture_output=True)
     try:
-        yield path, commit
+        if patch is not None:
+            applied = subprocess.run(["git", "apply", str(patch)], cwd=path, capture_output=True, text=True)
+            if applied.returncode != 0:
+                sys.exit(f"{patch.name} no longer applies to {commit}: take the checks out of the look-up again "
+                         f"and save the diff as {patch.relative_to(ROOT)}\n{applied.stderr}")
+        yield path, f"{commit} with {patch.name}" if patch else f"{commit} (no row MACs, nor what came after)"
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, capture_output=True)
 
@@ -69,9 +83,10 @@ def cpu_row(label: str, runs: list[dict]) -> str:
 def main():
     require_wrk()
     with ExitStack() as stack:
-        baseline_dir, commit = stack.enter_context(worktree(BASELINE))
+        baseline_dir, baseline = stack.enter_context(
+            worktree(BASELINE, None) if BASELINE else worktree("HEAD", ABLATION))
         print(f"# {SECONDS}s per run, {THREADS} server threads, {ROUNDS} alternating rounds; "
-              f"baseline {commit} (no row MACs) against this checkout", flush=True)
+              f"baseline {baseline} against this checkout", flush=True)
         checked = stack.enter_context(kms_at(ROOT, stack.enter_context(bench_database())))
         unchecked = stack.enter_context(kms_at(baseline_dir, stack.enter_context(bench_database())))
         for connections in (16, 64):
