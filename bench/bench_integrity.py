@@ -49,7 +49,7 @@ def worktree(revision: str, patch: Path | None = None):
             if applied.returncode != 0:
                 sys.exit(f"{patch.name} no longer applies to {commit}: take the checks out of the look-up again "
                          f"and save the diff as {patch.relative_to(ROOT)}\n{applied.stderr}")
-        yield path, f"{commit} with {patch.name}" if patch else f"{commit} (no row MACs, nor what came after)"
+        yield path, f"{commit} with {patch.name}" if patch else commit
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, capture_output=True)
 
@@ -83,8 +83,7 @@ def cpu_row(label: str, runs: list[dict]) -> str:
 def main():
     require_wrk()
     with ExitStack() as stack:
-        baseline_dir, baseline = stack.enter_context(
-            worktree(BASELINE, None) if BASELINE else worktree("HEAD", ABLATION))
+        baseline_dir, baseline = stack.enter_context(worktree(BASELINE or "HEAD", None if BASELINE else ABLATION))
         print(f"# {SECONDS}s per run, {THREADS} server threads, {ROUNDS} alternating rounds; "
               f"baseline {baseline} against this checkout", flush=True)
         checked = stack.enter_context(kms_at(ROOT, stack.enter_context(bench_database())))
