@@ -1,5 +1,6 @@
 """Signup tokens, signup, login, logout, revocation, throttling and token hygiene."""
 import base64
+import http.client
 import json
 import statistics
 import threading
@@ -202,6 +203,52 @@ def test_during_a_flood_logins_are_refused_before_flask_with_the_same_answer(app
     assert [line["refused"] for line in lines if line["msg"].startswith("logins refused in a flood")] == [1]
     assert not passwords.flooded()  # places free again: logins go through
     assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}).status_code == 200
+
+
+def test_a_flood_that_ignores_retry_after_gets_one_answer_a_second_per_connection(app, live_server, client):
+    """A flooding connection that re-sends the moment it is refused is not read again before its
+    Retry-After has passed: its next answer waits, no server thread waits with it, and every other
+    connection is served at once."""
+    passwords = app.extensions["kms"].passwords
+    release, held = threading.Event(), []
+
+    def hold_a_place():
+        with passwords.admission():
+            held.append(1)
+            release.wait(15)
+
+    holders = [threading.Thread(target=hold_a_place) for _ in range(2)]  # admitted = max(2, 4 // 4)
+    for holder in holders:
+        holder.start()
+    host, port = live_server.rsplit("/", 1)[1].split(":")
+    flood = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        while len(held) < 2:
+            time.sleep(0.01)
+        body = json.dumps({"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD})
+        headers = {"Content-Type": "application/json"}
+        assert client.post("/auth/login", data=body, headers=headers).status_code == 429  # the flood is on
+        answered = []
+        started = time.monotonic()
+        while time.monotonic() - started < 3:
+            flood.request("POST", "/auth/login", body=body, headers=headers)
+            response = flood.getresponse()
+            response.read()
+            assert response.status == 429 and response.headers["Retry-After"] == "1"
+            answered.append(time.monotonic())
+            if len(answered) == 1:  # the connection is on hold now; a new one is not
+                with HttpClient(live_server) as other:
+                    asked = time.monotonic()
+                    assert other.get("/healthz").status_code == 200
+                    assert time.monotonic() - asked < 0.5
+        gaps = [later - earlier for earlier, later in zip(answered, answered[1:])]
+        assert 2 <= len(answered) <= 4, gaps  # without the hold: thousands in 3 s
+        assert all(gap >= 0.9 for gap in gaps), gaps
+    finally:
+        flood.close()
+        release.set()
+        for holder in holders:
+            holder.join()
 
 
 def test_key_requests_keep_answering_during_a_login_flood(client, auth):

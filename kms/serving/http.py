@@ -13,6 +13,10 @@ What waitress does not bound by itself, and what this module adds:
 - Its own error pages (400, 413, 431, 501) are text; here they are the JSON envelope of API.md.
 - Proxy headers are left for the application (werkzeug's ProxyFix, `TRUSTED_PROXY_HOPS`): waitress's
   own clearing removed X-Forwarded-For before ProxyFix could see it.
+- Floods that ignore Retry-After. The application may ask, through `environ[HOLD_CONNECTION]`,
+  that a connection not be read again for some seconds after its answer: a client re-sending at
+  once then waits for its next answer, without holding a server thread, instead of being refused
+  thousands of times a second. (The login flood shedder asks it, kms.auth.passwords.)
 """
 import json
 import logging
@@ -24,7 +28,7 @@ from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import TcpWSGIServer
-from waitress.task import ErrorTask, ThreadedTaskDispatcher
+from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
 from kms.ids import random_uuid
 
@@ -32,6 +36,8 @@ log = logging.getLogger("kms.http")
 
 MAX_HEADER_BYTES = 32 * 1024
 IDLE_TIMEOUT_S = 60  # a keep-alive connection with no request in progress
+HOLD_CONNECTION = "kms.hold_connection_s"  # see the module's docstring
+HOLD_CONNECTION_MAX_S = 5.0
 MAINTENANCE_INTERVAL_S = 1  # how often slow requests are looked for
 
 # waitress error class name -> the envelope's code
@@ -76,10 +82,29 @@ class JsonErrorTask(ErrorTask):
             metrics.observe("<unparsed>", "other", status, 0.0)
 
 
+class ApplicationTask(WSGITask):
+    def execute(self):
+        super().execute()
+        hold = self.environ.get(HOLD_CONNECTION)
+        if hold:
+            self.channel.hold_reading(min(hold, HOLD_CONNECTION_MAX_S))
+
+
 class Channel(HTTPChannel):
     parser_class = RequestParser
     error_task_class = JsonErrorTask
+    task_class = ApplicationTask
     request_started = None  # time.time() when the first byte of the request in progress came
+    read_again_at = 0.0  # time.monotonic() before which the connection is not read
+
+    def hold_reading(self, seconds: float):
+        """Read nothing more from this connection for `seconds` (called from a server thread once
+        the answer is written; the event loop looks at it when it next polls, at least every
+        LOOP_TIMEOUT_S)."""
+        self.read_again_at = time.monotonic() + seconds
+
+    def readable(self):
+        return super().readable() and (not self.read_again_at or time.monotonic() >= self.read_again_at)
 
     def received(self, data):
         if self.request is None and self.request_started is None and data:
