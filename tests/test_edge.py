@@ -376,8 +376,9 @@ def test_a_flood_of_refused_signups_is_one_event_with_a_count(client, app, db):
 def test_throttled_logins_are_counted_and_the_chain_still_verifies(client, app, db, runner):
     for _ in range(5):
         client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": WRONG})
-    for _ in range(30):
-        assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": WRONG}).status_code == 429
+    for _ in range(30):  # each on a new connection: a 429's connection is not read for a second
+        assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": WRONG},
+                           headers={"Connection": "close"}).status_code == 429
     with db.cursor() as cur:
         cur.execute("SELECT count(*) FROM audit_events WHERE action = 'login' AND outcome = 'throttled'")
         assert cur.fetchone()[0] == 1
@@ -391,6 +392,38 @@ def test_throttled_logins_are_counted_and_the_chain_still_verifies(client, app, 
         cur.execute("UPDATE audit_events SET repeats = 1 WHERE repeats = 29")
     tampered = runner.invoke(args=["kms", "audit", "verify"])
     assert tampered.exit_code == 1 and "MAC" in tampered.output
+
+
+def test_a_guesser_that_ignores_retry_after_is_read_once_a_second(live_server):
+    """A throttled guesser re-sending at once on its connection gets one answer a second (the
+    hold is capped at a second, whatever Retry-After says), not hundreds; other connections are
+    served at once."""
+    body = json.dumps({"clientname": ADMIN_NAME, "password": WRONG})
+    headers = {"Content-Type": "application/json"}
+    with HttpClient(live_server) as fresh:
+        while fresh.post("/auth/login", data=body, headers={**headers, "Connection": "close"}).status_code != 429:
+            pass
+    host, port = live_server.rsplit("/", 1)[1].split(":")
+    guesser = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        answered = []
+        started = time.monotonic()
+        while time.monotonic() - started < 3:
+            guesser.request("POST", "/auth/login", body=body, headers=headers)
+            response = guesser.getresponse()
+            response.read()
+            assert response.status == 429 and int(response.headers["Retry-After"]) > 1
+            answered.append(time.monotonic())
+            if len(answered) == 1:
+                with HttpClient(live_server) as other:
+                    asked = time.monotonic()
+                    assert other.get("/healthz").status_code == 200
+                    assert time.monotonic() - asked < 0.5
+    finally:
+        guesser.close()
+    gaps = [later - earlier for earlier, later in zip(answered, answered[1:])]
+    assert 2 <= len(answered) <= 4, gaps  # without the hold: hundreds in 3 s
+    assert all(0.9 <= gap < 1.6 for gap in gaps), gaps
 
 
 # 9. One corrupt row does not stop a KEK rotation

@@ -14,9 +14,10 @@ What waitress does not bound by itself, and what this module adds:
 - Proxy headers are left for the application (werkzeug's ProxyFix, `TRUSTED_PROXY_HOPS`): waitress's
   own clearing removed X-Forwarded-For before ProxyFix could see it.
 - Floods that ignore Retry-After. The application may ask, through `environ[HOLD_CONNECTION]`,
-  that a connection not be read again for some seconds after its answer: a client re-sending at
-  once then waits for its next answer, without holding a server thread, instead of being refused
-  thousands of times a second. (The login flood shedder asks it, kms.auth.passwords.)
+  that a connection not be read again for some seconds (at most HOLD_CONNECTION_MAX_S) after its
+  answer: a client re-sending at once then waits for its next answer, without holding a server
+  thread, instead of being refused hundreds or thousands of times a second. Every 429 asks it
+  (kms.errors, and the login flood shedder in kms.auth.passwords).
 """
 import json
 import logging
@@ -37,7 +38,7 @@ log = logging.getLogger("kms.http")
 MAX_HEADER_BYTES = 32 * 1024
 IDLE_TIMEOUT_S = 60  # a keep-alive connection with no request in progress
 HOLD_CONNECTION = "kms.hold_connection_s"  # see the module's docstring
-HOLD_CONNECTION_MAX_S = 5.0
+HOLD_CONNECTION_MAX_S = 1.0  # a client sharing the connection for other calls waits no longer
 MAINTENANCE_INTERVAL_S = 1  # how often slow requests are looked for
 
 # waitress error class name -> the envelope's code
