@@ -1,19 +1,19 @@
 """Signup tokens, signup, login, logout, revocation, throttling and token hygiene."""
 import base64
-import http.client
 import json
 import statistics
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import jwt
 import pytest
 
 from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, AuthActions, HttpClient, bearer,
-                            serve_in_thread, stop_server)
+                            gaps_between, resend_login_at_once, serve_in_thread, stop_server)
 
 
 def signup(client, token, password=CLIENT_PASSWORD):
@@ -165,21 +165,32 @@ def test_hashes_run_at_a_lower_cpu_priority_than_requests(monkeypatch):
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
 
 
-def test_during_a_flood_logins_are_refused_before_flask_with_the_same_answer(app, client, live_server, captured_logs):
+@contextmanager
+def every_login_place_taken(app):
+    """Both login places of the test server (admitted = max(2, SERVER_THREADS // 4)) held."""
     passwords = app.extensions["kms"].passwords
     release, held = threading.Event(), []
 
     def hold_a_place():
         with passwords.admission():
             held.append(1)
-            release.wait(10)
+            release.wait(15)
 
-    holders = [threading.Thread(target=hold_a_place) for _ in range(2)]  # admitted = max(2, 4 // 4)
+    holders = [threading.Thread(target=hold_a_place) for _ in range(2)]
     for holder in holders:
         holder.start()
     try:
         while len(held) < 2:
             time.sleep(0.01)
+        yield passwords
+    finally:
+        release.set()
+        for holder in holders:
+            holder.join()
+
+
+def test_during_a_flood_logins_are_refused_before_flask_with_the_same_answer(app, client, live_server, captured_logs):
+    with every_login_place_taken(app) as passwords:
         body = {"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}
         waited = client.post("/auth/login", json=body)  # no flood yet: it waits for a place, then 429
         assert waited.status_code == 429
@@ -191,10 +202,6 @@ def test_during_a_flood_logins_are_refused_before_flask_with_the_same_answer(app
         assert shed.status_code == 429 and shed.headers["Retry-After"] == "1"
         assert shed.json() == {**waited.json(), "requestId": shed.headers["X-Request-ID"]}
         assert shed.headers["Content-Type"] == "application/json"
-    finally:
-        release.set()
-        for holder in holders:
-            holder.join()
     metrics = client.get("/metrics").text
     assert 'kms_logins_total{outcome="throttled"} 2.0' in metrics
     lines = [json.loads(line) for line in captured_logs.getvalue().splitlines()]
@@ -210,46 +217,15 @@ def test_a_flood_that_ignores_retry_after_gets_one_answer_a_second_per_connectio
     """A flooding connection that re-sends the moment it is refused is not read again before its
     Retry-After has passed: its next answer waits, no server thread waits with it, and every other
     connection is served at once."""
-    passwords = app.extensions["kms"].passwords
-    release, held = threading.Event(), []
-
-    def hold_a_place():
-        with passwords.admission():
-            held.append(1)
-            release.wait(15)
-
-    holders = [threading.Thread(target=hold_a_place) for _ in range(2)]  # admitted = max(2, 4 // 4)
-    for holder in holders:
-        holder.start()
-    host, port = live_server.rsplit("/", 1)[1].split(":")
-    flood = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        while len(held) < 2:
-            time.sleep(0.01)
+    with every_login_place_taken(app):
         body = json.dumps({"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD})
-        headers = {"Content-Type": "application/json"}
-        assert client.post("/auth/login", data=body, headers=headers).status_code == 429  # the flood is on
-        answered = []
-        started = time.monotonic()
-        while time.monotonic() - started < 3:
-            flood.request("POST", "/auth/login", body=body, headers=headers)
-            response = flood.getresponse()
-            response.read()
-            assert response.status == 429 and response.headers["Retry-After"] == "1"
-            answered.append(time.monotonic())
-            if len(answered) == 1:  # the connection is on hold now; a new one is not
-                with HttpClient(live_server) as other:
-                    asked = time.monotonic()
-                    assert other.get("/healthz").status_code == 200
-                    assert time.monotonic() - asked < 0.5
-        gaps = [later - earlier for earlier, later in zip(answered, answered[1:])]
-        assert 2 <= len(answered) <= 4, gaps  # without the hold: thousands in 3 s
-        assert all(gap >= 0.9 for gap in gaps), gaps
-    finally:
-        flood.close()
-        release.set()
-        for holder in holders:
-            holder.join()
+        assert client.post("/auth/login", data=body, headers={"Content-Type": "application/json"}
+                           ).status_code == 429  # the flood is on
+        answers, other_waited = resend_login_at_once(live_server, body)
+    assert all(status == 429 and retry_after == "1" for _, status, retry_after in answers)
+    assert 2 <= len(answers) <= 4, gaps_between(answers)  # without the hold: thousands in 3 s
+    assert all(gap >= 0.9 for gap in gaps_between(answers)), gaps_between(answers)
+    assert other_waited < 0.5
 
 
 def test_key_requests_keep_answering_during_a_login_flood(client, auth):
