@@ -218,21 +218,37 @@ def close_db(_error=None):
         current_app.extensions["kms"].pool.release(conn)
 
 
+class _TransactionCursor(psycopg2.extensions.cursor):
+    """A cursor whose first statement carries the BEGIN: one round trip fewer per transaction,
+    and so one wait fewer for the GIL when the answer comes back (a login is four transactions)."""
+    begin_pending = False
+
+    def execute(self, query, vars=None):
+        if self.begin_pending:
+            self.begin_pending = False
+            if isinstance(query, str):
+                query = "BEGIN; " + query
+            else:
+                super().execute("BEGIN")
+        return super().execute(query, vars)
+
+
 @contextmanager
 def transaction(conn):
     """One transaction: commit when the block ends, roll back on any error."""
-    with conn.cursor() as cur:
-        cur.execute("BEGIN")
+    with conn.cursor(cursor_factory=_TransactionCursor) as cur:
+        cur.begin_pending = True
         try:
             yield cur
         except BaseException:
-            if not conn.closed:
+            if not cur.begin_pending and not conn.closed:
                 try:
                     cur.execute("ROLLBACK")
                 except psycopg2.Error:
                     pass  # the connection broke; the pool replaces it
             raise
-        cur.execute("COMMIT")
+        if not cur.begin_pending:  # a block that ran no statement began nothing
+            cur.execute("COMMIT")
 
 
 _PARAMETER = re.compile(r"%\((\w+)\)s")
