@@ -6,12 +6,11 @@ import logging
 
 import psycopg2
 import psycopg2.errors
-from flask import jsonify, request
+from flask import jsonify
 from werkzeug.exceptions import HTTPException
 
 from kms.keyproviders.base import KekUnavailable
 from kms.observability import request_id
-from kms.serving.http import HOLD_CONNECTION
 
 log = logging.getLogger("kms.errors")
 
@@ -147,8 +146,6 @@ def register_error_handlers(app):
     def _api_error(error: ApiError):
         if error.status >= 500:
             log.error("request failed", extra={"error_code": error.code})
-        elif error.status == 429:  # too many: the connection is not read again for a while
-            request.environ[HOLD_CONNECTION] = float(error.headers["Retry-After"])
         return error_response(error.status, error.code, error.message, error.fields, error.headers)
 
     @app.errorhandler(IntegrityFailure)

@@ -14,7 +14,6 @@ from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from kms.errors import Throttled
-from kms.serving.http import HOLD_CONNECTION
 
 # OWASP's minimum for Argon2id: 19 MiB, 2 iterations, 1 lane. The PHC string records them, so
 # raising them later still verifies old hashes.
@@ -174,8 +173,9 @@ class LoginFloodShedder:
     900 such refusals a second through Flask, and key look-ups beside them fell to 30 % of their
     throughput. The answer is the one the route would give (429, the envelope, Retry-After).
 
-    The server is also asked not to read the connection again until the Retry-After has passed
-    (kms.serving.http): a flood that re-sends at once is answered once a second per connection.
+    The server then does not read the connection again until the Retry-After has passed (as after
+    every 429, kms.serving.http): a flood that re-sends at once is answered once a second per
+    connection.
     Measured (bench/bench_login.py, two workers, 32 flooding connections): refusals fell from
     ~3,500 to ~35 a second, and look-ups beside the flood kept ~85-90 % of their throughput."""
 
@@ -189,7 +189,6 @@ class LoginFloodShedder:
             from kms.observability import REQUEST_ID
             environ["kms.route"] = "/auth/login"
             environ["kms.shed"] = True
-            environ[HOLD_CONNECTION] = FLOOD_RETRY_AFTER_S
             body = json.dumps({"error": "too_many_requests", "message": FLOOD_MESSAGE,
                                "requestId": environ.get(REQUEST_ID)}).encode()
             start_response("429 TOO MANY REQUESTS", [("Content-Type", "application/json"),

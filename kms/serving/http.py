@@ -13,11 +13,10 @@ What waitress does not bound by itself, and what this module adds:
 - Its own error pages (400, 413, 431, 501) are text; here they are the JSON envelope of API.md.
 - Proxy headers are left for the application (werkzeug's ProxyFix, `TRUSTED_PROXY_HOPS`): waitress's
   own clearing removed X-Forwarded-For before ProxyFix could see it.
-- Floods that ignore Retry-After. The application may ask, through `environ[HOLD_CONNECTION]`,
-  that a connection not be read again for some seconds (at most HOLD_CONNECTION_MAX_S) after its
-  answer: a client re-sending at once then waits for its next answer, without holding a server
-  thread, instead of being refused hundreds or thousands of times a second. Every 429 asks it
-  (kms.errors, and the login flood shedder in kms.auth.passwords).
+- Floods that ignore Retry-After. After a 429 the connection is not read again until its
+  Retry-After has passed (at most HOLD_AFTER_429_MAX_S): a client re-sending at once then waits for
+  its next answer, without holding a server thread, instead of being refused hundreds or thousands
+  of times a second (the login throttles and the flood shedder in kms.auth).
 """
 import json
 import logging
@@ -37,8 +36,7 @@ log = logging.getLogger("kms.http")
 
 MAX_HEADER_BYTES = 32 * 1024
 IDLE_TIMEOUT_S = 60  # a keep-alive connection with no request in progress
-HOLD_CONNECTION = "kms.hold_connection_s"  # see the module's docstring
-HOLD_CONNECTION_MAX_S = 1.0  # a client sharing the connection for other calls waits no longer
+HOLD_AFTER_429_MAX_S = 1.0  # a client sharing the connection for other calls waits no longer
 MAINTENANCE_INTERVAL_S = 1  # how often slow requests are looked for
 
 # waitress error class name -> the envelope's code
@@ -86,9 +84,15 @@ class JsonErrorTask(ErrorTask):
 class ApplicationTask(WSGITask):
     def execute(self):
         super().execute()
-        hold = self.environ.get(HOLD_CONNECTION)
-        if hold:
-            self.channel.hold_reading(min(hold, HOLD_CONNECTION_MAX_S))
+        if self.status.startswith("429"):
+            self.channel.hold_reading(min(_retry_after_s(self.response_headers), HOLD_AFTER_429_MAX_S))
+
+
+def _retry_after_s(headers) -> float:
+    for name, value in headers:
+        if name.lower() == "retry-after":
+            return float(value) if value.isdigit() else 0.0
+    return 0.0
 
 
 class Channel(HTTPChannel):
