@@ -14,7 +14,6 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg2
 import pytest
 import requests
-from waitress import wasyncore
 
 from kms import create_app
 from kms.config import SECRET_VARIABLES, generate_secret
@@ -188,14 +187,15 @@ def gaps_between(answers: list) -> list[float]:
 
 
 def serve_in_thread(app, threads: int = 8):
-    """waitress on a free port, in a thread that runs waitress's own loop one pass at a time, so
-    that stop_server() can end it and close every socket from that same thread."""
+    """waitress on a free port, in a thread that runs the server's loop one pass at a time (as
+    kms.serving.server does), so that stop_server() can end it and close every socket from that
+    same thread."""
     server = create_server(app, app.extensions["kms"].settings, host="127.0.0.1", port=0, threads=threads)
     server.kms_stop = threading.Event()
 
     def run():
         while not server.kms_stop.is_set():
-            wasyncore.loop(timeout=0.05, map=server._map, count=1, use_poll=True)
+            server.poll(0.05)
         server.task_dispatcher.shutdown(timeout=5)
         for dispatcher in list(server._map.values()):
             dispatcher.close()

@@ -26,18 +26,17 @@ def _in_flight(server) -> int:
 
 def serve_until(server, stopping: threading.Event, drain_timeout: float = DRAIN_TIMEOUT_S):
     """Run `server` until `stopping` is set, drain it, close it."""
-    loop_map = server._map
     while not stopping.is_set():
-        wasyncore.loop(timeout=LOOP_TIMEOUT_S, map=loop_map, use_poll=True, count=1)
+        server.poll(LOOP_TIMEOUT_S)
     server.accepting = False  # readable() is now False: other workers take new connections
     deadline = time.monotonic() + drain_timeout
     while _in_flight(server) and time.monotonic() < deadline:
-        wasyncore.loop(timeout=0.05, map=loop_map, use_poll=True, count=1)
+        server.poll(0.05)
     left = _in_flight(server)
     if left:
         log.warning("stopped with requests still in flight", extra={"connections": left})
     server.task_dispatcher.shutdown(timeout=5)
-    wasyncore.close_all(loop_map)
+    wasyncore.close_all(server._map)
 
 
 def _sample_pool(kms, stopping: threading.Event, every_s: float = 1.0):
