@@ -219,36 +219,61 @@ def close_db(_error=None):
 
 
 class _TransactionCursor(psycopg2.extensions.cursor):
-    """A cursor whose first statement carries the BEGIN: one round trip fewer per transaction,
-    and so one wait fewer for the GIL when the answer comes back (a login is four transactions)."""
+    """A cursor that saves round trips: its first statement carries the BEGIN, and statements
+    whose result nobody reads (`defer`) travel with the next one, or with the COMMIT. Each round
+    trip ends with the server thread queueing for the GIL, so a login of thirteen round trips
+    waited for it that many times (bench/RESULTS.md, session 7); it now makes five."""
     begin_pending = False
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._deferred: list[bytes] = []
+
+    def defer(self, query: str, vars=None):
+        """Send `query` in the same round trip as the block's next statement (or its COMMIT), in
+        order. Each statement of that trip runs on its own snapshot, as if sent alone, and an
+        error in any of them fails that execute() and rolls the whole transaction back."""
+        self._deferred.append(self.mogrify(query, vars))
+
     def execute(self, query, vars=None):
-        if self.begin_pending:
-            self.begin_pending = False
-            if isinstance(query, str):
-                query = "BEGIN; " + query
-            else:
-                super().execute("BEGIN")
-        return super().execute(query, vars)
+        if not self.begin_pending and not self._deferred:
+            return super().execute(query, vars)
+        pieces = [b"BEGIN"] if self.begin_pending else []
+        pieces += self._deferred
+        self.begin_pending, self._deferred = False, []
+        if not isinstance(query, (str, bytes)):  # a composed query: the others go first, alone
+            super().execute(b"\n; ".join(pieces))
+            return super().execute(query, vars)
+        # Each piece is interpolated on its own: a value in one is never read as a placeholder.
+        return super().execute(b"\n; ".join(pieces + [self.mogrify(query, vars)]))
+
+    def discard_deferred(self):
+        self._deferred = []
+
+    @property
+    def has_work(self) -> bool:
+        """Something was sent (a transaction is open) or is waiting to be."""
+        return not self.begin_pending or bool(self._deferred)
 
 
 @contextmanager
 def transaction(conn):
-    """One transaction: commit when the block ends, roll back on any error."""
+    """One transaction: commit when the block ends, roll back on any error (a failed COMMIT
+    included: deferred statements run there)."""
     with conn.cursor(cursor_factory=_TransactionCursor) as cur:
         cur.begin_pending = True
         try:
             yield cur
+            if cur.has_work:  # a block that ran no statement began nothing
+                cur.execute("COMMIT")
         except BaseException:
+            cur.discard_deferred()
             if not cur.begin_pending and not conn.closed:
                 try:
                     cur.execute("ROLLBACK")
                 except psycopg2.Error:
                     pass  # the connection broke; the pool replaces it
             raise
-        if not cur.begin_pending:  # a block that ran no statement began nothing
-            cur.execute("COMMIT")
 
 
 _PARAMETER = re.compile(r"%\((\w+)\)s")
@@ -303,15 +328,19 @@ def _values_in_order(names: list[str]) -> Callable[[dict], tuple]:
 sql = Queries()
 
 
-def execute_prepared(cur, name: str, params: dict, *, prefix: str = "", suffix: str = ""):
+def execute_prepared(cur, name: str, params: dict, *, prefix: str = "", suffix: str = "", defer: bool = False):
     """Run a named query as a server-side prepared statement, for the hot path: PostgreSQL plans
     it once per connection instead of on every request. `prefix` and `suffix` (other statements)
-    travel in the same round trip; the cursor holds the result of the last statement."""
+    travel in the same round trip; the cursor holds the result of the last statement. `defer`:
+    send it with the transaction's next statement (see _TransactionCursor.defer)."""
     prepare, execute, values = sql.prepared(name)
     if name not in cur.connection.kms_prepared:
         cur.execute(prepare)
         cur.connection.kms_prepared.add(name)
-    cur.execute(prefix + execute + suffix, values(params))
+    if defer:
+        cur.defer(prefix + execute + suffix, values(params))
+    else:
+        cur.execute(prefix + execute + suffix, values(params))
 
 
 def migration_files() -> list[tuple[int, str, Path]]:

@@ -326,6 +326,30 @@ def test_unknown_client_wrong_password_and_disabled_client_look_alike(client, au
     assert len({(r.json()["error"], r.json()["message"]) for r in answers}) == 1
 
 
+def test_a_login_makes_five_round_trips_to_the_database(client, monkeypatch):
+    """Each round trip ends with the server thread queueing for the GIL behind every other request
+    of its process: a login used to make thirteen (bench/RESULTS.md, sessions 7 and 8)."""
+    from kms import db
+    trips = {}  # connection -> what was sent on it, one entry a round trip
+    original = db._TransactionCursor.execute
+
+    def counted(cursor, query, vars=None):
+        trips.setdefault(cursor.connection, []).append(query)
+        return original(cursor, query, vars)
+
+    def login(password):
+        trips.clear()
+        status = client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": password}).status_code
+        on_its_connection = [sent for sent in trips.values() if any("login_failures" in str(q) for q in sent)]
+        return status, on_its_connection
+
+    monkeypatch.setattr(db._TransactionCursor, "execute", counted)
+    login(ADMIN_PASSWORD)  # the audit record's statement gets prepared on this connection, once
+    for password, status in ((ADMIN_PASSWORD, 200), ("Wrong-passw0rd!", 401)):
+        answered, (sent,) = login(password)
+        assert answered == status and len(sent) == 5, sent
+
+
 def test_login_timing_does_not_reveal_whether_a_client_exists(make_app):
     # Limits raised so that 25 failures of one name are all checked (by default the 6th is a 429).
     server, base_url = serve_in_thread(make_app(LOGIN_MAX_FAILURES_PER_CLIENT=100,

@@ -2,6 +2,8 @@
 import threading
 import time
 
+import psycopg2
+import psycopg2.errors
 import pytest
 
 from kms import db
@@ -100,3 +102,77 @@ def test_the_pool_reports_what_is_in_use_and_who_waits(pool):
     assert pool.waiting == 0 and pool.in_use == 2
     for conn in taken:
         pool.release(conn)
+
+
+@pytest.fixture
+def scratch(pool):
+    """A connection with a temporary table, and another to watch it from."""
+    with pool.connection() as conn, pool.connection() as watcher:
+        with conn.cursor() as cur:
+            cur.execute("CREATE TEMP TABLE scratch (n integer PRIMARY KEY, note text)")
+        conn.commit()
+        try:
+            yield conn, watcher
+        finally:
+            conn.rollback()
+            with conn.cursor() as cur:
+                cur.execute("DROP TABLE scratch")
+            conn.commit()
+
+
+def last_sent(watcher, conn) -> str:
+    """What the connection's server process last received, in one message (one round trip)."""
+    pid = conn.get_backend_pid()
+    with watcher.cursor() as cur:
+        cur.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,))
+        return cur.fetchone()[0]
+
+
+def test_deferred_statements_go_in_order_with_the_next_one_in_one_round_trip(scratch):
+    conn, watcher = scratch
+    with db.transaction(conn) as cur:
+        cur.defer("INSERT INTO scratch VALUES (1, %(note)s)", {"note": "100% %(n)s %s"})
+        cur.defer("INSERT INTO scratch VALUES (2, 'second')")
+        cur.execute("SELECT string_agg(n || '=' || note, ' | ' ORDER BY n) FROM scratch WHERE n > %(above)s",
+                    {"above": 0})
+        assert cur.fetchone()[0] == "1=100% %(n)s %s | 2=second"  # both ran first; values kept as sent
+        sent = last_sent(watcher, conn)
+        assert sent.startswith("BEGIN") and sent.index("(1,") < sent.index("(2,") < sent.index("string_agg")
+    assert last_sent(watcher, conn) == "COMMIT"  # nothing was left for it to carry
+
+
+def test_a_block_of_deferred_statements_sends_them_with_its_commit(scratch):
+    conn, watcher = scratch
+    with db.transaction(conn) as cur:
+        cur.defer("INSERT INTO scratch VALUES (3, 'with the commit')")
+        assert "(3," not in last_sent(watcher, conn)  # not sent yet
+    sent = last_sent(watcher, conn)
+    assert sent.startswith("BEGIN") and sent.endswith("COMMIT") and "(3," in sent
+    with conn.cursor() as cur:
+        cur.execute("SELECT note FROM scratch WHERE n = 3")
+        assert cur.fetchone() == ("with the commit",)
+    conn.rollback()
+
+
+def test_an_error_in_a_deferred_statement_rolls_back_the_whole_transaction(scratch):
+    conn, _ = scratch
+    with pytest.raises(psycopg2.errors.UniqueViolation):
+        with db.transaction(conn) as cur:
+            cur.execute("INSERT INTO scratch VALUES (4, 'sent at once')")
+            cur.defer("INSERT INTO scratch VALUES (4, 'the same key again')")  # fails at the COMMIT
+    assert conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE  # usable again
+    with db.transaction(conn) as cur:
+        cur.execute("SELECT count(*) FROM scratch WHERE n = 4")
+        assert cur.fetchone()[0] == 0
+
+
+def test_deferred_statements_of_a_block_that_fails_first_are_never_sent(scratch):
+    conn, watcher = scratch
+    with pytest.raises(RuntimeError):
+        with db.transaction(conn) as cur:
+            cur.defer("INSERT INTO scratch VALUES (5, 'never')")
+            raise RuntimeError("the block gave up before any round trip")
+    assert "(5," not in last_sent(watcher, conn)
+    with db.transaction(conn) as cur:
+        cur.execute("SELECT count(*) FROM scratch WHERE n = 5")
+        assert cur.fetchone()[0] == 0

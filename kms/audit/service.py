@@ -47,10 +47,11 @@ def new_event(ctx: Context, action: str, outcome: str = "success", *, target: st
 
 
 def record(cur, ctx: Context, action: str, outcome: str = "success", *, target: str | None = None,
-           version: int | None = None, actor: str | None = None):
-    """Write an event in the caller's transaction: it commits with the change it describes."""
+           version: int | None = None, actor: str | None = None, defer: bool = False):
+    """Write an event in the caller's transaction: it commits with the change it describes.
+    `defer`: sent with the transaction's next statement or its COMMIT (db.transaction)."""
     event = new_event(ctx, action, outcome, target=target, version=version, actor=actor)
-    db.execute_prepared(cur, "insert_audit_event", event)
+    db.execute_prepared(cur, "insert_audit_event", event, defer=defer)
 
 
 def record_refusal(cur, ctx: Context, action: str, outcome: str):
@@ -60,7 +61,7 @@ def record_refusal(cur, ctx: Context, action: str, outcome: str):
     cur.execute(db.sql.count_refusal, {"action": action, "outcome": outcome, "source_ip": ctx.source_ip or "unknown",
                                        "window_s": REFUSAL_WINDOW_S})
     if cur.fetchone()[0] == 1:
-        record(cur, ctx, action, outcome)
+        record(cur, ctx, action, outcome, defer=True)
 
 
 def flush_refusals(ctx: Context, *, everything: bool = False) -> int:

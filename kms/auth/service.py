@@ -65,11 +65,11 @@ def issue_signup_token(ctx: Context, clientname: str, ttl_ms: int, role: str | N
     return token, expires_at
 
 
-def _open_session(cur, kms, client_id: uuid.UUID, role: str, epoch: int) -> Grant:
+def _open_session(cur, kms, client_id: uuid.UUID, role: str, epoch: int, *, defer: bool = False) -> Grant:
     ttl_ms = kms.settings.jwt_ttl_ms
     grant = Grant(client_id=client_id, role=role, jti=uuid.uuid4(), ttl_ms=ttl_ms,
                   expires_at=datetime.now(timezone.utc) + timedelta(milliseconds=ttl_ms))
-    cur.execute(db.sql.insert_session, {
+    (cur.defer if defer else cur.execute)(db.sql.insert_session, {
         "jti": grant.jti, "client_id": client_id, "expires_at": grant.expires_at, "epoch": epoch,
         "row_mac": rows.session_mac(kms, grant.jti, client_id, grant.expires_at, epoch, False)})
     return grant
@@ -157,20 +157,18 @@ def _insert_client(cur, kms, client_id: uuid.UUID, name_hash: bytes, clientname:
     return cur.fetchone() is not None
 
 
-def _failures(cur, ctx: Context, scope: str, subject: str) -> tuple[int, int]:
-    """(failures in the window, seconds until the oldest leaves it) for one scope and subject."""
-    window = timedelta(milliseconds=ctx.kms.settings.login_failure_window_ms)
-    cur.execute(db.sql.login_failures_in_window, {"scope": scope, "subject": subject, "window": window})
-    return cur.fetchone()
-
-
 def _reserve_address_attempt(ctx: Context, address: str) -> tuple[int | None, int | None]:
     """Count this attempt against its address before its password is checked: (seconds until the
-    throttle lifts, None) when the limit is reached, else (None, the reservation's id)."""
+    throttle lifts, None) when the limit is reached, else (None, the reservation's id). The lock
+    and the count travel in one round trip, the count on a snapshot taken once the lock is held."""
+    settings = ctx.kms.settings
     with db.transaction(ctx.conn) as cur:
-        cur.execute(db.sql.lock_login_address, {"address": address})
-        failures, seconds_left = _failures(cur, ctx, "address", address)
-        if failures >= ctx.kms.settings.login_max_failures_per_address:
+        cur.defer(db.sql.lock_login_address, {"address": address})
+        cur.execute(db.sql.login_failures_in_window, {
+            "scope": "address", "subject": address,
+            "window": timedelta(milliseconds=settings.login_failure_window_ms)})
+        failures, seconds_left = cur.fetchone()
+        if failures >= settings.login_max_failures_per_address:
             record_refusal(cur, ctx, "login", "throttled")
             return seconds_left, None
         cur.execute(db.sql.insert_login_failure, {"scope": "address", "subject": address})
@@ -189,6 +187,9 @@ def login(ctx: Context, clientname: str, password: str) -> Grant:
 
 
 def _login(ctx: Context, clientname: str, password: str) -> Grant:
+    """Five round trips (there were thirteen): the address's count (lock and count; the
+    reservation; commit), then the name's (lock, count and client row; the password checked;
+    every write and the commit in one)."""
     kms = ctx.kms
     name_hash = hash_clientname(kms, clientname)
     subject, address = name_hash.hex(), ctx.source_ip or "unknown"
@@ -198,18 +199,20 @@ def _login(ctx: Context, clientname: str, password: str) -> Grant:
     failed = True
     try:
         with db.transaction(ctx.conn) as cur:
+            cur.defer(db.sql.lock_login_client, {"client": subject})
             try:
-                cur.execute(db.sql.lock_login_client, {"client": subject})
+                cur.execute(db.sql.login_check, {
+                    "client": subject, "name_hash": name_hash,
+                    "window": timedelta(milliseconds=kms.settings.login_failure_window_ms)})
             except LockNotAvailable:
                 raise Throttled(1, "Too many logins for this client at once; retry in a second.") from None
-            failures, retry_after = _failures(cur, ctx, "client", subject)
+            failures, retry_after, *client = cur.fetchone()
             if failures >= kms.settings.login_max_failures_per_client:
-                cur.execute(db.sql.release_login_attempt, {"id": reservation})  # not a password check
+                cur.defer(db.sql.release_login_attempt, {"id": reservation})  # not a password check
                 record_refusal(cur, ctx, "login", "throttled")
             else:
                 retry_after = None
-                cur.execute(db.sql.client_for_login, {"name_hash": name_hash})
-                row = cur.fetchone()
+                row = tuple(client) if client[0] is not None else None
                 client_id, _, password_hash, role, status, epoch, _ = row if row else (None,) * 7
                 if row is not None and not kms.keyring.rows.verify(rows.CLIENTS, row):
                     # A password hash, role or status written in the database: never obeyed, and
@@ -217,15 +220,15 @@ def _login(ctx: Context, clientname: str, password: str) -> Grant:
                     kms.passwords.verify(password, None)
                     raise IntegrityFailure("clients", client_id, 401)
                 if kms.passwords.verify(password, password_hash) and status == "active":
-                    cur.execute(db.sql.release_login_attempt, {"id": reservation})
-                    cur.execute(db.sql.clear_client_login_failures, {"client": subject})
-                    cur.execute(db.sql.record_login, {"client_id": client_id})
-                    grant = _open_session(cur, kms, client_id, role, epoch)
-                    record(cur, ctx, "login", target=str(client_id), actor=str(client_id))
+                    cur.defer(db.sql.release_login_attempt, {"id": reservation})
+                    cur.defer(db.sql.clear_client_login_failures, {"client": subject})
+                    cur.defer(db.sql.record_login, {"client_id": client_id})
+                    grant = _open_session(cur, kms, client_id, role, epoch, defer=True)
+                    record(cur, ctx, "login", target=str(client_id), actor=str(client_id), defer=True)
                     failed = False
                 else:  # the address's reservation stays, as the failure, and the name's is added
-                    cur.execute(db.sql.insert_login_failure, {"scope": "client", "subject": subject})
-                    record(cur, ctx, "login", "denied", target=str(client_id) if client_id else None)
+                    cur.defer(db.sql.insert_login_failure, {"scope": "client", "subject": subject})
+                    record(cur, ctx, "login", "denied", target=str(client_id) if client_id else None, defer=True)
         reservation = None
     finally:
         if reservation is not None:  # the check never happened (no hashing slot, a lock wait)

@@ -65,6 +65,16 @@ SELECT count(*), ceil(extract(epoch FROM min(failed_at) + %(window)s - now()))::
 FROM login_failures
 WHERE scope = %(scope)s AND subject = %(subject)s AND failed_at > now() - %(window)s;
 
+-- name: login_check
+-- Sent after lock_login_client, in the same round trip: the name's failures in the window (and
+-- seconds until the oldest leaves it), then the client row with what its MAC covers, if any.
+SELECT f.failures, f.seconds_left, c.id, c.name_hash, c.password_hash, c.role, c.status, c.session_epoch, c.row_mac
+FROM (SELECT count(*) AS failures,
+             ceil(extract(epoch FROM min(failed_at) + %(window)s - now()))::integer AS seconds_left
+      FROM login_failures
+      WHERE scope = 'client' AND subject = %(client)s AND failed_at > now() - %(window)s) f
+LEFT JOIN clients c ON c.name_hash = %(name_hash)s;
+
 -- name: insert_login_failure
 INSERT INTO login_failures (scope, subject) VALUES (%(scope)s, %(subject)s) RETURNING id;
 
