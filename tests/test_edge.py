@@ -234,6 +234,39 @@ def test_hundreds_of_slow_clients_do_not_stop_normal_requests(make_app):
         stop_server(server)
 
 
+def test_connections_opened_at_once_are_all_taken_in_a_turn_or_two_of_the_event_loop(app):
+    """waitress accepts one connection per turn of its event loop, and under load each turn waits
+    for the GIL: 64 connections opened at once beside 16 busy ones waited up to 1.1 s to be
+    accepted. The server takes every waiting connection in one turn (kms.serving.http)."""
+    server, _ = serve_in_thread(app)
+    turns, paused, resume = [0], threading.Event(), threading.Event()
+    poll = server.poll
+
+    def counted_poll(longest):
+        if not resume.is_set():  # the loop waits while the connections pile up in the backlog
+            paused.set()
+            resume.wait(10)
+        turns[0] += 1
+        return poll(longest)
+
+    server.poll = counted_poll
+    waiting = []
+    try:
+        assert paused.wait(5)
+        waiting = [socket.create_connection(("127.0.0.1", server.effective_port)) for _ in range(64)]
+        resume.set()
+        deadline = time.monotonic() + 10
+        while len(server.active_channels) < 64 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert len(server.active_channels) == 64
+        assert turns[0] <= 3, f"{turns[0]} turns of the loop to accept 64 waiting connections"
+    finally:
+        resume.set()
+        for sock in waiting:
+            sock.close()
+        stop_server(server)
+
+
 def _closed_by_peer(sock) -> bool:
     sock.setblocking(False)
     try:

@@ -42,6 +42,7 @@ IDLE_TIMEOUT_S = 60  # a keep-alive connection with no request in progress
 HOLD_AFTER_429_MAX_S = 1.0  # a client sharing the connection for other calls waits no longer
 MAINTENANCE_INTERVAL_S = 1  # how often slow requests are looked for
 BALANCE_RECHECK_S = 0.02  # how soon a worker kept from accepting by the balance looks again
+ACCEPTS_PER_TURN = 64  # connections taken from the backlog per turn of the event loop, at most
 
 # waitress error class name -> the envelope's code
 _ERROR_CODES = {400: "bad_request", 413: "payload_too_large", 431: "request_header_fields_too_large",
@@ -177,6 +178,17 @@ class Server(TcpWSGIServer):
             return True
         self.wake_by(time.monotonic() + BALANCE_RECHECK_S)  # the others' counts change unseen
         return False
+
+    def handle_accept(self):
+        """Take every connection waiting (up to ACCEPTS_PER_TURN), while the connection limit and
+        the balance allow, instead of waitress's one per turn of the event loop: under load a turn
+        waits for the GIL, and 64 connections opened at once beside 16 busy ones waited up to
+        1.1 s (p50 0.42 s) for their turn to be accepted."""
+        for _ in range(ACCEPTS_PER_TURN):
+            open_before = len(self._map)
+            super().handle_accept()
+            if len(self._map) == open_before or not self.readable():  # none left, or no more now
+                return
 
     def maintenance(self, now):
         super().maintenance(now)
