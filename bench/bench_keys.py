@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psycopg2  # noqa: E402
 
 from bench.common import (ROOT, bench_database, call, free_port, kms_env, kms_with_key, require_wrk, row,  # noqa: E402
-                          server_process, wrk)
+                          server_process, with_cpu, wrk)
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
@@ -108,9 +108,10 @@ def compare_workers(env: dict, url: str):
             server_process([sys.executable, str(ROOT / "bench" / "bare_app.py")], bare_env, bare_port) as bare:
         for connections in (16, 64):
             medians, results = alternate_many({
-                "one": lambda c: lookups(one, c),
-                "many": lambda c: lookups(many, c),
-                "bare": lambda c: wrk(bare, "GET", "/bare/bench-key", connections=c, seconds=SECONDS)},
+                "one": lambda c: with_cpu(one[0], url, lambda: lookups(one, c)),
+                "many": lambda c: with_cpu(many[0], url, lambda: lookups(many, c)),
+                "bare": lambda c: with_cpu(bare, url, lambda: wrk(bare, "GET", "/bare/bench-key", connections=c,
+                                                                  seconds=SECONDS))},
                 connections)
             scale, scale_rounds = ratio_of(results, "many", "one")
             over_bare, bare_rounds = ratio_of(results, "many", "bare")
@@ -121,6 +122,17 @@ def compare_workers(env: dict, url: str):
             print(f"c={connections}: {WORKERS} workers / 1 worker = {scale:.2f}x throughput ({rounds(scale_rounds)}), "
                   f"p99 {p99:.2f}x ({rounds(p99_rounds)}); {WORKERS} workers / bare = {over_bare:.2f}x "
                   f"({rounds(bare_rounds)})", flush=True)
+            # Where the time goes: what each request cost the server and PostgreSQL, and how much of
+            # the machine was busy (a GIL-bound process leaves cores idle; a full machine does not).
+            for name, label in (("one", "1 worker"), ("many", f"{WORKERS} workers"), ("bare", "bare")):
+                runs = results[name]
+                print(f"c={connections}: CPU per request, {label}: server {_median(runs, 'server_us'):.0f} us + "
+                      f"PostgreSQL {_median(runs, 'postgres_us'):.0f} us; cores busy "
+                      f"{_median(runs, 'busy_cores'):.2f} of {os.cpu_count()}", flush=True)
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
 
 
 def rounds(ratios) -> str:

@@ -119,6 +119,27 @@ def cpu_seconds(base_url: str, database_url: str) -> dict:
             "sealer_postgres": sum(_on_cpu_seconds(pid) for pid, sealer in backends if sealer)}
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks (/proc/stat)."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def with_cpu(base_url: str, database_url: str, run) -> dict:
+    """run() (a wrk result), with the CPU it cost per request: the server's processes
+    (`server_us`), PostgreSQL's backends for the database (`postgres_us`), and how many of the
+    machine's cores were busy meanwhile, wrk and everything else included (`busy_cores`)."""
+    before, (busy, total) = cpu_seconds(base_url, database_url), machine_cpu()
+    result = run()
+    after, (busy_after, total_after) = cpu_seconds(base_url, database_url), machine_cpu()
+    requests = max(result["requests"], 1)
+    result["server_us"] = (after["server"] - before["server"]) * 1e6 / requests
+    result["postgres_us"] = (after["postgres"] - before["postgres"]) * 1e6 / requests
+    result["busy_cores"] = (busy_after - busy) / max(total_after - total, 1) * (os.cpu_count() or 1)
+    return result
+
+
 @contextmanager
 def server_process(argv: list[str], env: dict, port: int, cwd: Path = ROOT):
     """Run a server in its own process (logs to a file: they cost what they cost in production)."""
