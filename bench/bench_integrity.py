@@ -28,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_keys import ROUNDS, SECONDS, THREADS, alternate_many, lookups, ratio_of, rounds  # noqa: E402
-from bench.common import (ROOT, bench_database, cpu_seconds, free_port, kms_env, kms_with_key, require_wrk,  # noqa: E402
-                          row)
+from bench.common import (ROOT, bench_database, free_port, kms_env, kms_with_key, require_wrk,  # noqa: E402
+                          row, with_cpu)
 
 BASELINE = os.environ.get("BENCH_BASELINE")  # None: this commit without the checks
 ABLATION = ROOT / "bench" / "no_row_checks.patch"
@@ -64,13 +64,7 @@ def kms_at(checkout: Path, database_url: str):
 def measured_lookups(side, connections: int) -> dict:
     """A look-up run, with the CPU its server and database backends spent per look-up (ms)."""
     server, database_url = side
-    before = cpu_seconds(server[0], database_url)
-    result = lookups(server, connections)
-    after = cpu_seconds(server[0], database_url)
-    for part in ("server", "postgres", "sealer_postgres"):
-        result[f"{part}_ms"] = (after[part] - before[part]) * 1000 / max(result["requests"], 1)
-    result["cpu_ms"] = result["server_ms"] + result["postgres_ms"]
-    return result
+    return with_cpu(server[0], database_url, lambda: lookups(server, connections))
 
 
 def cpu_row(label: str, runs: list[dict]) -> str:

@@ -126,8 +126,8 @@ def compare_workers(env: dict, url: str):
             # the machine was busy (a GIL-bound process leaves cores idle; a full machine does not).
             for name, label in (("one", "1 worker"), ("many", f"{WORKERS} workers"), ("bare", "bare")):
                 runs = results[name]
-                print(f"c={connections}: CPU per request, {label}: server {_median(runs, 'server_us'):.0f} us + "
-                      f"PostgreSQL {_median(runs, 'postgres_us'):.0f} us; cores busy "
+                print(f"c={connections}: CPU per request, {label}: server {_median(runs, 'server_ms') * 1000:.0f} us + "
+                      f"PostgreSQL {_median(runs, 'postgres_ms') * 1000:.0f} us; cores busy "
                       f"{_median(runs, 'busy_cores'):.2f} of {os.cpu_count()}", flush=True)
 
 

@@ -127,15 +127,16 @@ def machine_cpu() -> tuple[float, float]:
 
 
 def with_cpu(base_url: str, database_url: str, run) -> dict:
-    """run() (a wrk result), with the CPU it cost per request: the server's processes
-    (`server_us`), PostgreSQL's backends for the database (`postgres_us`), and how many of the
-    machine's cores were busy meanwhile, wrk and everything else included (`busy_cores`)."""
+    """run() (a wrk result), with the CPU it cost per request, in ms: the server's processes
+    (`server_ms`), PostgreSQL's backends for the database (`postgres_ms`, of which the sealer's
+    `sealer_postgres_ms`), their sum (`cpu_ms`); and how many of the machine's cores were busy
+    meanwhile, wrk and everything else included (`busy_cores`)."""
     before, (busy, total) = cpu_seconds(base_url, database_url), machine_cpu()
     result = run()
     after, (busy_after, total_after) = cpu_seconds(base_url, database_url), machine_cpu()
-    requests = max(result["requests"], 1)
-    result["server_us"] = (after["server"] - before["server"]) * 1e6 / requests
-    result["postgres_us"] = (after["postgres"] - before["postgres"]) * 1e6 / requests
+    for part in ("server", "postgres", "sealer_postgres"):
+        result[f"{part}_ms"] = (after[part] - before[part]) * 1000 / max(result["requests"], 1)
+    result["cpu_ms"] = result["server_ms"] + result["postgres_ms"]
     result["busy_cores"] = (busy_after - busy) / max(total_after - total, 1) * (os.cpu_count() or 1)
     return result
 

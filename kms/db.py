@@ -241,9 +241,6 @@ class _TransactionCursor(psycopg2.extensions.cursor):
         pieces = [b"BEGIN"] if self.begin_pending else []
         pieces += self._deferred
         self.begin_pending, self._deferred = False, []
-        if not isinstance(query, (str, bytes)):  # a composed query: the others go first, alone
-            super().execute(b"\n; ".join(pieces))
-            return super().execute(query, vars)
         # Each piece is interpolated on its own: a value in one is never read as a placeholder.
         return super().execute(b"\n; ".join(pieces + [self.mogrify(query, vars)]))
 
