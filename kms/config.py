@@ -7,16 +7,16 @@ import base64
 import binascii
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from types import SimpleNamespace
 from typing import Mapping
 from urllib.parse import quote
 
 import click
 
-from kms.rules import password_problem
+from kms.rules import CLIENTNAME_PATTERN, DAY_MS, MINUTE_MS, password_problem
 
 KEY_BYTES = 32
-DAY_MS = 24 * 60 * 60 * 1000
 
 
 class ConfigError(click.ClickException):
@@ -72,14 +72,14 @@ class Settings:
     server_threads: int = 16
     server_workers: int = 1
     log_level: str = "INFO"
-    jwt_ttl_ms: int = 15 * 60 * 1000
+    jwt_ttl_ms: int = 15 * MINUTE_MS
     master_admin_username: str | None = None
     master_admin_password: str | None = field(default=None, repr=False)
     default_role: str = "client"
     key_deletion_wait_ms: int = 7 * DAY_MS
     login_max_failures_per_client: int = 5
     login_max_failures_per_address: int = 50
-    login_failure_window_ms: int = 15 * 60 * 1000
+    login_failure_window_ms: int = 15 * MINUTE_MS
     trusted_proxy_hops: int = 0
     max_body_bytes: int = 64 * 1024
     connection_limit: int = 1000
@@ -93,10 +93,40 @@ class Settings:
     hsm_dek_cache_size: int = 10_000
     pkcs11_module: str | None = None
     pkcs11_pin: str | None = field(default=None, repr=False)
-    dek_cache_ms: int = 5 * 60 * 1000
+    dek_cache_ms: int = 5 * MINUTE_MS
 
     def __repr__(self):  # never print secrets, even by accident
         return f"Settings(server={self.server_host}:{self.server_port})"
+
+
+# The defaults, written once (above) and read by the loader below.
+DEFAULT = SimpleNamespace(**{f.name: f.default for f in fields(Settings) if f.default is not MISSING})
+
+# Every environment variable the loader reads -> the setting it decides (None: it feeds another
+# one, as DB_HOST feeds database_url). `KEK_<n>` stands for KEK_2, KEK_3, ...
+# docs/CONFIGURATION.md documents each; a test holds the two together.
+VARIABLES = {
+    "DATABASE_URL": "database_url", "DB_HOST": None, "DB_PORT": None, "DB_NAME": None, "DB_USER": None,
+    "DB_PASSWORD": None, "DB_SSLMODE": None,
+    "JWT_SECRET": "jwt_secret", "DB_SECRET": "db_secret", "SIGNUP_SECRET": "signup_secret",
+    "KEY_REF_SECRET": "key_ref_secret", "USERNAME_SECRET": "username_secret",
+    "KEK": "keks", "KEK_<n>": "keks", "KEK_ACTIVE": "kek_active",
+    "PKCS11_MODULE": "pkcs11_module", "PKCS11_PIN": "pkcs11_pin", "PKCS11_PIN_FILE": None,
+    "HSM_DEK_CACHE": "hsm_dek_cache_ms", "HSM_DEK_CACHE_SIZE": "hsm_dek_cache_size",
+    "SERVER_HOST": "server_host", "SERVER_PORT": "server_port", "SERVER_THREADS": "server_threads",
+    "SERVER_WORKERS": "server_workers", "SERVER_CONNECTION_LIMIT": "connection_limit",
+    "REQUEST_READ_TIMEOUT": "request_read_timeout_ms", "MAX_BODY_BYTES": "max_body_bytes",
+    "TRUSTED_PROXY_HOPS": "trusted_proxy_hops", "LOG_LEVEL": "log_level",
+    "JWT_TTL": "jwt_ttl_ms", "MASTER_ADMIN_USERNAME": "master_admin_username",
+    "MASTER_ADMIN_PASSWORD": "master_admin_password", "DEFAULT_ROLE": "default_role",
+    "KEY_DELETION_WAIT": "key_deletion_wait_ms",
+    "LOGIN_MAX_FAILURES_PER_CLIENT": "login_max_failures_per_client",
+    "LOGIN_MAX_FAILURES_PER_ADDRESS": "login_max_failures_per_address",
+    "LOGIN_FAILURE_WINDOW": "login_failure_window_ms",
+    "AUDIT_SEAL_INTERVAL": "audit_seal_interval_ms", "AUDIT_KEY_LOOKUPS": "audit_key_lookups",
+    "AUDIT_KEY_LOOKUPS_DURABLE": "audit_key_lookups_durable", "AUDIT_HEAD_FILE": "audit_head_file",
+    "LEGACY_SIGNUP_TOKENS": "legacy_signup_tokens",
+}
 
 
 def decode_key(variable: str, value: str | None) -> bytes:
@@ -223,7 +253,7 @@ def _admin(env: Mapping) -> tuple[str | None, str | None]:
     if bool(admin_user) != bool(admin_password):
         missing = "MASTER_ADMIN_PASSWORD" if admin_user else "MASTER_ADMIN_USERNAME"
         raise ConfigError(missing, "must be set together with the other MASTER_ADMIN_* variable")
-    if admin_user and not re.fullmatch(r"[A-Za-z0-9-]{4,64}", admin_user):
+    if admin_user and not re.fullmatch(CLIENTNAME_PATTERN, admin_user):
         raise ConfigError("MASTER_ADMIN_USERNAME", "must be 4-64 characters of A-Z a-z 0-9 -")
     if admin_password and (problem := password_problem(admin_password)):
         raise ConfigError("MASTER_ADMIN_PASSWORD", problem)
@@ -255,32 +285,32 @@ def load_settings(env: Mapping | None = None) -> Settings:
         username_secret=check(decode_key, "USERNAME_SECRET", env.get("USERNAME_SECRET")),
         keks=keks,
         kek_active=kek_active,
-        server_host=(env.get("SERVER_HOST") or "127.0.0.1").strip(),
-        server_port=check(_int, env, "SERVER_PORT", 8080, minimum=1, maximum=65535),
-        server_threads=check(_int, env, "SERVER_THREADS", 16, minimum=1, maximum=256),
-        server_workers=check(_int, env, "SERVER_WORKERS", 1, minimum=1, maximum=64),
-        log_level=check(_choice, env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
-        jwt_ttl_ms=check(_int, env, "JWT_TTL", 15 * 60 * 1000, minimum=1000, maximum=DAY_MS),
+        server_host=(env.get("SERVER_HOST") or DEFAULT.server_host).strip(),
+        server_port=check(_int, env, "SERVER_PORT", DEFAULT.server_port, minimum=1, maximum=65535),
+        server_threads=check(_int, env, "SERVER_THREADS", DEFAULT.server_threads, minimum=1, maximum=256),
+        server_workers=check(_int, env, "SERVER_WORKERS", DEFAULT.server_workers, minimum=1, maximum=64),
+        log_level=check(_choice, env, "LOG_LEVEL", DEFAULT.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
+        jwt_ttl_ms=check(_int, env, "JWT_TTL", DEFAULT.jwt_ttl_ms, minimum=1000, maximum=DAY_MS),
         master_admin_username=admin_user,
         master_admin_password=admin_password,
-        default_role=check(_choice, env, "DEFAULT_ROLE", "client", ("client", "admin")),
-        key_deletion_wait_ms=check(_int, env, "KEY_DELETION_WAIT", 7 * DAY_MS),
-        login_max_failures_per_client=check(_int, env, "LOGIN_MAX_FAILURES_PER_CLIENT", 5, minimum=1),
-        login_max_failures_per_address=check(_int, env, "LOGIN_MAX_FAILURES_PER_ADDRESS", 50, minimum=1),
-        login_failure_window_ms=check(_int, env, "LOGIN_FAILURE_WINDOW", 15 * 60 * 1000, minimum=1000),
-        trusted_proxy_hops=check(_int, env, "TRUSTED_PROXY_HOPS", 0, maximum=5),
-        max_body_bytes=check(_int, env, "MAX_BODY_BYTES", 64 * 1024, minimum=1024, maximum=16 * 1024 * 1024),
-        connection_limit=check(_int, env, "SERVER_CONNECTION_LIMIT", 1000, minimum=16, maximum=100_000),
-        request_read_timeout_ms=check(_int, env, "REQUEST_READ_TIMEOUT", 10_000, minimum=1000, maximum=300_000),
-        audit_seal_interval_ms=check(_int, env, "AUDIT_SEAL_INTERVAL", 2000),
-        audit_key_lookups=check(_bool, env, "AUDIT_KEY_LOOKUPS", True),
-        audit_key_lookups_durable=check(_bool, env, "AUDIT_KEY_LOOKUPS_DURABLE", False),
-        legacy_signup_tokens=check(_bool, env, "LEGACY_SIGNUP_TOKENS", True),
+        default_role=check(_choice, env, "DEFAULT_ROLE", DEFAULT.default_role, ("client", "admin")),
+        key_deletion_wait_ms=check(_int, env, "KEY_DELETION_WAIT", DEFAULT.key_deletion_wait_ms),
+        login_max_failures_per_client=check(_int, env, "LOGIN_MAX_FAILURES_PER_CLIENT", DEFAULT.login_max_failures_per_client, minimum=1),
+        login_max_failures_per_address=check(_int, env, "LOGIN_MAX_FAILURES_PER_ADDRESS", DEFAULT.login_max_failures_per_address, minimum=1),
+        login_failure_window_ms=check(_int, env, "LOGIN_FAILURE_WINDOW", DEFAULT.login_failure_window_ms, minimum=1000),
+        trusted_proxy_hops=check(_int, env, "TRUSTED_PROXY_HOPS", DEFAULT.trusted_proxy_hops, maximum=5),
+        max_body_bytes=check(_int, env, "MAX_BODY_BYTES", DEFAULT.max_body_bytes, minimum=1024, maximum=16 * 1024 * 1024),
+        connection_limit=check(_int, env, "SERVER_CONNECTION_LIMIT", DEFAULT.connection_limit, minimum=16, maximum=100_000),
+        request_read_timeout_ms=check(_int, env, "REQUEST_READ_TIMEOUT", DEFAULT.request_read_timeout_ms, minimum=1000, maximum=300_000),
+        audit_seal_interval_ms=check(_int, env, "AUDIT_SEAL_INTERVAL", DEFAULT.audit_seal_interval_ms),
+        audit_key_lookups=check(_bool, env, "AUDIT_KEY_LOOKUPS", DEFAULT.audit_key_lookups),
+        audit_key_lookups_durable=check(_bool, env, "AUDIT_KEY_LOOKUPS_DURABLE", DEFAULT.audit_key_lookups_durable),
+        legacy_signup_tokens=check(_bool, env, "LEGACY_SIGNUP_TOKENS", DEFAULT.legacy_signup_tokens),
         audit_head_file=(env.get("AUDIT_HEAD_FILE") or "").strip() or None,
         pkcs11_module=pkcs11_module,
         pkcs11_pin=pkcs11_pin,
-        hsm_dek_cache_ms=check(_int, env, "HSM_DEK_CACHE", 60_000, maximum=3_600_000),
-        hsm_dek_cache_size=check(_int, env, "HSM_DEK_CACHE_SIZE", 10_000, minimum=1, maximum=1_000_000),
+        hsm_dek_cache_ms=check(_int, env, "HSM_DEK_CACHE", DEFAULT.hsm_dek_cache_ms, maximum=3_600_000),
+        hsm_dek_cache_size=check(_int, env, "HSM_DEK_CACHE_SIZE", DEFAULT.hsm_dek_cache_size, minimum=1, maximum=1_000_000),
     )
     problems.raise_any()
     return Settings(**values)

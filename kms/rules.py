@@ -3,7 +3,11 @@ import re
 
 CLIENTNAME_PATTERN = "^[A-Za-z0-9-]{4,64}$"
 KEY_REFERENCE_PATTERN = "^[A-Za-z0-9-]{1,64}$"
-MAX_VERSION = 2**31 - 1
+MAX_VERSION = 2**31 - 1  # key versions are PostgreSQL integers
+
+MINUTE_MS = 60 * 1000
+DAY_MS = 24 * 60 * MINUTE_MS
+SIGNUP_TOKEN_MAX_TTL_MS = 30 * DAY_MS
 
 PASSWORD_MIN, PASSWORD_MAX = 12, 128
 # Character classes, as /openapi.json's pattern states them: anything not an ASCII letter or digit
