@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import click
 
+from kms.keyproviders.pkcs11 import parse_pkcs11_uri
 from kms.rules import CLIENTNAME_PATTERN, DAY_MS, MINUTE_MS, password_problem
 
 KEY_BYTES = 32
@@ -23,7 +24,7 @@ class ConfigError(click.ClickException):
     """Printed by the CLI as one line: `configuration error: KEK: must decode to 32 bytes`. Several
     problems found at once are one ConfigError naming each (`problems`); `variable` is the first."""
 
-    exit_code = 2  # README, "Exit codes": usage or configuration
+    exit_code = 2  # docs/OPERATIONS.md, "Exit codes": usage or configuration
 
     def __init__(self, variable: str, problem: str, *, problems: list[tuple[str, str]] | None = None):
         self.problems = problems or [(variable, problem)]
@@ -192,7 +193,6 @@ def _database_url(env: Mapping) -> str:
 def _kek(variable: str, value: str | None):
     """32 bytes of key material, or an RFC 7512 pkcs11: URI naming a key in a token."""
     if value is not None and value.strip().startswith("pkcs11:"):
-        from kms.keyproviders.pkcs11 import parse_pkcs11_uri
         try:
             return parse_pkcs11_uri(value.strip())
         except ValueError as problem:

@@ -45,9 +45,10 @@ class Connection(psycopg2.extensions.connection):
 
 def connect(dsn: str, *, options: str = SESSION_OPTIONS, application_name: str = "kms"):
     """A connection in autocommit mode: transactions are explicit (see transaction()), and a single
-    statement needs no BEGIN/COMMIT round trips at all."""
+    statement needs no BEGIN/COMMIT round trips at all. Rows come back as named tuples, named by
+    the query's columns: code reads `row.current_version`, never a position."""
     conn = psycopg2.connect(dsn, connect_timeout=3, options=options, application_name=application_name,
-                            connection_factory=Connection)
+                            connection_factory=Connection, cursor_factory=psycopg2.extras.NamedTupleCursor)
     conn.autocommit = True
     # A server in recovery (a standby, or a demoted primary a stale DNS answer still points at)
     # cannot take our writes: never lend it out. With several hosts and
@@ -218,11 +219,11 @@ def close_db(_error=None):
         current_app.extensions["kms"].pool.release(conn)
 
 
-class _TransactionCursor(psycopg2.extensions.cursor):
+class _TransactionCursor(psycopg2.extras.NamedTupleCursor):
     """A cursor that saves round trips: its first statement carries the BEGIN, and statements
     whose result nobody reads (`defer`) travel with the next one, or with the COMMIT. Each round
-    trip ends with the server thread queueing for the GIL, so a login of thirteen round trips
-    waited for it that many times (bench/RESULTS.md, session 7); it now makes five."""
+    trip ends with the server thread queueing for the GIL, so fewer round trips means less
+    waiting (a login makes five)."""
     begin_pending = False
 
     def __init__(self, *args, **kwargs):

@@ -1,8 +1,12 @@
 """Input rules that several layers share (settings, request schemas, the CLI): pure, no Flask."""
 import re
 
-CLIENTNAME_PATTERN = "^[A-Za-z0-9-]{4,64}$"
-KEY_REFERENCE_PATTERN = "^[A-Za-z0-9-]{1,64}$"
+CLIENTNAME_LENGTH = (4, 64)
+CLIENTNAME_PATTERN = "^[A-Za-z0-9-]{%d,%d}$" % CLIENTNAME_LENGTH
+CLIENTNAME_PROBLEM = "Must be %d-%d characters of A-Z a-z 0-9 -." % CLIENTNAME_LENGTH
+KEY_REFERENCE_LENGTH = (1, 64)
+KEY_REFERENCE_PATTERN = "^[A-Za-z0-9-]{%d,%d}$" % KEY_REFERENCE_LENGTH
+KEY_REFERENCE_PROBLEM = "Must be %d-%d characters of A-Z a-z 0-9 -." % KEY_REFERENCE_LENGTH
 MAX_VERSION = 2**31 - 1  # key versions are PostgreSQL integers
 
 MINUTE_MS = 60 * 1000

@@ -3,12 +3,14 @@ import logging
 from dataclasses import dataclass
 
 from kms import crypto, db
-from kms.rows import backfill_row_macs
 from kms.auth.passwords import PasswordHasher
-from kms.auth.tokencache import VerifiedTokenCache
+from kms.auth.service import ensure_master_admin
+from kms.auth.tokens import VerifiedTokenCache
 from kms.config import ConfigError, Settings, kek_variable
-from kms.keyproviders import open_keks
-from kms.observability import Metrics
+from kms.keyproviders.base import key_check_value
+from kms.keyproviders.opening import open_keks
+from kms.observability.metrics import Metrics
+from kms.rows import backfill_row_macs
 
 log = logging.getLogger("kms")
 
@@ -70,7 +72,6 @@ class Kms:
         applied = self.migrate()
         with self.pool.connection() as conn, db.transaction(conn) as cur:
             _check_secrets(cur, self)
-        from kms.auth.service import ensure_master_admin
         ensure_master_admin(self)
         return applied
 
@@ -91,7 +92,7 @@ class Kms:
 
 def _check_values(kms) -> dict:
     settings = kms.settings
-    values = {name: crypto.key_check_value(key) for name, key in (
+    values = {name: key_check_value(key) for name, key in (
         ("DB_SECRET", settings.db_secret), ("KEY_REF_SECRET", settings.key_ref_secret),
         ("USERNAME_SECRET", settings.username_secret), ("SIGNUP_SECRET", settings.signup_secret))}
     for version in kms.keyring.kek_versions:
@@ -107,9 +108,9 @@ def _check_secrets(cur, kms):
     for name, check_value in configured.items():
         cur.execute(db.sql.remember_secret_check, {"name": name, "check_value": check_value})
     cur.execute(db.sql.secret_checks)
-    stored = {name: bytes(value) for name, value in cur.fetchall()}
+    stored = {row.name: bytes(row.check_value) for row in cur.fetchall()}
     cur.execute(db.sql.kek_versions_in_use)
-    kek_versions_in_use = [row[0] for row in cur.fetchall()]
+    kek_versions_in_use = [row.kek_version for row in cur.fetchall()]
     for name, check_value in configured.items():
         if stored[name] != check_value:
             raise StartupError(name, "does not match the key the stored data was written with")

@@ -1,12 +1,12 @@
 from marshmallow import fields, validate
 
-from kms.rules import PASSWORD_MAX, PASSWORD_MIN, PASSWORD_PATTERN
-from schemas.common import CLIENTNAME, DAY_MS, Milliseconds, Schema, StrictSchema, Timestamp, validate_password
+from kms.rules import DAY_MS, PASSWORD_MAX, PASSWORD_MIN, PASSWORD_PATTERN, SIGNUP_TOKEN_MAX_TTL_MS
+from schemas.common import CLIENTNAME, Milliseconds, Schema, StrictSchema, Timestamp, validate_password
 
 
 class SignupTokenRequest(StrictSchema):
     clientname = fields.String(required=True, validate=CLIENTNAME)
-    ttl = Milliseconds(load_default=DAY_MS, validate=validate.Range(min=1, max=30 * DAY_MS),
+    ttl = Milliseconds(load_default=DAY_MS, validate=validate.Range(min=1, max=SIGNUP_TOKEN_MAX_TTL_MS),
                        metadata={"description": "Lifetime in milliseconds; default 24 h, at most 30 days."})
 
 

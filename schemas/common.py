@@ -1,12 +1,12 @@
 from marshmallow import Schema, ValidationError, fields, validate
 
-from kms.rules import password_problem
+from kms.rules import (CLIENTNAME_PATTERN, CLIENTNAME_PROBLEM, KEY_REFERENCE_PATTERN, KEY_REFERENCE_PROBLEM,
+                       password_problem)
 from kms.timefmt import rfc3339
 
-CLIENTNAME = validate.Regexp(r"^[A-Za-z0-9-]{4,64}\Z", error="Must be 4-64 characters of A-Z a-z 0-9 -.")
-KEY_REFERENCE = validate.Regexp(r"^[A-Za-z0-9-]{1,64}\Z", error="Must be 1-64 characters of A-Z a-z 0-9 -.")
-
-DAY_MS = 24 * 60 * 60 * 1000
+# `$` would also match before a final newline: \Z does not.
+CLIENTNAME = validate.Regexp(CLIENTNAME_PATTERN.removesuffix("$") + r"\Z", error=CLIENTNAME_PROBLEM)
+KEY_REFERENCE = validate.Regexp(KEY_REFERENCE_PATTERN.removesuffix("$") + r"\Z", error=KEY_REFERENCE_PROBLEM)
 
 
 def validate_password(password: str):

@@ -1,7 +1,7 @@
 from marshmallow import fields, validate
 
-from kms.rules import MAX_VERSION
-from schemas.common import DAY_MS, KEY_REFERENCE, AsciiInteger, Milliseconds, Schema, StrictSchema, Timestamp
+from kms.rules import DAY_MS, MAX_VERSION
+from schemas.common import KEY_REFERENCE, AsciiInteger, Milliseconds, Schema, StrictSchema, Timestamp
 
 KEY_STATES = ("in-use", "deprecated", "retired")
 
@@ -31,7 +31,7 @@ class KeyBundle(Schema):
 
 
 class RetireRequest(StrictSchema):
-    belowVersion = fields.Integer(strict=True, required=True, validate=validate.Range(min=2, max=2**31 - 1))
+    belowVersion = fields.Integer(strict=True, required=True, validate=validate.Range(min=2, max=MAX_VERSION))
 
 
 class RotationPeriodRequest(StrictSchema):

@@ -15,9 +15,10 @@ import psycopg2
 import pytest
 import requests
 
-from kms import create_app
+from kms.app import create_app
+from kms.cli import kms_cli
 from kms.config import SECRET_VARIABLES, generate_secret
-from kms.observability import JsonFormatter
+from kms.observability.logs import JsonFormatter
 from kms.serving.http import create_server
 
 KMS_COMMAND = str(Path(sys.executable).parent / "kms")  # the console script `pip install` made
@@ -132,6 +133,7 @@ def make_app(base_env):
     def make(**overrides):
         app = create_app({**base_env, **{k: str(v) for k, v in overrides.items()}})
         app.config["TESTING"] = True
+        app.cli.add_command(kms_cli)  # `kms ...` commands through app.test_cli_runner(), on this app's KMS
         apps.append(app)
         return app
 

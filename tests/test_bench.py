@@ -22,6 +22,5 @@ def test_the_row_check_ablation_applies_to_this_code():
     assert checked.returncode == 0, checked.stderr
     patch = (ROOT / "bench" / "no_row_checks.patch").read_text()
     removed = [line[1:].strip() for line in patch.splitlines() if line.startswith("-") and not line.startswith("---")]
-    assert any(line.startswith("check_caller_row(") for line in removed)
-    assert any(line.startswith("rows.check_key(") for line in removed)
+    assert any(line.startswith("_check_look_up(") for line in removed)  # the session, client and key rows
     assert any("nxt" in line for line in removed)  # the newer-version probe

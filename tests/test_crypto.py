@@ -62,7 +62,7 @@ class CountingTokenKek:
     provider = "pkcs11"
 
     def __init__(self):
-        from kms.keyproviders import EnvironmentKek
+        from kms.keyproviders.environment import EnvironmentKek
         self._kek, self.opens = EnvironmentKek(os.urandom(32)), 0
 
     def encrypt(self, nonce, plaintext, ad):

@@ -153,7 +153,7 @@ def test_a_missing_key_stops_start_up_naming_the_kek(make_app, hsm_env):
 def test_an_extractable_key_is_refused(make_app, hsm_env, softhsm):
     from types import SimpleNamespace
 
-    from kms.keyproviders import load_module
+    from kms.keyproviders.opening import load_module
     module = load_module(SimpleNamespace(pkcs11_module=hsm_env["PKCS11_MODULE"], pkcs11_pin=PIN))
     pkcs11 = module._pkcs11
     with module.calls:

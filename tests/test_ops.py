@@ -201,7 +201,7 @@ def test_metrics_show_what_an_operator_watches(client, auth, db):
 
 def test_openapi_documents_the_probes_and_metrics(client):
     paths = client.get("/openapi.json").json()["paths"]
-    assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503"}
+    assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503", "default"}  # default: the error envelope
     assert paths["/healthz"]["get"]["security"] == [] and paths["/metrics"]["get"]["security"] == []
     assert "text/plain" in paths["/metrics"]["get"]["responses"]["200"]["content"]
 

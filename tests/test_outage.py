@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from kms import create_app
+from kms.app import create_app
 from kms.db import LOOKUP_PATIENCE_S
 from kms.serving.throwaway_postgres import ThrowawayPostgres
 from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, AuthActions, HttpClient, bearer, serve_in_thread, stop_server

@@ -130,7 +130,7 @@ def test_readme_grants_and_the_trigger_keep_the_audit_trail_append_only(pg_serve
             cur.execute(recipe)  # README's recipe, as written
         conn.close()
         # The KMS runs as the application role: it works, and seals ...
-        from kms import create_app
+        from kms.app import create_app
         app = create_app({**env, "DATABASE_URL": as_app, "SERVER_THREADS": "2", "AUDIT_SEAL_INTERVAL": "0"})
         server, base_url = serve_in_thread(app)
         try:

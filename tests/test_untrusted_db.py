@@ -281,7 +281,7 @@ def test_renumbered_seq_is_caught(runner, db, sealed_history):
 def test_upgrading_computes_the_macs_of_existing_rows_once(new_database, base_env, monkeypatch):
     """A database written before row MACs existed (schema 3) keeps working after the upgrade, and
     the upgrade refuses to run without the secrets that make the MACs."""
-    from kms import create_app
+    from kms.app import create_app
     url = new_database()
     files = kms_db.migration_files()
     monkeypatch.setattr(kms_db, "migration_files", lambda: [f for f in files if f[0] <= 3])

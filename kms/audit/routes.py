@@ -1,8 +1,8 @@
-from kms import web
 from kms.audit import service
+from kms.web.routing import Blueprint, context
 from schemas.audit import AuditList, AuditQuery
 
-bp = web.Blueprint("audit", __name__, url_prefix="/audit", description="The audit trail (admin)")
+bp = Blueprint("audit", __name__, url_prefix="/audit", description="The audit trail (admin)")
 
 
 @bp.route("", methods=["GET"])
@@ -10,4 +10,4 @@ bp = web.Blueprint("audit", __name__, url_prefix="/audit", description="The audi
 @bp.response(200, AuditList)
 def list_events(query):
     """Events after a sequence number, oldest first."""
-    return {"events": service.list_events(web.context(), query["after"], query["limit"])}
+    return {"events": service.list_events(context(), query["after"], query["limit"])}

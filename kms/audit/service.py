@@ -10,8 +10,10 @@ import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
+from prometheus_client.core import GaugeMetricFamily
+
 from kms import crypto, db
-from kms.auth.access import require_admin
+from kms.access import require_admin
 from kms.context import Context
 from kms.ids import time_ordered_uuid
 
@@ -60,7 +62,7 @@ def record_refusal(cur, ctx: Context, action: str, outcome: str):
     written as one event with `repeats` when the minute is over (flush_refusals)."""
     cur.execute(db.sql.count_refusal, {"action": action, "outcome": outcome, "source_ip": ctx.source_ip or "unknown",
                                        "window_s": REFUSAL_WINDOW_S})
-    if cur.fetchone()[0] == 1:
+    if cur.fetchone().count == 1:
         record(cur, ctx, action, outcome, defer=True)
 
 
@@ -70,10 +72,10 @@ def flush_refusals(ctx: Context, *, everything: bool = False) -> int:
     written = 0
     with db.transaction(ctx.conn) as cur:
         cur.execute(db.sql.take_closed_refusal_windows, {"window_s": REFUSAL_WINDOW_S, "all": everything})
-        for action, outcome, source_ip, _window_start, count in cur.fetchall():
-            if count > 1:  # the first was recorded when it happened
-                event = new_event(replace(ctx, source_ip=source_ip), action, outcome, actor="anonymous",
-                                  repeats=count - 1)
+        for window in cur.fetchall():
+            if window.count > 1:  # the first was recorded when it happened
+                event = new_event(replace(ctx, source_ip=window.source_ip), window.action, window.outcome,
+                                  actor="anonymous", repeats=window.count - 1)
                 db.execute_prepared(cur, "insert_audit_event", event)
                 written += 1
     return written
@@ -128,10 +130,6 @@ def _expected_hash(key: bytes, previous: bytes, chain_format: int, position: int
     return None
 
 
-EVENT_COLUMNS = ("seq", "event_id", "at", "actor", "action", "target", "version", "outcome", "request_id",
-                 "source_ip", "repeats", "row_mac")
-
-
 class ChainTampered(Exception):
     """The chain in the database is not the one the sealers made: sealing stops."""
 
@@ -183,24 +181,27 @@ def _checked_head(cur, key: bytes, known: ChainHead | None) -> tuple[int, bytes,
     if known is not None:
         cur.execute(db.sql.audit_chain_hash_at, {"position": known.position})
         row = cur.fetchone()
-        if row is None or bytes(row[0]) != known.mac:
+        if row is None or bytes(row.chain_hash) != known.mac:
             raise ChainTampered(f"chain position {known.position}, sealed by this process, is gone or changed "
                                 "(rows deleted and the chain rebuilt?)")
     cur.execute(db.sql.audit_chain_head)
-    rows = cur.fetchall()
-    if not rows:
+    last_two = cur.fetchall()
+    if not last_two:
         return 0, GENESIS, 0
-    position, stored, seq, txid, mac, chain_format = rows[0]
-    previous = bytes(rows[1][1]) if len(rows) > 1 else GENESIS
-    if position != (rows[1][0] + 1 if len(rows) > 1 else 1) or _expected_hash(
-            key, previous, chain_format, position, seq, int(txid), bytes(mac)) != bytes(stored):
-        raise ChainTampered(f"the chain's head (position {position}) was not made by a sealer", seq)
-    cur.execute(db.sql.unsealed_behind_head, {"txid": txid})
-    behind = cur.fetchone()[0]
+    head = last_two[0]
+    before = last_two[1] if len(last_two) > 1 else None
+    previous = bytes(before.chain_hash) if before else GENESIS
+    position = head.chain_pos
+    if position != (before.chain_pos + 1 if before else 1) or _expected_hash(
+            key, previous, head.chain_format, position, head.seq, int(head.txid), bytes(head.row_mac)) \
+            != bytes(head.chain_hash):
+        raise ChainTampered(f"the chain's head (position {position}) was not made by a sealer", head.seq)
+    cur.execute(db.sql.unsealed_behind_head, {"txid": head.txid})
+    behind = cur.fetchone().seq
     if behind is not None:
         raise ChainTampered("an unsealed row is older than the chain's head (inserted out of band, or its chain "
                             "was taken off it)", behind)
-    return position, bytes(stored), int(txid)
+    return position, bytes(head.chain_hash), int(head.txid)
 
 
 def seal_pending(conn, key: bytes, *, wait: bool = False, known: ChainHead | None = None) -> tuple[int, ChainHead | None]:
@@ -213,26 +214,26 @@ def seal_pending(conn, key: bytes, *, wait: bool = False, known: ChainHead | Non
     while True:
         with db.transaction(conn) as cur:
             cur.execute(db.sql.lock_audit_sealer if wait else db.sql.try_lock_audit_sealer)
-            if not wait and not cur.fetchone()[0]:
+            if not wait and not cur.fetchone().locked:
                 return sealed, head
             cur.execute(db.sql.audit_seal_horizon)  # first: it must not depend on what we read next
-            horizon = cur.fetchone()[0]
+            horizon = cur.fetchone().horizon
             position, previous, _ = _checked_head(cur, key, head)
             cur.execute(db.sql.unsealed_audit_events, {"horizon": horizon, "limit": SEAL_BATCH})
-            rows = cur.fetchall()
+            unsealed = cur.fetchall()
             seqs, positions, hashes = [], [], []
-            for seq, txid, mac in rows:
+            for event in unsealed:
                 position += 1
-                previous = chain_hash_v2(key, previous, position, seq, int(txid), bytes(mac))
-                seqs.append(seq)
+                previous = chain_hash_v2(key, previous, position, event.seq, int(event.txid), bytes(event.row_mac))
+                seqs.append(event.seq)
                 positions.append(position)
                 hashes.append(previous)
-            if rows:
+            if unsealed:
                 cur.execute(db.sql.seal_audit_events, {"seqs": seqs, "positions": positions, "hashes": hashes})
             if position:
                 head = ChainHead(position, previous)
-        sealed += len(rows)
-        if len(rows) < SEAL_BATCH:
+        sealed += len(unsealed)
+        if len(unsealed) < SEAL_BATCH:
             return sealed, head
 
 
@@ -260,16 +261,17 @@ def verify_chain(conn, key: bytes, recorded_head: ChainHead | None = None, progr
     if progress is not None:
         with db.transaction(conn) as cur:
             cur.execute(db.sql.audit_chain_length)
-            progress.total = cur.fetchone()[0]
+            progress.total = cur.fetchone().length
     while True:
         with db.transaction(conn) as cur:
             cur.execute(db.sql.sealed_audit_chain, {"after_pos": expected_position - 1, "limit": 5000})
-            rows = cur.fetchall()
-        if not rows:
+            page = cur.fetchall()
+        if not page:
             break
-        for row in rows:
-            event = dict(zip(EVENT_COLUMNS, row))
-            position, stored_hash, txid, chain_format = row[12], bytes(row[13]), int(row[14]), row[15]
+        for row in page:
+            event = row._asdict()
+            position, stored_hash, txid, chain_format = row.chain_pos, bytes(row.chain_hash), int(row.txid), \
+                row.chain_format
             if position < expected_position:
                 return VerifyResult(checked, f"chain position {position} appears twice (a row duplicated?)",
                                     event["seq"])
@@ -297,11 +299,25 @@ def verify_chain(conn, key: bytes, recorded_head: ChainHead | None = None, progr
     return VerifyResult(checked, head=head)
 
 
+def gauges(conn) -> list:
+    """For /metrics: the audit events not yet sealed into the chain."""
+    with db.transaction(conn) as cur:
+        cur.execute(db.sql.bounded_statement_time)
+        cur.execute(db.sql.audit_backlog)
+        backlog = cur.fetchone()
+    return [
+        GaugeMetricFamily("kms_audit_unsealed_events", "Audit events not yet sealed into the chain",
+                          value=backlog.unsealed),
+        GaugeMetricFamily("kms_audit_unsealed_oldest_seconds", "Age of the oldest unsealed audit event",
+                          value=float(backlog.oldest_seconds or 0)),
+    ]
+
+
 def public_event(row) -> dict:
-    seq, at, actor, action, target, version, outcome, request_id, source_ip, repeats = row
-    return {"seq": seq, "at": at, "actor": actor, "action": action, "target": target, "version": version,
-            "outcome": outcome, "requestId": str(request_id) if request_id else None, "sourceIp": source_ip,
-            "repeats": repeats}
+    return {"seq": row.seq, "at": row.at, "actor": row.actor, "action": row.action, "target": row.target,
+            "version": row.version, "outcome": row.outcome,
+            "requestId": str(row.request_id) if row.request_id else None, "sourceIp": row.source_ip,
+            "repeats": row.repeats}
 
 
 def list_events(ctx: Context, after: int, limit: int) -> list[dict]:
@@ -316,13 +332,13 @@ def export_events(conn, after: int = 0, page: int = 5000):
     while True:
         with db.transaction(conn) as cur:
             cur.execute(db.sql.audit_export_page, {"after": after, "limit": page})
-            rows = cur.fetchall()
-        for row in rows:
-            event = public_event(row[:10])
-            event["at"] = row[1].astimezone(timezone.utc).isoformat()
-            event["chainPos"] = row[10]
-            event["chainHash"] = bytes(row[11]).hex() if row[11] is not None else None
+            events = cur.fetchall()
+        for row in events:
+            event = public_event(row)
+            event["at"] = row.at.astimezone(timezone.utc).isoformat()
+            event["chainPos"] = row.chain_pos
+            event["chainHash"] = bytes(row.chain_hash).hex() if row.chain_hash is not None else None
             yield event
-            after = row[0]
-        if len(rows) < page:
+            after = row.seq
+        if len(events) < page:
             return

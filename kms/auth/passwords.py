@@ -3,7 +3,7 @@
 Hashing is deliberately expensive: a login flood must queue here, briefly, or be turned away,
 instead of starving key requests of CPU and server threads.
 """
-import json
+import multiprocessing
 import os
 import threading
 import time
@@ -35,7 +35,6 @@ class HashGate:
     def __init__(self, concurrency: int | None = None, *, shared: bool):
         self.concurrency = concurrency or max(1, (os.cpu_count() or 2) - 1)
         if shared:
-            import multiprocessing
             context = multiprocessing.get_context("fork")
             self.hashing = context.BoundedSemaphore(self.concurrency)
             self._last_refusal = context.RawValue("d", float("-inf"))  # a race here only blurs a timestamp
@@ -58,8 +57,8 @@ class _Cell:
 class PasswordHasher:
     """Argon2id with two bounds. At most `concurrency` hashes run at once (see HashGate), and at most `admitted` logins or
     signups are in progress (see admission()); a further one is refused at once with 429 instead
-    of holding a server thread that key requests need. Measured: without the second bound, a login
-    flood took every waitress thread and cut key look-ups to 7 % of their throughput.
+    of holding a server thread that key requests need (without that bound, a login flood takes
+    every server thread and key look-ups with them).
 
     A short burst (the original Go SDK logs in before nearly every call, from every goroutine at
     once, and never retries a 429) must queue and succeed, but every login that waits holds a
@@ -67,7 +66,7 @@ class PasswordHasher:
     as there are places) only while logins are not being refused: once one was refused in the last
     `wait_s`, a flood is on, and further ones are refused at once until it has been quiet that
     long. A burst after a quiet spell queues; a sustained flood holds no more threads than
-    `admitted` (measured: with waiting always allowed, look-ups during a flood fell to a quarter)."""
+    `admitted` (with waiting always allowed, every thread would wait during a flood)."""
 
     def __init__(self, concurrency: int | None = None, admitted: int | None = None, wait_s: float = 2.0,
                  gate: HashGate | None = None):
@@ -165,33 +164,3 @@ def _verify(password: bytes, phc: str) -> bool:
     except (InvalidKey, ValueError):
         return False
     return True
-
-
-class LoginFloodShedder:
-    """WSGI middleware: during a login flood, a login that admission() would refuse at once is
-    refused here, before Flask parses it. Measured: a single worker spent its GIL answering about
-    900 such refusals a second through Flask, and key look-ups beside them fell to 30 % of their
-    throughput. The answer is the one the route would give (429, the envelope, Retry-After).
-
-    The server then does not read the connection again until the Retry-After has passed (as after
-    every 429, kms.serving.http): a flood that re-sends at once is answered once a second per
-    connection.
-    Measured (bench/bench_login.py, two workers, 32 flooding connections): refusals fell from
-    ~3,500 to ~35 a second, and look-ups beside the flood kept ~85-90 % of their throughput."""
-
-    def __init__(self, wsgi_app, passwords: PasswordHasher):
-        self.wsgi_app = wsgi_app
-        self.passwords = passwords
-
-    def __call__(self, environ, start_response):
-        if (environ["PATH_INFO"] == "/auth/login" and environ["REQUEST_METHOD"] == "POST"
-                and self.passwords.refuse_if_flooded()):
-            from kms.observability import REQUEST_ID
-            environ["kms.route"] = "/auth/login"
-            environ["kms.shed"] = True
-            body = json.dumps({"error": "too_many_requests", "message": FLOOD_MESSAGE,
-                               "requestId": environ.get(REQUEST_ID)}).encode()
-            start_response("429 TOO MANY REQUESTS", [("Content-Type", "application/json"),
-                                                     ("Content-Length", str(len(body))), ("Retry-After", str(FLOOD_RETRY_AFTER_S))])
-            return [body]
-        return self.wsgi_app(environ, start_response)

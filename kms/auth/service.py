@@ -8,12 +8,13 @@ from datetime import datetime, timedelta, timezone
 
 from psycopg2.errors import LockNotAvailable
 
-from kms import crypto, db, rows
+from kms import crypto, db
 from kms.audit.service import record, record_refusal
-from kms.auth.access import authenticate, require_admin
+from kms.access import authenticate, require_admin
 from kms.auth.legacy import looks_legacy, read_legacy_signup_token
 from kms.context import Context
 from kms.errors import Conflict, IntegrityFailure, Throttled, Unauthorized
+from kms.rows import CLIENTS, SESSIONS, SIGNUP_TOKENS
 
 log = logging.getLogger("kms.auth")
 
@@ -59,7 +60,8 @@ def issue_signup_token(ctx: Context, clientname: str, ttl_ms: int, role: str | N
             "id": token_id, "token_hash": token_hash, "name_hash": name_hash,
             "name_enc": kms.keyring.encrypt_field(clientname, b"signup-name", token_id.bytes),
             "role": role, "expires_at": expires_at, "issued_by": ctx.actor,
-            "row_mac": rows.signup_token_mac(kms, token_id, token_hash, name_hash, role, expires_at, False),
+            "row_mac": SIGNUP_TOKENS.mac(kms, id=token_id, token_hash=token_hash, name_hash=name_hash, role=role,
+                                         expires_at=expires_at, used=False),
         })
         record(cur, ctx, "signup_token.issue", target=str(token_id))
     return token, expires_at
@@ -71,7 +73,8 @@ def _open_session(cur, kms, client_id: uuid.UUID, role: str, epoch: int, *, defe
                   expires_at=datetime.now(timezone.utc) + timedelta(milliseconds=ttl_ms))
     (cur.defer if defer else cur.execute)(db.sql.insert_session, {
         "jti": grant.jti, "client_id": client_id, "expires_at": grant.expires_at, "epoch": epoch,
-        "row_mac": rows.session_mac(kms, grant.jti, client_id, grant.expires_at, epoch, False)})
+        "row_mac": SESSIONS.mac(kms, jti=grant.jti, client_id=client_id, expires_at=grant.expires_at, epoch=epoch,
+                                revoked=False)})
     return grant
 
 
@@ -96,14 +99,15 @@ def signup(ctx: Context, token: str, password: str) -> Grant:
         row = cur.fetchone()
         if row is None:
             raise Unauthorized(SIGNUP_TOKEN_REFUSED, code="invalid_signup_token")
-        token_id, stored_hash, name_hash, name_enc, role, expires_at, mac = row
         # A token row made, re-roled, re-named, extended or un-used in the database is refused.
-        rows.check_signup_token(kms, (token_id, stored_hash, name_hash, role, expires_at, False, mac))
-        cur.execute(db.sql.use_signup_token, {"id": token_id, "row_mac": rows.signup_token_mac(
-            kms, token_id, stored_hash, name_hash, role, expires_at, True)})
-        clientname = kms.keyring.decrypt_field(bytes(name_enc), b"signup-name", token_id.bytes)
-        record(cur, ctx, "signup_token.use", target=str(token_id))
-        return _register(cur, ctx, client_id, bytes(name_hash), clientname, password_hash, role)
+        SIGNUP_TOKENS.check(kms, row)
+        name_hash = bytes(row.name_hash)
+        cur.execute(db.sql.use_signup_token, {"id": row.id, "row_mac": SIGNUP_TOKENS.mac(
+            kms, id=row.id, token_hash=bytes(row.token_hash), name_hash=name_hash, role=row.role,
+            expires_at=row.expires_at, used=True)})
+        clientname = kms.keyring.decrypt_field(bytes(row.name_enc), b"signup-name", row.id.bytes)
+        record(cur, ctx, "signup_token.use", target=str(row.id))
+        return _register(cur, ctx, client_id, name_hash, clientname, password_hash, row.role)
 
 
 def _refuse_signup(ctx: Context):
@@ -152,7 +156,8 @@ def _insert_client(cur, kms, client_id: uuid.UUID, name_hash: bytes, clientname:
         "id": client_id, "name_hash": name_hash,
         "name_enc": kms.keyring.encrypt_field(clientname, b"client-name", client_id.bytes),
         "password_hash": password_hash, "role": role,
-        "row_mac": rows.client_mac(kms, client_id, name_hash, password_hash, role, "active", 0),
+        "row_mac": CLIENTS.mac(kms, id=client_id, name_hash=name_hash, password_hash=password_hash, role=role,
+                               status="active", session_epoch=0),
     })
     return cur.fetchone() is not None
 
@@ -167,12 +172,12 @@ def _reserve_address_attempt(ctx: Context, address: str) -> tuple[int | None, in
         cur.execute(db.sql.login_failures_in_window, {
             "scope": "address", "subject": address,
             "window": timedelta(milliseconds=settings.login_failure_window_ms)})
-        failures, seconds_left = cur.fetchone()
-        if failures >= settings.login_max_failures_per_address:
+        window = cur.fetchone()
+        if window.failures >= settings.login_max_failures_per_address:
             record_refusal(cur, ctx, "login", "throttled")
-            return seconds_left, None
+            return window.seconds_left, None
         cur.execute(db.sql.insert_login_failure, {"scope": "address", "subject": address})
-        return None, cur.fetchone()[0]
+        return None, cur.fetchone().id
 
 
 def login(ctx: Context, clientname: str, password: str) -> Grant:
@@ -187,9 +192,8 @@ def login(ctx: Context, clientname: str, password: str) -> Grant:
 
 
 def _login(ctx: Context, clientname: str, password: str) -> Grant:
-    """Five round trips (there were thirteen): the address's count (lock and count; the
-    reservation; commit), then the name's (lock, count and client row; the password checked;
-    every write and the commit in one)."""
+    """Five round trips: the address's count (lock and count; the reservation; commit), then the
+    name's (lock, count and client row; the password checked; every write and the commit in one)."""
     kms = ctx.kms
     name_hash = hash_clientname(kms, clientname)
     subject, address = name_hash.hex(), ctx.source_ip or "unknown"
@@ -206,24 +210,26 @@ def _login(ctx: Context, clientname: str, password: str) -> Grant:
                     "window": timedelta(milliseconds=kms.settings.login_failure_window_ms)})
             except LockNotAvailable:
                 raise Throttled(1, "Too many logins for this client at once; retry in a second.") from None
-            failures, retry_after, *client = cur.fetchone()
-            if failures >= kms.settings.login_max_failures_per_client:
+            row = cur.fetchone()
+            retry_after, client_id = row.seconds_left, row.client_id
+            if row.failures >= kms.settings.login_max_failures_per_client:
                 cur.defer(db.sql.release_login_attempt, {"id": reservation})  # not a password check
                 record_refusal(cur, ctx, "login", "throttled")
             else:
                 retry_after = None
-                row = tuple(client) if client[0] is not None else None
-                client_id, _, password_hash, role, status, epoch, _ = row if row else (None,) * 7
-                if row is not None and not kms.keyring.rows.verify(rows.CLIENTS, row):
-                    # A password hash, role or status written in the database: never obeyed, and
-                    # answered like any failed login (after the same hashing work).
-                    kms.passwords.verify(password, None)
-                    raise IntegrityFailure("clients", client_id, 401)
-                if kms.passwords.verify(password, password_hash) and status == "active":
+                if client_id is not None:
+                    try:
+                        CLIENTS.check(kms, row, prefix="client_", refused_with=401)
+                    except IntegrityFailure:
+                        # A password hash, role or status written in the database: never obeyed,
+                        # and answered like any failed login (after the same hashing work).
+                        kms.passwords.verify(password, None)
+                        raise
+                if kms.passwords.verify(password, row.client_password_hash) and row.client_status == "active":
                     cur.defer(db.sql.release_login_attempt, {"id": reservation})
                     cur.defer(db.sql.clear_client_login_failures, {"client": subject})
                     cur.defer(db.sql.record_login, {"client_id": client_id})
-                    grant = _open_session(cur, kms, client_id, role, epoch, defer=True)
+                    grant = _open_session(cur, kms, client_id, row.client_role, row.client_session_epoch, defer=True)
                     record(cur, ctx, "login", target=str(client_id), actor=str(client_id), defer=True)
                     failed = False
                 else:  # the address's reservation stays, as the failure, and the name's is added
@@ -250,12 +256,12 @@ def unlock_client(ctx: Context, clientname: str | None = None, client_id: uuid.U
         if client_id is not None:
             cur.execute(db.sql.client_name_hash, {"client_id": client_id})
             row = cur.fetchone()
-            name_hash = bytes(row[0]) if row else None
+            name_hash = bytes(row.name_hash) if row else None
         else:
             name_hash = hash_clientname(ctx.kms, clientname)
             cur.execute(db.sql.client_for_login, {"name_hash": name_hash})
             row = cur.fetchone()
-            client_id = row[0] if row else None
+            client_id = row.id if row else None
         if name_hash is None or client_id is None:
             return False
         cur.execute(db.sql.clear_client_login_failures, {"client": name_hash.hex()})
@@ -268,7 +274,8 @@ def logout(ctx: Context):
         caller = authenticate(cur, ctx)
         jti, client_id, expires_at, epoch = caller.session
         cur.execute(db.sql.revoke_session, {
-            "jti": jti, "row_mac": rows.session_mac(ctx.kms, jti, client_id, expires_at, epoch, True)})
+            "jti": jti, "row_mac": SESSIONS.mac(ctx.kms, jti=jti, client_id=client_id, expires_at=expires_at,
+                                                epoch=epoch, revoked=True)})
         record(cur, ctx, "logout", target=str(ctx.claims.client_id))
 
 
@@ -291,7 +298,7 @@ def ensure_master_admin(kms):
     with kms.pool.connection() as conn:
         with db.transaction(conn) as cur:
             cur.execute(db.sql.active_admin_exists)
-            if cur.fetchone()[0]:
+            if cur.fetchone().found:
                 return
         if not settings.master_admin_username:
             log.warning("no active admin exists, so nobody can issue signup tokens over HTTP: create one with "

@@ -6,11 +6,13 @@ tokens stop working at once. The last active admin cannot be demoted, disabled o
 import uuid
 from datetime import timedelta
 
-from kms import crypto, db, rows
+from kms import crypto, db
 from kms.audit.service import record
-from kms.auth.access import require_admin
+from kms.access import require_admin
 from kms.context import Context
+from kms.keys.service import schedule_owner_keys_deletion
 from kms.errors import Conflict, NotFound, StoredDataCorrupt
+from kms.rows import CLIENTS
 
 NO_SUCH_CLIENT = "No client with that id."
 LAST_ADMIN = "This is the last active admin; promote another client first."
@@ -20,15 +22,15 @@ def list_clients(ctx: Context) -> list[dict]:
     with db.transaction(ctx.conn) as cur:
         require_admin(cur, ctx)
         cur.execute(db.sql.list_clients)
-        rows = cur.fetchall()
+        found = cur.fetchall()
     clients = []
-    for client_id, name_enc, role, status, created_at, last_login_at in rows:
+    for client in found:
         try:
-            name = ctx.kms.keyring.decrypt_field(bytes(name_enc), b"client-name", client_id.bytes)
+            name = ctx.kms.keyring.decrypt_field(bytes(client.name_enc), b"client-name", client.id.bytes)
         except crypto.IntegrityError:
             raise StoredDataCorrupt() from None
-        clients.append({"id": client_id, "clientname": name, "role": role, "status": status,
-                        "createdAt": created_at, "lastLoginAt": last_login_at})
+        clients.append({"id": client.id, "clientname": name, "role": client.role, "status": client.status,
+                        "createdAt": client.created_at, "lastLoginAt": client.last_login_at})
     return clients
 
 
@@ -38,26 +40,24 @@ def _lock_target(cur, ctx: Context, client_id: uuid.UUID) -> tuple[dict, bool]:
     is the last active admin."""
     require_admin(cur, ctx)
     cur.execute(db.sql.lock_active_admins)
-    admins = [row[0] for row in cur.fetchall()]
+    admins = [admin.id for admin in cur.fetchall()]
     cur.execute(db.sql.lock_client, {"client_id": client_id})
     row = cur.fetchone()
     if row is None:
         raise NotFound(NO_SUCH_CLIENT)
-    rows.check_client(ctx.kms, row)
-    _, name_hash, password_hash, role, status, epoch, _ = row
-    target = {"client_id": client_id, "name_hash": None if name_hash is None else bytes(name_hash),
-              "password_hash": password_hash, "role": role, "status": status, "session_epoch": epoch}
+    CLIENTS.check(ctx.kms, row)
+    target = {"id": client_id, "name_hash": None if row.name_hash is None else bytes(row.name_hash),
+              "password_hash": row.password_hash, "role": row.role, "status": row.status,
+              "session_epoch": row.session_epoch}
     return target, admins == [client_id]
 
 
 def _update(cur, ctx: Context, target: dict, *, revoke_sessions: bool, **changes):
     """Write the client's new state with its MAC; a new session epoch ends every session it has."""
-    row = {**target, **changes}
+    client = {**target, **changes}
     if revoke_sessions:
-        row["session_epoch"] = target["session_epoch"] + 1
-    row["row_mac"] = rows.client_mac(ctx.kms, row["client_id"], row["name_hash"], row["password_hash"], row["role"],
-                                     row["status"], row["session_epoch"])
-    cur.execute(db.sql.update_client, row)
+        client["session_epoch"] = target["session_epoch"] + 1
+    cur.execute(db.sql.update_client, {**client, "row_mac": CLIENTS.mac(ctx.kms, **client)})
 
 
 def set_role(ctx: Context, client_id: uuid.UUID, role: str):
@@ -85,7 +85,6 @@ def set_enabled(ctx: Context, client_id: uuid.UUID, enabled: bool):
 
 def delete_client(ctx: Context, client_id: uuid.UUID):
     """Revoke its tokens, free its name, schedule its keys for deletion."""
-    from kms.keys.service import schedule_owner_keys_deletion
     with db.transaction(ctx.conn) as cur:
         target, last_admin = _lock_target(cur, ctx, client_id)
         if last_admin:

@@ -2,6 +2,12 @@
 import hashlib
 
 
+def key_check_value(key: bytes) -> bytes:
+    """A fingerprint to recognise a key (a secret, or a KEK held in memory) at start-up; reveals
+    nothing usable about a 256-bit key."""
+    return hashlib.sha256(b"kms-key-check-v1\x00" + key).digest()
+
+
 class KekUnavailable(Exception):
     """The KEK's keeper (an HSM) does not answer right now: a 503, like a database outage."""
 

@@ -1,9 +1,8 @@
 """A KEK given as 32 bytes in the environment (KEK, KEK_2, ...): held in the process's memory."""
-import hashlib
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kms.keyproviders.base import Kek
+from kms.keyproviders.base import Kek, key_check_value
 
 
 class EnvironmentKek(Kek):
@@ -11,7 +10,7 @@ class EnvironmentKek(Kek):
 
     def __init__(self, key: bytes):
         self._aead = AESGCM(key)
-        self._check = hashlib.sha256(b"kms-key-check-v1\x00" + key).digest()  # as before providers existed
+        self._check = key_check_value(key)  # as for the other secrets, and as before providers existed
 
     def check_value(self) -> bytes:
         return self._check

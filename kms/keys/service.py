@@ -10,12 +10,14 @@ from datetime import timedelta
 from typing import NamedTuple
 
 import psycopg2
+from prometheus_client.core import GaugeMetricFamily
 
-from kms import crypto, db, rows
+from kms import crypto, db
 from kms.audit.service import new_event, record, record_alone
-from kms.auth.access import TOKEN_NOT_LIVE, authenticate, check_caller_row
+from kms.access import TOKEN_NOT_LIVE, authenticate
 from kms.context import Context
 from kms.errors import Conflict, Gone, IntegrityFailure, NotFound, StoredDataCorrupt, Unauthorized
+from kms.rows import CLIENTS, KEYS, SESSIONS, typed_client, typed_session
 from kms.timefmt import rfc3339_from_now
 
 log = logging.getLogger("kms.keys")
@@ -51,8 +53,8 @@ def _address(ctx: Context, reference: str) -> tuple[uuid.UUID, bytes]:
 
 
 class KeyRow(NamedTuple):
-    """A key row's MAC'd columns (kms.rows), checked: which version is current, which are retired."""
-    key_id: int
+    """A key row's MAC'd columns (kms.rows.KEYS), checked: which version is current, which are retired."""
+    id: int
     client_id: uuid.UUID
     ref_hash: bytes
     current_version: int
@@ -62,8 +64,9 @@ class KeyRow(NamedTuple):
 
 
 def _checked_key(ctx: Context, row) -> KeyRow:
-    rows.check_key(ctx.kms, row[:8])
-    return KeyRow(row[0], row[1], bytes(row[2]), *row[3:7])
+    KEYS.check(ctx.kms, row)
+    return KeyRow(row.id, row.client_id, bytes(row.ref_hash), row.current_version, row.retired_below, row.deleted,
+                  row.rotation_period_ms)
 
 
 def _lock_key(cur, ctx: Context, owner_id: uuid.UUID, ref_hash: bytes, *, deleted: bool = False) -> KeyRow:
@@ -78,7 +81,7 @@ def _lock_key(cur, ctx: Context, owner_id: uuid.UUID, ref_hash: bytes, *, delete
 def _write_key(cur, ctx: Context, key: KeyRow, **changes) -> KeyRow:
     key = key._replace(**changes)
     cur.execute(db.sql.update_key, {
-        **key._asdict(), "row_mac": rows.key_mac(ctx.kms, *key),
+        **key._asdict(), "row_mac": KEYS.mac(ctx.kms, **key._asdict()),
         "wait": timedelta(milliseconds=ctx.kms.settings.key_deletion_wait_ms)})
     return key
 
@@ -108,7 +111,7 @@ def _add_version(cur, ctx: Context, key: KeyRow) -> KeyMaterial:
     version = key.current_version + 1 if key.current_version else 1
     dek = crypto.new_dek()
     wrapped, kek_version = ctx.kms.keyring.wrap_dek(dek, key.client_id, key.ref_hash, version)
-    params = {"key_id": key.key_id, "version": version, "kek_version": kek_version, "wrapped_dek": wrapped}
+    params = {"key_id": key.id, "version": version, "kek_version": kek_version, "wrapped_dek": wrapped}
     if version > 1:
         cur.execute(db.sql.deprecate_in_use_version, params)  # for listings; decisions read the key row
     cur.execute(db.sql.insert_key_version, params)
@@ -121,7 +124,7 @@ def generate_key(ctx: Context, reference: str) -> KeyMaterial:
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
         cur.execute(db.sql.lock_generate, {"lock_key": int.from_bytes(ref_hash[:8], "big", signed=True)})
-        if not cur.fetchone()[0]:
+        if not cur.fetchone().locked:
             raise Conflict("A key with that reference is being created.", code="key_exists")
         cur.execute(db.sql.insert_key, {"client_id": owner_id, "ref_hash": ref_hash,
                                         "ref_enc": ctx.kms.keyring.encrypt_field(reference, b"key-reference",
@@ -129,7 +132,7 @@ def generate_key(ctx: Context, reference: str) -> KeyMaterial:
         row = cur.fetchone()
         if row is None:
             raise Conflict("A key with that reference exists (or its deletion is pending).", code="key_exists")
-        material = _add_version(cur, ctx, KeyRow(row[0], owner_id, ref_hash, 0, 1, False, None))
+        material = _add_version(cur, ctx, KeyRow(row.id, owner_id, ref_hash, 0, 1, False, None))
         record(cur, ctx, "key.generate", target=ref_hash.hex(), version=1)
     return material
 
@@ -137,7 +140,7 @@ def generate_key(ctx: Context, reference: str) -> KeyMaterial:
 def _look_up(conn, params: dict, durable: bool):
     with conn.cursor() as cur:  # one statement: its own transaction, no BEGIN/COMMIT round trips
         # Who fetched which key is recorded without waiting for the disk flush (and a synchronous
-        # standby), unless AUDIT_KEY_LOOKUPS_DURABLE (README, "Audit"; docs/DEPLOYMENT.md).
+        # standby), unless AUDIT_KEY_LOOKUPS_DURABLE (docs/SECURITY.md; docs/DEPLOYMENT.md).
         db.execute_prepared(cur, "lookup_key", params, prefix="" if durable else db.sql.relax_commit_durability + "; ")
         return cur.fetchone()
 
@@ -168,16 +171,8 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
         row = _look_up(ctx.conn, statement_parameters(), durable)
     if row is None:
         raise Unauthorized(TOKEN_NOT_LIVE)
-    expires_at, epoch, session_mac, name_hash, password_hash, role, client_mac, key_id, current, retired_below, \
-        period, key_mac, superseded, rotation_due, cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome = row
-    jti, client_id = ctx.claims.jti_text, ctx.claims.client_id_text  # what the statement matched them on
-    check_caller_row(ctx.kms, (jti, client_id, expires_at, epoch, False, bytes(session_mac),
-                               client_id, bytes(name_hash), password_hash, role, "active", epoch, bytes(client_mac)),
-                     text_ids=True)
-    if key_id is not None:
-        rows.check_key(ctx.kms, (key_id, owner_id, ref_hash, current, retired_below, False, period, bytes(key_mac)))
-        if superseded:  # a version after the key row's current one exists: the row was put back
-            raise IntegrityFailure("keys", key_id)
+    _check_look_up(ctx, row, owner_id, ref_hash)
+    key_id, outcome = row.key_id, row.outcome
     if outcome != "success":
         if ctx.kms.settings.audit_key_lookups:
             record_alone(ctx, "key.lookup", outcome, target=target, version=version)
@@ -185,14 +180,34 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
             raise Gone("That version was retired and is no longer served.", code="version_retired")
         raise NotFound(NO_SUCH_KEY if key_id is None else "The key has no such version.")
 
-    encrypt_with = _rotate_if_due(ctx, key_id) if rotation_due else None
+    encrypt_with = _rotate_if_due(ctx, key_id) if row.rotation_due else None
     if encrypt_with is None:
-        encrypt_with = _material(ctx, _unwrap(ctx, key_id, owner_id, ref_hash, current, cur_kek, cur_wrapped), current)
+        current = row.key_current_version
+        encrypt_with = _material(ctx, _unwrap(ctx, key_id, owner_id, ref_hash, current, row.cur_kek, row.cur_wrapped),
+                                 current)
     if version is None or version == encrypt_with.version:
         return encrypt_with, encrypt_with
-    decrypt_with = KeyMaterial(_unwrap(ctx, key_id, owner_id, ref_hash, req_version, req_kek, req_wrapped),
-                               req_version, encrypt_with.expires_at)
+    decrypt_with = KeyMaterial(_unwrap(ctx, key_id, owner_id, ref_hash, row.req_version, row.req_kek, row.req_wrapped),
+                               row.req_version, encrypt_with.expires_at)
     return decrypt_with, encrypt_with
+
+
+def _check_look_up(ctx: Context, row, owner_id: uuid.UUID, ref_hash: bytes):
+    """Believe nothing of a look-up's row before the MACs of its session, client and key rows
+    check out. The statement matched the session and client on the token's ids (as text), a live
+    session is not revoked, an active client's epoch is its session's: those columns come from
+    what was matched, not from the row."""
+    kms = ctx.kms
+    jti, client_id = ctx.claims.jti_text, ctx.claims.client_id_text
+    SESSIONS.check_values(kms, (jti, client_id, row.session_expires_at, row.session_epoch, False,
+                                row.session_row_mac), typed=typed_session)
+    CLIENTS.check_values(kms, (client_id, row.client_name_hash, row.client_password_hash, row.client_role, "active",
+                               row.session_epoch, row.client_row_mac), refused_with=401, typed=typed_client)
+    if row.key_id is not None:
+        KEYS.check_values(kms, (row.key_id, owner_id, ref_hash, row.key_current_version, row.key_retired_below, False,
+                                row.key_rotation_period_ms, row.key_row_mac))
+        if row.superseded:  # a version after the key row's current one exists: the row was put back
+            raise IntegrityFailure("keys", row.key_id)
 
 
 def _rotate_if_due(ctx: Context, key_id: int) -> KeyMaterial | None:
@@ -201,7 +216,7 @@ def _rotate_if_due(ctx: Context, key_id: int) -> KeyMaterial | None:
     with db.transaction(ctx.conn) as cur:
         cur.execute(db.sql.lock_key_if_free, {"key_id": key_id})
         row = cur.fetchone()
-        if row is None or not row[8]:
+        if row is None or not row.due:
             return None
         key = _checked_key(ctx, row)
         material = _add_version(cur, ctx, key)
@@ -228,7 +243,7 @@ def delete_key(ctx: Context, reference: str):
         key = _write_key(cur, ctx, _lock_key(cur, ctx, owner_id, ref_hash), deleted=True)
         record(cur, ctx, "key.delete", target=ref_hash.hex())
         if not ctx.kms.settings.key_deletion_wait_ms:
-            cur.execute(db.sql.destroy_key, {"key_id": key.key_id})
+            cur.execute(db.sql.destroy_key, {"key_id": key.id})
             record(cur, ctx, "key.destroy", target=ref_hash.hex())
 
 
@@ -264,9 +279,9 @@ def retire_versions(ctx: Context, reference: str, below_version: int) -> dict:
         if below_version > key.current_version:  # a fact of the key's state, not of the request's form: 409
             raise Conflict(f"belowVersion may be at most the current version ({key.current_version}); the in-use "
                            "version cannot be retired.", code="version_in_use")
-        cur.execute(db.sql.retire_versions_below, {"key_id": key.key_id, "below": below_version})
-        for (retired,) in cur.fetchall():
-            record(cur, ctx, "key.retire", target=ref_hash.hex(), version=retired)
+        cur.execute(db.sql.retire_versions_below, {"key_id": key.id, "below": below_version})
+        for retired in cur.fetchall():
+            record(cur, ctx, "key.retire", target=ref_hash.hex(), version=retired.version)
         _write_key(cur, ctx, key, retired_below=max(key.retired_below, below_version))
         return _metadata(cur, ctx, owner_id, ref_hash)[0]
 
@@ -283,15 +298,17 @@ def set_rotation_period(ctx: Context, reference: str, period_ms: int | None) -> 
 def _metadata(cur, ctx: Context, owner_id, ref_hash: bytes | None) -> list[dict]:
     cur.execute(db.sql.key_metadata, {"client_id": owner_id, "ref_hash": ref_hash})
     keys = []
-    for row_hash, ref_enc, current, period, created_at, rotated_at, destroy_at in cur.fetchall():
+    for key in cur.fetchall():
         try:
-            reference = ctx.kms.keyring.decrypt_field(bytes(ref_enc), b"key-reference", owner_id.bytes, bytes(row_hash))
+            reference = ctx.kms.keyring.decrypt_field(bytes(key.ref_enc), b"key-reference", owner_id.bytes,
+                                                      bytes(key.ref_hash))
         except crypto.IntegrityError:
             log.error("stored key reference failed authentication")
             raise StoredDataCorrupt() from None
-        keys.append({"keyReference": reference, "currentVersion": current,
-                     "state": "pending-deletion" if destroy_at else "enabled", "rotationPeriod": period,
-                     "createdAt": created_at, "rotatedAt": rotated_at, "destroyAt": destroy_at})
+        keys.append({"keyReference": reference, "currentVersion": key.current_version,
+                     "state": "pending-deletion" if key.destroy_after else "enabled",
+                     "rotationPeriod": key.rotation_period_ms, "createdAt": key.created_at,
+                     "rotatedAt": key.rotated_at, "destroyAt": key.destroy_after})
     return keys
 
 
@@ -306,10 +323,10 @@ def list_versions(ctx: Context, reference: str) -> list[dict]:
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
         cur.execute(db.sql.key_versions, {"client_id": owner_id, "ref_hash": ref_hash})
-        rows = cur.fetchall()
-    if not rows:
+        versions = cur.fetchall()
+    if not versions:
         raise NotFound(NO_SUCH_KEY)
-    return [{"version": version, "state": state, "createdAt": created_at} for version, state, created_at in rows]
+    return [{"version": v.version, "state": v.state, "createdAt": v.created_at} for v in versions]
 
 
 # Jobs for cron: `flask --app app kms keys rotate-due`.
@@ -317,7 +334,7 @@ def list_versions(ctx: Context, reference: str) -> list[dict]:
 def rotate_due_keys(ctx: Context, progress=None) -> int:
     with db.transaction(ctx.conn) as cur:
         cur.execute(db.sql.keys_due_for_rotation)
-        due = [row[0] for row in cur.fetchall()]
+        due = [key.id for key in cur.fetchall()]
     if progress is not None:
         progress.total = len(due)
     rotated = 0
@@ -333,18 +350,41 @@ def destroy_due_keys(ctx: Context) -> int:
     while True:
         with db.transaction(ctx.conn) as cur:
             cur.execute(db.sql.destroy_due_keys)
-            rows = cur.fetchall()
-            for _owner_id, ref_hash in rows:
-                record(cur, ctx, "key.destroy", target=bytes(ref_hash).hex())
-        destroyed += len(rows)
-        if not rows:
+            gone = cur.fetchall()
+            for key in gone:
+                record(cur, ctx, "key.destroy", target=bytes(key.ref_hash).hex())
+        destroyed += len(gone)
+        if not gone:
             return destroyed
+
+
+def gauges(kms, conn) -> list:
+    """For /metrics: the cron's backlog and the DEK versions each KEK version wraps."""
+    with db.transaction(conn) as cur:
+        cur.execute(db.sql.bounded_statement_time)
+        cur.execute(db.sql.keys_backlog)
+        backlog = cur.fetchone()
+        cur.execute(db.sql.kek_usage)
+        usage = {row.kek_version: row.versions for row in cur.fetchall()}
+    versions = GaugeMetricFamily("kms_kek_wrapped_dek_versions", "DEK versions wrapped by each KEK version "
+                                 "(0 for a configured one that wraps none)", labels=["kek_version"])
+    for version in sorted(set(usage) | set(kms.keyring.kek_versions)):
+        versions.add_metric([str(version)], usage.get(version, 0))
+    return [
+        GaugeMetricFamily("kms_keys_rotation_due", "Keys past their rotation period (`kms keys rotate-due` rotates "
+                          "them)", value=backlog.rotation_due),
+        GaugeMetricFamily("kms_keys_destruction_due", "Deleted keys whose wait is over, not yet destroyed",
+                          value=backlog.destruction_due),
+        versions,
+        GaugeMetricFamily("kms_kek_active_version", "The KEK version new DEKs are wrapped with",
+                          value=kms.keyring.kek_active),
+    ]
 
 
 def kek_usage(ctx: Context) -> dict:
     with db.transaction(ctx.conn) as cur:
         cur.execute(db.sql.kek_usage)
-        return dict(cur.fetchall())
+        return {usage.kek_version: usage.versions for usage in cur.fetchall()}
 
 
 class RewrapResult(NamedTuple):
@@ -362,18 +402,18 @@ def rewrap_keys(ctx: Context, batch: int = 500, progress=None) -> RewrapResult:
     if progress is not None:
         with db.transaction(ctx.conn) as cur:
             cur.execute(db.sql.rewrap_backlog, {"active": keyring.kek_active})
-            progress.total = cur.fetchone()[0]
+            progress.total = cur.fetchone().versions
     while True:
         with db.transaction(ctx.conn) as cur:
             cur.execute(db.sql.versions_to_rewrap, {"active": keyring.kek_active, "limit": batch,
                                                    "after_key": after[0], "after_version": after[1]})
-            rows = cur.fetchall()
+            versions = cur.fetchall()
             moved = 0
-            for key_id, version, kek_version, wrapped, owner_id, ref_hash in rows:
+            for row in versions:
+                key_id, version, owner_id, ref_hash = row.key_id, row.version, row.client_id, bytes(row.ref_hash)
                 after = (key_id, version)
-                ref_hash = bytes(ref_hash)
                 try:
-                    dek = keyring.unwrap_dek(bytes(wrapped), owner_id, ref_hash, version, kek_version)
+                    dek = keyring.unwrap_dek(bytes(row.wrapped_dek), owner_id, ref_hash, version, row.kek_version)
                 except crypto.IntegrityError:
                     log.error("stored key material failed authentication; not re-wrapped",
                               extra={"keyId": key_id, "version": version})
@@ -389,5 +429,5 @@ def rewrap_keys(ctx: Context, batch: int = 500, progress=None) -> RewrapResult:
         rewrapped += moved
         if progress is not None:
             progress.update(rewrapped + len(failed))
-        if len(rows) < batch:
+        if len(versions) < batch:
             return RewrapResult(rewrapped, failed)

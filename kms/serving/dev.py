@@ -15,8 +15,15 @@ import sys
 import threading
 from pathlib import Path
 
-from kms.config import SECRET_VARIABLES, generate_secret, load_settings
+from kms.app import create_app
+from kms.auth.service import issue_signup_token
+from kms.config import DEFAULT, SECRET_VARIABLES, generate_secret, load_settings
+from kms.context import Context
+from kms.rules import DAY_MS
+from kms.runtime import Kms
 from kms.serving.lifecycle import bind_listener, die_with_parent, stop_on_signals
+from kms.serving.server import serve_app
+from kms.serving.throwaway_postgres import ThrowawayPostgres
 
 DEV_ENV_FILE = ".env.dev"
 
@@ -44,8 +51,8 @@ def dev_environment(database_url: str, host: str, port: int) -> dict:
         "DATABASE_URL": database_url,
         "SERVER_HOST": host,
         "SERVER_PORT": str(port),
-        "SERVER_THREADS": os.environ.get("SERVER_THREADS", "16"),
-        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
+        "SERVER_THREADS": os.environ.get("SERVER_THREADS", str(DEFAULT.server_threads)),
+        "LOG_LEVEL": os.environ.get("LOG_LEVEL", DEFAULT.log_level),
         "MASTER_ADMIN_USERNAME": "admin",
         "MASTER_ADMIN_PASSWORD": _dev_password(),
         # Everything else as in production (KEY_DELETION_WAIT included: delete, then restore, works).
@@ -64,19 +71,15 @@ def write_env_file(path: Path, env: dict):
 
 
 def run_dev() -> int:
-    host = os.environ.get("SERVER_HOST", "127.0.0.1")
+    host = os.environ.get("SERVER_HOST", DEFAULT.server_host)
     if not _is_loopback(host):
         raise DevModeRefused(f"dev mode refuses to listen on {host}: it has throwaway secrets and an open admin. "
                              "Use 127.0.0.1, or run `kms serve` with a real configuration.")
-    port = int(os.environ.get("SERVER_PORT", "8080"))
+    port = int(os.environ.get("SERVER_PORT", str(DEFAULT.server_port)))
     sock = bind_listener(host, port)  # before anything is started or printed
     stopping = threading.Event()
     stop_on_signals(stopping)  # installed now: SIGINT may have been inherited as ignored
     die_with_parent(signal.SIGTERM)
-    from kms import create_app
-    from kms.runtime import Kms
-    from kms.serving.server import serve_app
-    from kms.serving.throwaway_postgres import ThrowawayPostgres
 
     print("Starting a throwaway PostgreSQL ...", file=sys.stderr, flush=True)
     database = ThrowawayPostgres().start()
@@ -85,11 +88,9 @@ def run_dev() -> int:
         env = dev_environment(database.dsn, host, sock.getsockname()[1])
         kms = Kms.start(load_settings(env))
         app = create_app(kms=kms)
-        from kms.auth.service import issue_signup_token
-        from kms.context import Context
         with kms.pool.connection() as conn:
             token, _ = issue_signup_token(Context(kms=kms, conn=conn, source_ip="local", origin="cli"), "demo-service",
-                                          24 * 3600 * 1000)
+                                          DAY_MS)
         write_env_file(env_file, env)
         base = f"http://{host}:{env['SERVER_PORT']}"
         print(f"""

@@ -18,7 +18,6 @@ What waitress does not bound by itself, and what this module adds:
   its next answer, without holding a server thread, instead of being refused hundreds or thousands
   of times a second (the login throttles and the flood shedder in kms.auth).
 """
-import json
 import logging
 import math
 import resource
@@ -33,7 +32,9 @@ from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from waitress.wasyncore import readwrite
 
+from kms.errors import ApiError
 from kms.ids import random_uuid
+from kms.web.envelope import HTTP_CODES, envelope_json
 
 log = logging.getLogger("kms.http")
 
@@ -44,14 +45,11 @@ MAINTENANCE_INTERVAL_S = 1  # how often slow requests are looked for
 BALANCE_RECHECK_S = 0.02  # how soon a worker kept from accepting by the balance looks again
 ACCEPTS_PER_TURN = 64  # connections taken from the backlog per turn of the event loop, at most
 
-# waitress error class name -> the envelope's code
-_ERROR_CODES = {400: "bad_request", 413: "payload_too_large", 431: "request_header_fields_too_large",
-                500: "internal_error", 501: "not_implemented"}
 _ERROR_MESSAGES = {
     400: "The request is not valid HTTP/1.1.",
     413: "The request body is too large.",
     431: "The request headers are too large.",
-    500: "The server failed to handle the request; try again later.",
+    500: ApiError.message,
     501: "That transfer coding is not supported; send the body with Content-Length or chunked.",
 }
 
@@ -72,9 +70,8 @@ class JsonErrorTask(ErrorTask):
     def execute(self):
         status = self.request.error.code
         request_id = random_uuid()
-        body = json.dumps({"error": _ERROR_CODES.get(status, "bad_request"),
-                           "message": _ERROR_MESSAGES.get(status, _ERROR_MESSAGES[400]),
-                           "requestId": request_id}).encode()
+        body = envelope_json(HTTP_CODES.get(status, "bad_request"), _ERROR_MESSAGES.get(status, _ERROR_MESSAGES[400]),
+                             request_id)
         self.status = f"{status} {self.request.error.reason}"
         self.response_headers.extend([("Content-Type", "application/json"), ("X-Request-ID", request_id)])
         self.set_close_on_finish()
@@ -145,8 +142,8 @@ class Server(TcpWSGIServer):
         a held connection may be read again, or, while the balance keeps this worker from
         accepting, BALANCE_RECHECK_S. With a fixed timeout, an idle worker that had stopped
         accepting slept through the other worker's connections filling up, and a new connection
-        waited in the backlog that long (measured: 1 in 8 new connections answered after ~230 ms,
-        and look-ups' p99 at 0.4-1.5 s during a login flood, whose held connections are idle)."""
+        waited in the backlog that long (most visibly during a login flood, whose held
+        connections are idle)."""
         self._wake_at = math.inf
         pollster = select.poll()
         for fd, obj in list(self._map.items()):
@@ -167,8 +164,7 @@ class Server(TcpWSGIServer):
         """Whether to accept now. Alone, as waitress decides. As one of several workers on one
         socket, only while this worker holds no more connections than the least loaded one (plus
         one): the kernel would otherwise hand a burst of keep-alive connections to whichever worker
-        polls first, and one GIL would serve two thirds of them (measured: 4,435 against 2,147
-        requests at 16 connections) while the other worker idled."""
+        polls first, and one GIL would serve most of them while the other worker idled."""
         accepting = super().readable()
         if self.kms_balance is None or not accepting:
             return accepting

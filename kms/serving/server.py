@@ -10,6 +10,7 @@ import time
 
 from waitress import wasyncore
 
+from kms.audit.sealer import start_sealer
 from kms.serving.http import create_server
 
 log = logging.getLogger("kms")
@@ -48,7 +49,6 @@ def _sample_pool(kms, stopping: threading.Event, every_s: float = 1.0):
 
 def serve_app(app, sock, stopping: threading.Event, *, run_sealer: bool = True, balance=None):
     """Serve `app` on the bound `sock` until `stopping` is set; the audit sealer runs beside it."""
-    from kms.audit.sealer import start_sealer
     kms = app.extensions["kms"]
     server = create_server(app, kms.settings, sock=sock, balance=balance)
     sealer = start_sealer(kms) if run_sealer else None

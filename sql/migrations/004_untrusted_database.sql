@@ -1,5 +1,5 @@
 -- then: row_macs
--- The database is untrusted storage (README, "Security model"): every row that grants authority or
+-- The database is untrusted storage (docs/SECURITY.md): every row that grants authority or
 -- decides what is served carries a MAC (row_mac) under a key derived from DB_SECRET, bound to its
 -- table and identity, over every column that matters. The step named above computes the MACs of
 -- the rows already here, in this migration's transaction, with the service's secrets.

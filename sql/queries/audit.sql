@@ -22,7 +22,7 @@ SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip, 
 FROM audit_events WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s;
 
 -- name: try_lock_audit_sealer
-SELECT pg_try_advisory_xact_lock(7100002);
+SELECT pg_try_advisory_xact_lock(7100002) AS locked;
 
 -- name: lock_audit_sealer
 SELECT pg_advisory_xact_lock(7100002);
@@ -37,12 +37,12 @@ SELECT chain_hash FROM audit_events WHERE chain_pos = %(position)s;
 
 -- name: audit_seal_horizon
 -- Every transaction below this id has ended: no row of theirs can still appear.
-SELECT pg_snapshot_xmin(pg_current_snapshot())::text;
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS horizon;
 
 -- name: unsealed_behind_head
 -- A row no sealer ever saw, from a transaction older than the chain's head: written out of band,
 -- or its chain was taken off it. Such a row is never chained.
-SELECT min(seq) FROM audit_events WHERE chain_pos IS NULL AND txid < %(txid)s::xid8;
+SELECT min(seq) AS seq FROM audit_events WHERE chain_pos IS NULL AND txid < %(txid)s::xid8;
 
 -- name: unsealed_audit_events
 -- Chaining needs only each row's seq, transaction and MAC (which covers the rest of the row), in
@@ -58,7 +58,7 @@ FROM unnest(%(seqs)s::bigint[], %(positions)s::bigint[], %(hashes)s::bytea[]) AS
 WHERE e.seq = batch.seq;
 
 -- name: audit_chain_length
-SELECT coalesce(max(chain_pos), 0) FROM audit_events;
+SELECT coalesce(max(chain_pos), 0) AS length FROM audit_events;
 
 -- name: sealed_audit_chain
 SELECT seq, event_id, at, actor, action, target, version, outcome, request_id, source_ip, repeats, row_mac,
@@ -71,3 +71,8 @@ SET LOCAL synchronous_commit TO off;
 -- name: audit_export_page
 SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip, repeats, chain_pos, chain_hash
 FROM audit_events WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s;
+
+-- name: audit_backlog
+-- For /metrics: the audit events not yet sealed.
+SELECT count(*) AS unsealed, extract(epoch FROM now() - min(at)) AS oldest_seconds
+FROM audit_events WHERE chain_pos IS NULL;

@@ -2,8 +2,11 @@
 -- The check behind every authenticated request: the token's session is live and its client
 -- active. Role comes from the client's row, never from the token. Both rows come with what their
 -- MACs cover (kms.rows), and the service checks them before it believes any of it.
-SELECT s.jti, s.client_id, s.expires_at, s.epoch, s.revoked_at IS NOT NULL, s.row_mac,
-       c.id, c.name_hash, c.password_hash, c.role, c.status, c.session_epoch, c.row_mac
+SELECT s.jti AS session_jti, s.client_id AS session_client_id, s.expires_at AS session_expires_at,
+       s.epoch AS session_epoch, s.revoked_at IS NOT NULL AS session_revoked, s.row_mac AS session_row_mac,
+       c.id AS client_id, c.name_hash AS client_name_hash, c.password_hash AS client_password_hash,
+       c.role AS client_role, c.status AS client_status, c.session_epoch AS client_session_epoch,
+       c.row_mac AS client_row_mac
 FROM sessions s JOIN clients c ON c.id = s.client_id
 WHERE s.jti = %(jti)s AND s.client_id = %(client_id)s
   AND s.revoked_at IS NULL AND s.expires_at > now() AND c.status = 'active' AND s.epoch = c.session_epoch;
@@ -25,7 +28,8 @@ WHERE token_hash = %(token_hash)s AND used_at IS NULL AND expires_at > now();
 
 -- name: lock_usable_signup_token
 -- SKIP LOCKED: a second signup racing with the same token does not wait, it finds nothing.
-SELECT id, token_hash, name_hash, name_enc, role, expires_at, row_mac FROM signup_tokens
+SELECT id, token_hash, name_hash, name_enc, role, expires_at, used_at IS NOT NULL AS used, row_mac
+FROM signup_tokens
 WHERE token_hash = %(token_hash)s AND used_at IS NULL AND expires_at > now()
 FOR UPDATE SKIP LOCKED;
 
@@ -61,14 +65,16 @@ SELECT pg_advisory_xact_lock(7100003, hashtext(%(client)s));
 -- name: login_failures_in_window
 -- Failures (and attempts still being checked) in the window for one scope and subject, and how
 -- long until the oldest one leaves it.
-SELECT count(*), ceil(extract(epoch FROM min(failed_at) + %(window)s - now()))::integer
+SELECT count(*) AS failures, ceil(extract(epoch FROM min(failed_at) + %(window)s - now()))::integer AS seconds_left
 FROM login_failures
 WHERE scope = %(scope)s AND subject = %(subject)s AND failed_at > now() - %(window)s;
 
 -- name: login_check
 -- Sent after lock_login_client, in the same round trip: the name's failures in the window (and
 -- seconds until the oldest leaves it), then the client row with what its MAC covers, if any.
-SELECT f.failures, f.seconds_left, c.id, c.name_hash, c.password_hash, c.role, c.status, c.session_epoch, c.row_mac
+SELECT f.failures, f.seconds_left, c.id AS client_id, c.name_hash AS client_name_hash,
+       c.password_hash AS client_password_hash, c.role AS client_role, c.status AS client_status,
+       c.session_epoch AS client_session_epoch, c.row_mac AS client_row_mac
 FROM (SELECT count(*) AS failures,
              ceil(extract(epoch FROM min(failed_at) + %(window)s - now()))::integer AS seconds_left
       FROM login_failures
@@ -85,7 +91,7 @@ DELETE FROM login_failures WHERE id = %(id)s;
 DELETE FROM login_failures WHERE scope = 'client' AND subject = %(client)s;
 
 -- name: active_admin_exists
-SELECT EXISTS (SELECT 1 FROM clients WHERE role = 'admin' AND status = 'active');
+SELECT EXISTS (SELECT 1 FROM clients WHERE role = 'admin' AND status = 'active') AS found;
 
 -- name: legacy_signup_token_used
 SELECT 1 FROM legacy_signup_tokens_used WHERE token_hash = %(token_hash)s;

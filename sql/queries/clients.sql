@@ -14,7 +14,7 @@ SELECT id FROM clients WHERE role = 'admin' AND status = 'active' ORDER BY id FO
 -- Every change of what a client may do writes its MAC anew (kms.rows).
 UPDATE clients SET name_hash = %(name_hash)s, role = %(role)s, status = %(status)s,
                    session_epoch = %(session_epoch)s, row_mac = %(row_mac)s
-WHERE id = %(client_id)s;
+WHERE id = %(id)s;
 
 -- name: purge_deleted_clients
 DELETE FROM clients c WHERE c.status = 'deleted'

@@ -5,19 +5,19 @@ SELECT id, name_hash, password_hash, role, status, session_epoch FROM clients WH
 UPDATE clients SET row_mac = %(row_mac)s WHERE id = %(id)s;
 
 -- name: sessions_for_row_macs
-SELECT jti, client_id, expires_at, epoch, revoked_at IS NOT NULL FROM sessions WHERE row_mac IS NULL;
+SELECT jti, client_id, expires_at, epoch, revoked_at IS NOT NULL AS revoked FROM sessions WHERE row_mac IS NULL;
 
 -- name: set_session_row_mac
 UPDATE sessions SET row_mac = %(row_mac)s WHERE jti = %(id)s;
 
 -- name: signup_tokens_for_row_macs
-SELECT id, token_hash, name_hash, role, expires_at, used_at IS NOT NULL FROM signup_tokens WHERE row_mac IS NULL;
+SELECT id, token_hash, name_hash, role, expires_at, used_at IS NOT NULL AS used FROM signup_tokens WHERE row_mac IS NULL;
 
 -- name: set_signup_token_row_mac
 UPDATE signup_tokens SET row_mac = %(row_mac)s WHERE id = %(id)s;
 
 -- name: keys_for_row_macs
-SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL, rotation_period_ms
+SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL AS deleted, rotation_period_ms
 FROM keys WHERE row_mac IS NULL;
 
 -- name: set_key_row_mac

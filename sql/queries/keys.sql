@@ -7,16 +7,15 @@
 -- it believes any of it (kms.rows). Which version is current and which are retired is read off
 -- the key row, never off key_versions.state, and `superseded` (the version after the current one
 -- exists) shows that the key row was put back from an older copy. Versions are only ever added one
--- after the other, so this probe of one primary-key entry says what max(version) would, for less:
--- measured, the max() subquery cost the server 25-30 us a look-up. (A writer who also deletes the
--- newer versions defeats either check, and destroys their DEKs: README, "Security model".)
+-- after the other, so this probe of one primary-key entry says what max(version) would, for less
+-- work. (A writer who also deletes the newer versions defeats either check, and destroys their
+-- DEKs: docs/SECURITY.md.)
 -- No row at all means the token is not live; outcome says what the caller gets.
 -- Of the session and client rows, only the columns the WHERE clause does not pin already come back
 -- (the caller's ids are the token's, a live session is not revoked, an active client's epoch is
 -- its session's); the expiry comes as text, as building a datetime costs more than the check, and
--- a row already verified is recognised by its text (kms.rows). Measured: the statement with every
--- column cost 50-100 us more per look-up. `found` names its columns rather than
--- taking caller.*: it is materialised (read twice), and every column carried costs.
+-- a row already verified is recognised by its text (kms.rows). Every column carried costs, so
+-- `found` names its columns rather than taking caller.*: it is materialised (read twice).
 WITH caller AS (
     SELECT s.jti, s.client_id AS s_client, s.expires_at, s.epoch, s.revoked_at IS NOT NULL AS revoked,
            s.row_mac AS s_mac, c.id, c.name_hash, c.password_hash, c.role, c.status, c.session_epoch,
@@ -46,14 +45,17 @@ WITH caller AS (
            %(version)s::integer, 'success', %(request_id)s::uuid, %(source_ip)s::text, %(row_mac)s::bytea
     FROM found WHERE outcome = 'success' AND %(audit)s::boolean
 )
-SELECT expires_at::text, epoch, s_mac, name_hash, password_hash, role, c_mac, key_id, current_version, retired_below, rotation_period_ms, k_mac, superseded, rotation_due,
-       cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome
+SELECT expires_at::text AS session_expires_at, epoch AS session_epoch, s_mac AS session_row_mac,
+       name_hash AS client_name_hash, password_hash AS client_password_hash, role AS client_role,
+       c_mac AS client_row_mac, key_id, current_version AS key_current_version,
+       retired_below AS key_retired_below, rotation_period_ms AS key_rotation_period_ms, k_mac AS key_row_mac,
+       superseded, rotation_due, cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome
 FROM found;
 
 -- name: lock_generate
 -- Parallel generates of one reference: the first takes this lock, the others see it taken and
 -- answer 409 at once instead of waiting on its transaction.
-SELECT pg_try_advisory_xact_lock(%(lock_key)s);
+SELECT pg_try_advisory_xact_lock(%(lock_key)s) AS locked;
 
 -- name: insert_key
 INSERT INTO keys (client_id, ref_hash, ref_enc) VALUES (%(client_id)s, %(ref_hash)s, %(ref_enc)s)
@@ -66,7 +68,7 @@ UPDATE keys SET current_version = %(current_version)s, retired_below = %(retired
                 rotation_period_ms = %(rotation_period_ms)s, row_mac = %(row_mac)s,
                 deleted_at = CASE WHEN %(deleted)s THEN coalesce(deleted_at, now()) END,
                 destroy_after = CASE WHEN %(deleted)s THEN coalesce(destroy_after, now() + %(wait)s) END
-WHERE id = %(key_id)s;
+WHERE id = %(id)s;
 
 -- name: insert_key_version
 INSERT INTO key_versions (key_id, version, state, kek_version, wrapped_dek)
@@ -74,21 +76,22 @@ VALUES (%(key_id)s, %(version)s, 'in-use', %(kek_version)s, %(wrapped_dek)s);
 
 -- name: lock_key
 -- The caller's key row with what its MAC covers (kms.rows), locked: rotations queue here.
-SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL, rotation_period_ms, row_mac
+SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL AS deleted,
+       rotation_period_ms, row_mac
 FROM keys
 WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s AND (deleted_at IS NULL) <> %(deleted)s
 FOR UPDATE;
 
 -- name: lock_key_if_free
-SELECT k.id, k.client_id, k.ref_hash, k.current_version, k.retired_below, false, k.rotation_period_ms, k.row_mac,
-       k.rotation_period_ms IS NOT NULL
+SELECT k.id, k.client_id, k.ref_hash, k.current_version, k.retired_below, false AS deleted, k.rotation_period_ms,
+       k.row_mac, k.rotation_period_ms IS NOT NULL
          AND v.created_at + k.rotation_period_ms * interval '1 millisecond' <= now() AS due
 FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.version = k.current_version
 WHERE k.id = %(key_id)s AND k.deleted_at IS NULL
 FOR UPDATE OF k SKIP LOCKED;
 
 -- name: lock_owner_keys
-SELECT id, client_id, ref_hash, current_version, retired_below, false, rotation_period_ms, row_mac
+SELECT id, client_id, ref_hash, current_version, retired_below, false AS deleted, rotation_period_ms, row_mac
 FROM keys WHERE client_id = %(client_id)s AND deleted_at IS NULL
 ORDER BY id FOR UPDATE;
 
@@ -104,10 +107,10 @@ RETURNING version;
 DELETE FROM keys WHERE id = %(key_id)s;
 
 -- name: key_exists
-SELECT deleted_at IS NOT NULL FROM keys WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s;
+SELECT deleted_at IS NOT NULL AS deleted FROM keys WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s;
 
 -- name: key_metadata
-SELECT k.ref_hash, k.ref_enc, k.current_version, k.rotation_period_ms, k.created_at, v.created_at,
+SELECT k.ref_hash, k.ref_enc, k.current_version, k.rotation_period_ms, k.created_at, v.created_at AS rotated_at,
        k.destroy_after
 FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.version = k.current_version
 WHERE k.client_id = %(client_id)s AND (%(ref_hash)s::bytea IS NULL OR k.ref_hash = %(ref_hash)s)
@@ -131,11 +134,11 @@ DELETE FROM keys WHERE id IN (
 RETURNING client_id, ref_hash;
 
 -- name: kek_usage
-SELECT kek_version, count(*) FROM key_versions WHERE wrapped_dek IS NOT NULL
+SELECT kek_version, count(*) AS versions FROM key_versions WHERE wrapped_dek IS NOT NULL
 GROUP BY kek_version ORDER BY kek_version;
 
 -- name: rewrap_backlog
-SELECT count(*) FROM key_versions WHERE wrapped_dek IS NOT NULL AND kek_version <> %(active)s;
+SELECT count(*) AS versions FROM key_versions WHERE wrapped_dek IS NOT NULL AND kek_version <> %(active)s;
 
 -- name: versions_to_rewrap
 -- In (key, version) order from where the last batch ended, so a version that cannot be
@@ -151,3 +154,11 @@ FOR UPDATE OF v SKIP LOCKED;
 -- name: rewrap_version
 UPDATE key_versions SET kek_version = %(kek_version)s, wrapped_dek = %(wrapped_dek)s
 WHERE key_id = %(key_id)s AND version = %(version)s;
+
+-- name: keys_backlog
+-- For /metrics: the cron's backlog, as keys_due_for_rotation and destroy_due_keys select.
+SELECT
+    (SELECT count(*) FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.version = k.current_version
+     WHERE k.rotation_period_ms IS NOT NULL AND k.deleted_at IS NULL
+       AND v.created_at + k.rotation_period_ms * interval '1 millisecond' <= now()) AS rotation_due,
+    (SELECT count(*) FROM keys WHERE destroy_after <= now()) AS destruction_due;

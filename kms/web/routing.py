@@ -1,21 +1,18 @@
-"""The thin layer between HTTP and the services: parsing, the caller's context, token minting."""
+"""What every route uses between HTTP and its service: the blueprint with a total JSON parser,
+path segments, whether a route is public, the caller's context, JSON answers built directly."""
 import json
-import uuid
-from datetime import timedelta
 
 import flask_smorest
 from flask import Response, current_app, request
-from flask_jwt_extended import create_access_token, get_jwt, verify_jwt_in_request
 from marshmallow import ValidationError
 from webargs.flaskparser import FlaskParser
 from werkzeug.routing import BaseConverter
 
-from kms.auth.service import Grant
-from kms.context import Context, TokenClaims
+from kms.context import Context
 from kms.db import get_db
 from kms.errors import BadRequest, Unauthorized
-from kms.observability import REQUEST_ID
-from kms.rules import KEY_REFERENCE_PATTERN, MAX_VERSION
+from kms.rules import KEY_REFERENCE_LENGTH, KEY_REFERENCE_PATTERN, MAX_VERSION
+from kms.web import CLAIMS, REQUEST_ID
 
 NO_STORE = [("Cache-Control", "no-store")]
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps(separators=...) builds one per call
@@ -23,8 +20,8 @@ _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps(separators
 
 def json_response(body: dict, headers: list[tuple[str, str]] | None = None) -> Response:
     """A JSON answer built directly, for bodies that are already plain JSON values. On the key
-    routes this skips marshmallow's dump (measured: about a fifth of a look-up's CPU); the
-    route's schema still documents the body, and the schemathesis tests check they agree."""
+    routes this skips marshmallow's dump, a large part of a look-up's CPU; the route's schema
+    still documents the body, and the schemathesis tests check they agree."""
     return Response(_COMPACT_JSON.encode(body).encode(), headers=headers, content_type="application/json")
 
 
@@ -71,6 +68,16 @@ def _is_encodable(data) -> bool:
 class Blueprint(flask_smorest.Blueprint):
     ARGUMENTS_PARSER = Parser()
 
+    def public(self, view):
+        """Declares a route callable without a bearer token (every other route needs one before
+        anything else), in the app's check and in /openapi.json alike. Put it below `route`."""
+        view.kms_public = True
+        return self.doc(security=[])(view)
+
+
+def is_public(view) -> bool:
+    return getattr(view, "kms_public", False)
+
 
 class _PathSegment(BaseConverter):
     """Any one path segment, as werkzeug's default; the route validates it after authenticating
@@ -94,41 +101,11 @@ class ClientIdSegment(_PathSegment):
 
 # converter name -> (class, the parameter's schema in /openapi.json)
 PATH_SEGMENTS = {
-    "keyref": (KeyReferenceSegment, {"type": "string", "pattern": KEY_REFERENCE_PATTERN, "minLength": 1,
-                                     "maxLength": 64}),
+    "keyref": (KeyReferenceSegment, {"type": "string", "pattern": KEY_REFERENCE_PATTERN,
+                                     "minLength": KEY_REFERENCE_LENGTH[0], "maxLength": KEY_REFERENCE_LENGTH[1]}),
     "version": (VersionSegment, {"type": "integer", "minimum": 1, "maximum": MAX_VERSION}),
     "clientid": (ClientIdSegment, {"type": "string", "format": "uuid"}),
 }
-
-
-def bearer_claims(kms, header: str) -> TokenClaims:
-    """Verify the bearer token (the Authorization header) once per token: its signature, expiry
-    and type (flask-jwt-extended). Whether its session is still live is checked by the service,
-    against the database."""
-    cache = kms.verified_tokens
-    cached = cache.get(header)
-    if cached is not None:
-        return cached
-    verify_jwt_in_request()
-    claims = get_jwt()
-    try:
-        verified = TokenClaims(client_id=uuid.UUID(claims["sub"]), jti=uuid.UUID(claims["jti"]))
-        expires = claims["exp"]
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise Unauthorized("The token is not a KMS access token.") from None
-    if not isinstance(expires, int) or isinstance(expires, bool):  # we never sign a token without exp
-        raise Unauthorized("The token is not a KMS access token.")
-    cache.put(header, verified, expires)
-    return verified
-
-
-CLAIMS = "kms.claims"  # the WSGI environ key of the request's verified token claims
-
-
-def verify_bearer_first(kms, this_request):
-    """Before a route parses its body or path: a caller without a valid token gets 401 and
-    learns nothing of what the route would accept."""
-    this_request.environ[CLAIMS] = bearer_claims(kms, this_request.headers.get("Authorization", ""))
 
 
 def context(*, authenticated: bool = True, db_patience: float = 0.0) -> Context:
@@ -139,7 +116,9 @@ def context(*, authenticated: bool = True, db_patience: float = 0.0) -> Context:
     environ = this_request.environ
     claims = None
     if authenticated:
-        claims = environ.get(CLAIMS) or bearer_claims(kms, this_request.headers.get("Authorization", ""))
+        claims = environ.get(CLAIMS)  # verified before the route ran (kms.auth.tokens)
+        if claims is None:
+            raise Unauthorized()
     return Context(kms=kms, conn=get_db(db_patience), request_id=environ.get(REQUEST_ID), source_ip=this_request.remote_addr,
                    claims=claims)
 
@@ -158,14 +137,3 @@ def parse_path(schema, **values):
         raise BadRequest("Some path parameters are not valid; see fields.", code="validation_failed",
                          fields=problems)
     return parsed
-
-
-def mint_token(grant: Grant) -> dict:
-    token = create_access_token(
-        identity=str(grant.client_id),
-        additional_claims={"jti": str(grant.jti), "role": grant.role},
-        expires_delta=timedelta(milliseconds=grant.ttl_ms),
-    )
-    # No `ttl`: the original's Go SDK decodes it as a time.Duration (nanoseconds) and deadlocks.
-    return {"token": token, "expiresAt": grant.expires_at}
-

@@ -1,22 +1,21 @@
-"""Who is calling: the per-request token check against the database."""
-from kms import db, rows
+"""Who is calling: the per-request check of a bearer token's session (and its client) against the
+database, which every domain's service runs first. Below the domains: it knows rows, not workflows."""
+from kms import db
 from kms.context import Caller, Context
 from kms.errors import Forbidden, Unauthorized
+from kms.rows import CLIENTS, SESSIONS
 
 TOKEN_NOT_LIVE = "The token has been revoked or has expired; log in again."
 
 
-def check_caller_row(kms, row, *, text_ids: bool = False):
-    """Believe an `authenticate`-shaped row (session columns, then client columns) only once both
-    MACs check out: a forged or revived session, or a client made admin or re-enabled in the
-    database, is refused (401) and reported. `text_ids`: ids and expiry came as text."""
-    rows.check_session(kms, row[:6], rows.typed_session if text_ids else None)
-    rows.check_client(kms, row[6:13], status_code=401, typed=rows.typed_client if text_ids else None)
-
-
 def caller_from_row(kms, row) -> Caller:
-    check_caller_row(kms, row)
-    return Caller(id=row[6], role=row[9], session=row[:4])
+    """Believe an `authenticate` row (its session_* and client_* columns) only once both MACs
+    check out: a forged or revived session, or a client made admin or re-enabled in the
+    database, is refused (401) and reported."""
+    SESSIONS.check(kms, row, prefix="session_")
+    CLIENTS.check(kms, row, prefix="client_", refused_with=401)
+    return Caller(id=row.client_id, role=row.client_role,
+                  session=(row.session_jti, row.session_client_id, row.session_expires_at, row.session_epoch))
 
 
 def authenticate(cur, ctx: Context) -> Caller:

@@ -1,0 +1,32 @@
+"""The login flood shedder: WSGI middleware in front of Flask.
+
+During a login flood, a login that the hasher's admission would refuse at once is refused here,
+before Flask parses it: answering such refusals through Flask would spend the worker's GIL that
+key look-ups need. The answer is the one the route would give (429, the envelope, Retry-After).
+The server then does not read the connection again until the Retry-After has passed (as after
+every 429, kms.serving.http): a flood that re-sends at once is answered once a second per
+connection.
+"""
+from kms.auth.passwords import FLOOD_MESSAGE, FLOOD_RETRY_AFTER_S, PasswordHasher
+from kms.web import ANSWERED_ENDPOINT, REQUEST_ID, SHED
+from kms.web.envelope import envelope_json
+
+
+class LoginFloodShedder:
+    def __init__(self, wsgi_app, passwords: PasswordHasher, login_rule):
+        """`login_rule`: the login route's rule in the app's URL map (its path and endpoint)."""
+        self.wsgi_app = wsgi_app
+        self.passwords = passwords
+        self.login_path, self.login_endpoint = login_rule.rule, login_rule.endpoint
+
+    def __call__(self, environ, start_response):
+        if (environ["PATH_INFO"] == self.login_path and environ["REQUEST_METHOD"] == "POST"
+                and self.passwords.refuse_if_flooded()):
+            environ[ANSWERED_ENDPOINT] = self.login_endpoint
+            environ[SHED] = True
+            body = envelope_json("too_many_requests", FLOOD_MESSAGE, environ.get(REQUEST_ID))
+            start_response("429 TOO MANY REQUESTS", [("Content-Type", "application/json"),
+                                                     ("Content-Length", str(len(body))),
+                                                     ("Retry-After", str(FLOOD_RETRY_AFTER_S))])
+            return [body]
+        return self.wsgi_app(environ, start_response)

@@ -1,0 +1,102 @@
+"""What every `kms` command shares: its errors and exit codes, the one way a command opens the
+KMS it works on, durations with units, and progress on a terminal. Each domain's commands
+(kms/<domain>/cli.py) build on this; kms/cli.py gathers them.
+
+Exit codes (docs/OPERATIONS.md): 0 done; 1 the command's own failure (a broken audit chain, no
+such client); 2 usage or configuration; 3 something needed is unreachable or taken (the database,
+the listening port); 4 stored data failed an integrity check.
+"""
+import re
+import sys
+import time
+from contextlib import contextmanager
+
+import click
+from flask import current_app
+
+from kms.config import load_settings
+from kms.context import Context
+from kms.runtime import Kms
+
+EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTEGRITY = 1, 2, 3, 4
+
+DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+class OneLineError(click.ClickException):
+    """What went wrong and what to do, on one line of stderr, without click's `Error:` prefix."""
+
+    def show(self, file=None):
+        click.echo(self.format_message(), err=True, file=file)
+
+
+class Unreachable(OneLineError):
+    exit_code = EXIT_UNREACHABLE
+
+
+class IntegrityProblem(OneLineError):
+    exit_code = EXIT_INTEGRITY
+
+
+def parse_duration_ms(text: str) -> int:
+    """`24h`, `30m`, `7d`, `90s`, `1500ms`, or a bare number of milliseconds."""
+    match = re.fullmatch(r"\s*(\d+)\s*(ms|s|m|h|d)?\s*", text)
+    if not match:
+        raise click.BadParameter("use a number with a unit: 90s, 30m, 24h, 7d (bare numbers are milliseconds)")
+    return int(match.group(1)) * DURATION_UNITS[match.group(2) or "ms"]
+
+
+def open_kms(*, check: bool = True) -> Kms:
+    """The KMS a command works on: the app's own when it has one (dev mode, tests), else one
+    opened now from the environment with a single connection and closed with the command.
+    `check`: the schema is current and the secrets fit the stored data (every command but
+    `migrate`, which is how a schema becomes current)."""
+    app = current_app
+    kms = app.extensions.get("kms")
+    if kms is None:
+        kms = Kms.open(load_settings(), pool_size=1)
+        click.get_current_context().call_on_close(kms.close)
+        if check:
+            kms.check()
+        app.extensions["kms"] = kms
+    return kms
+
+
+@contextmanager
+def cli_context():
+    """A service call's context for a command: host access is the authority, audited as `cli`."""
+    kms = open_kms()
+    with kms.pool.connection() as conn:
+        yield Context(kms=kms, conn=conn, source_ip="local", origin="cli")
+
+
+class Progress:
+    """done/total and a rate on a terminal, redrawn at most every half second; nothing until the
+    summary line otherwise (cron mail, logs)."""
+
+    def __init__(self, what: str, stream=None):
+        self.what = what
+        self.stream = stream or sys.stderr
+        self.total: int | None = None
+        self.done = 0
+        self.started = time.monotonic()
+        self._drawn = 0.0
+        self.live = self.stream.isatty()
+
+    def update(self, done: int):
+        self.done = done
+        now = time.monotonic()
+        if self.live and (now - self._drawn >= 0.5 or done == self.total):
+            self._drawn = now
+            total = f"/{self.total}" if self.total is not None else ""
+            self.stream.write(f"\r{self.what}: {done}{total} ({self.rate():.0f}/s)  ")
+            self.stream.flush()
+
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.started, 1e-6)
+
+    def finish(self) -> str:
+        """The summary's timing part; ends the live line."""
+        if self.live and self._drawn:
+            self.stream.write("\n")
+        return f"in {time.monotonic() - self.started:.1f} s, {self.rate():.0f}/s"
