@@ -1,4 +1,4 @@
-"""Claims README makes that no other test performs: each is done here, against a real database."""
+"""Claims README and docs/ make that no other test performs: each is done here, against a real database."""
 import json
 import re
 import subprocess
@@ -100,7 +100,8 @@ def test_the_login_throttle_lifts_after_the_failure_window(make_app):
 
 
 def readme_grants() -> str:
-    text = (ROOT / "README.md").read_text()
+    """The grants recipe of docs/SECURITY.md (README's security model moved there)."""
+    text = (ROOT / "docs" / "SECURITY.md").read_text()
     section = text.split("**Append-only in the database too.**", 1)[1]
     return section.split("```sql", 1)[1].split("```", 1)[0]
 
@@ -127,7 +128,7 @@ def test_readme_grants_and_the_trigger_keep_the_audit_trail_append_only(pg_serve
         assert migrated.returncode == 0, migrated.stderr
         recipe = readme_grants().replace("kms_owner", owner).replace("kms_app", application)
         with psycopg2.connect(as_owner) as conn, conn.cursor() as cur:
-            cur.execute(recipe)  # README's recipe, as written
+            cur.execute(recipe)  # docs/SECURITY.md's recipe, as written
         conn.close()
         # The KMS runs as the application role: it works, and seals ...
         from kms.app import create_app
