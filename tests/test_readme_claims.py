@@ -53,8 +53,8 @@ def test_nothing_hangs_a_request_waiting_on_a_lock_gets_503_after_lock_timeout(c
 
 def test_every_server_connection_has_statement_and_lock_timeouts(app):
     with app.extensions["kms"].pool.connection() as conn, conn.cursor() as cur:
-        cur.execute("SELECT current_setting('statement_timeout'), current_setting('lock_timeout'), "
-                    "current_setting('idle_in_transaction_session_timeout')")
+        cur.execute("SELECT current_setting('statement_timeout') AS statement, current_setting('lock_timeout') AS lock, "
+                    "current_setting('idle_in_transaction_session_timeout') AS idle")
         assert cur.fetchone() == ("15s", "5s", "1min")
 
 
