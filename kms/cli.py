@@ -25,12 +25,13 @@ from kms.auth import cli as auth_cli
 from kms.clients import cli as clients_cli
 from kms.clients.service import purge_stale_records
 from kms.config import DEFAULT, generate_secret, load_settings
-from kms.console import IntegrityProblem, Progress, Unreachable, cli_context, open_kms
+from kms.console import OPENER, IntegrityProblem, Progress, Unreachable, cli_context, open_kms
 from kms.db import MigrationNeedsSecrets
 from kms.errors import IntegrityFailure, ServiceUnavailable
 from kms.keys import cli as keys_cli
 from kms.keys.service import destroy_due_keys, rotate_due_keys
 from kms.observability.logs import configure_logging
+from kms.runtime import Kms
 from kms.serving.dev import DevModeRefused, run_dev
 from kms.serving.lifecycle import PortTaken
 from kms.serving.throwaway_postgres import NoServerBinaries
@@ -63,10 +64,29 @@ class KmsGroup(AppGroup):
             raise click.ClickException(str(error)) from None
 
 
-def cli_app() -> Flask:
-    """The app of the command line: the commands, no routes, nothing opened until a command
-    needs it (kms.console.open_kms)."""
+def open_runtime(check: bool) -> Kms:
+    """How every command opens the KMS it works on (kms.console.open_kms): from the environment,
+    with a single connection; checked against the stored data unless `check` is False."""
+    kms = Kms.open(load_settings(), pool_size=1)
+    if check:
+        try:
+            kms.check()
+        except BaseException:
+            kms.close()
+            raise
+    return kms
+
+
+def command_app() -> Flask:
+    """The app the commands run in: no routes, nothing opened until a command needs it."""
     app = Flask("kms")
+    app.extensions[OPENER] = open_runtime
+    return app
+
+
+def cli_app() -> Flask:
+    """`flask --app app kms ...`: the command app, with the commands."""
+    app = command_app()
     app.cli.add_command(kms_cli)
     return app
 
@@ -141,7 +161,7 @@ class KmsCommand(FlaskGroup, KmsGroup):
     and options."""
 
     def __init__(self, **kwargs):
-        super().__init__(create_app=lambda: Flask("kms"), add_default_commands=False, add_version_option=False,
+        super().__init__(create_app=command_app, add_default_commands=False, add_version_option=False,
                          **kwargs)
         self.params = [param for param in self.params if param.name == "env_file"]
 

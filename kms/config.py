@@ -7,6 +7,7 @@ import base64
 import binascii
 import os
 import re
+import urllib.parse
 from dataclasses import MISSING, dataclass, field, fields
 from types import SimpleNamespace
 from typing import Mapping
@@ -14,7 +15,6 @@ from urllib.parse import quote
 
 import click
 
-from kms.keyproviders.pkcs11 import parse_pkcs11_uri
 from kms.rules import CLIENTNAME_PATTERN, DAY_MS, MINUTE_MS, password_problem
 
 KEY_BYTES = 32
@@ -188,6 +188,38 @@ def _database_url(env: Mapping) -> str:
         raise ConfigError("DB_SSLMODE", "must be one of disable, allow, prefer, require, verify-ca, verify-full")
     credentials = quote(user, safe="") + (":" + quote(password, safe="") if password else "")
     return f"postgresql://{credentials}@{host}:{port}/{quote(name, safe='')}?sslmode={sslmode}"
+
+
+@dataclass(frozen=True)
+class Pkcs11Uri:
+    """The parts of an RFC 7512 URI that name a key: token label and object label."""
+    token: str
+    object: str
+
+    def __str__(self):
+        quote = urllib.parse.quote
+        return f"pkcs11:token={quote(self.token, safe='')};object={quote(self.object, safe='')}"
+
+
+def parse_pkcs11_uri(text: str) -> Pkcs11Uri:
+    """`pkcs11:token=kms;object=kek-2` (path attributes percent-encoded; `type=secret-key` allowed).
+    ValueError with what is wrong, never echoing a value (a PIN could be in a malformed one)."""
+    if not text.startswith("pkcs11:"):
+        raise ValueError("is not a pkcs11: URI")
+    path, _, query = text[len("pkcs11:"):].partition("?")
+    if query:
+        raise ValueError("must not carry query attributes (set the PIN with PKCS11_PIN or PKCS11_PIN_FILE)")
+    attributes = {}
+    for part in filter(None, path.split(";")):
+        name, equals, value = part.partition("=")
+        if not equals or name not in ("token", "object", "type"):
+            raise ValueError("may name only token, object and type=secret-key")
+        attributes[name] = urllib.parse.unquote(value)
+    if attributes.get("type", "secret-key") != "secret-key":
+        raise ValueError("must name a secret key (type=secret-key)")
+    if not attributes.get("token") or not attributes.get("object"):
+        raise ValueError("must name both token= and object=")
+    return Pkcs11Uri(attributes["token"], attributes["object"])
 
 
 def _kek(variable: str, value: str | None):

@@ -14,9 +14,7 @@ from contextlib import contextmanager
 import click
 from flask import current_app
 
-from kms.config import load_settings
 from kms.context import Context
-from kms.runtime import Kms
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTEGRITY = 1, 2, 3, 4
 
@@ -46,19 +44,19 @@ def parse_duration_ms(text: str) -> int:
     return int(match.group(1)) * DURATION_UNITS[match.group(2) or "ms"]
 
 
-def open_kms(*, check: bool = True) -> Kms:
-    """The KMS a command works on: the app's own when it has one (dev mode, tests), else one
-    opened now from the environment with a single connection and closed with the command.
-    `check`: the schema is current and the secrets fit the stored data (every command but
-    `migrate`, which is how a schema becomes current)."""
+OPENER = "kms.open"  # the command line app's extension: (check: bool) -> a running KMS (kms.cli)
+
+
+def open_kms(*, check: bool = True):
+    """The KMS a command works on (kms.runtime.Kms): the app's own when it has one (dev mode,
+    tests), else the one the command line's app opens now, from the environment, with a single
+    connection, closed with the command. `check`: the schema is current and the secrets fit the
+    stored data (every command but `migrate`, which is how a schema becomes current)."""
     app = current_app
     kms = app.extensions.get("kms")
     if kms is None:
-        kms = Kms.open(load_settings(), pool_size=1)
+        kms = app.extensions["kms"] = app.extensions[OPENER](check)
         click.get_current_context().call_on_close(kms.close)
-        if check:
-            kms.check()
-        app.extensions["kms"] = kms
     return kms
 
 

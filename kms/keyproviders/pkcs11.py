@@ -15,46 +15,13 @@ sessions, so the service heals when the token is back.
 """
 import os
 import threading
-import urllib.parse
-from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 
+from kms.config import Pkcs11Uri
 from kms.keyproviders.base import Kek, KekUnavailable
 
 GCM_TAG_BITS = 128
-
-
-@dataclass(frozen=True)
-class Pkcs11Uri:
-    """The parts of an RFC 7512 URI that name a key: token label and object label."""
-    token: str
-    object: str
-
-    def __str__(self):
-        quote = urllib.parse.quote
-        return f"pkcs11:token={quote(self.token, safe='')};object={quote(self.object, safe='')}"
-
-
-def parse_pkcs11_uri(text: str) -> Pkcs11Uri:
-    """`pkcs11:token=kms;object=kek-2` (path attributes percent-encoded; `type=secret-key` allowed).
-    ValueError with what is wrong, never echoing a value (a PIN could be in a malformed one)."""
-    if not text.startswith("pkcs11:"):
-        raise ValueError("is not a pkcs11: URI")
-    path, _, query = text[len("pkcs11:"):].partition("?")
-    if query:
-        raise ValueError("must not carry query attributes (set the PIN with PKCS11_PIN or PKCS11_PIN_FILE)")
-    attributes = {}
-    for part in filter(None, path.split(";")):
-        name, equals, value = part.partition("=")
-        if not equals or name not in ("token", "object", "type"):
-            raise ValueError("may name only token, object and type=secret-key")
-        attributes[name] = urllib.parse.unquote(value)
-    if attributes.get("type", "secret-key") != "secret-key":
-        raise ValueError("must name a secret key (type=secret-key)")
-    if not attributes.get("token") or not attributes.get("object"):
-        raise ValueError("must name both token= and object=")
-    return Pkcs11Uri(attributes["token"], attributes["object"])
 
 
 class Pkcs11Module:

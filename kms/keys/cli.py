@@ -6,10 +6,10 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from kms.config import load_settings
+from kms.config import load_settings, parse_pkcs11_uri
 from kms.console import EXIT_INTEGRITY, Progress, cli_context
 from kms.keyproviders.opening import load_module
-from kms.keyproviders.pkcs11 import generate_key, parse_pkcs11_uri
+from kms.keyproviders.pkcs11 import generate_key
 from kms.keys.service import kek_usage, rewrap_keys
 
 
