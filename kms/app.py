@@ -90,7 +90,7 @@ def create_app(env=None, *, settings: Settings | None = None, kms: Kms | None = 
     if settings.trusted_proxy_hops:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops, x_proto=settings.trusted_proxy_hops)
     login_rule = next(app.url_map.iter_rules("auth.login"))
-    app.wsgi_app = LoginFloodShedder(app.wsgi_app, kms.passwords, login_rule)
+    app.wsgi_app = LoginFloodShedder(app.wsgi_app, kms.passwords, login_rule, settings.trusted_proxy_hops)
     app.wsgi_app = RequestObserver(app.wsgi_app, kms.metrics, app.url_map, app.view_functions)
     kms.metrics.add_collector(database_collector(lambda: _database_gauges(kms)))
     log.info("kms ready", extra={"pid": os.getpid(), "dbPool": kms.pool.size})

@@ -81,11 +81,15 @@ class Settings:
     login_max_failures_per_client: int = 5
     login_max_failures_per_address: int = 50
     login_failure_window_ms: int = 15 * MINUTE_MS
+    login_repeat_window_ms: int = MINUTE_MS
     trusted_proxy_hops: int = 0
     max_body_bytes: int = 64 * 1024
     connection_limit: int = 1000
+    connection_limit_per_source: int = 100
+    server_unverified_threads: int = 0  # 0: a quarter of server_threads, at least 1
     request_read_timeout_ms: int = 10_000
     audit_seal_interval_ms: int = 2000
+    audit_refusal_interval_ms: int = 10_000
     audit_key_lookups: bool = True
     audit_key_lookups_durable: bool = False
     legacy_signup_tokens: bool = True
@@ -116,6 +120,8 @@ VARIABLES = {
     "HSM_DEK_CACHE": "hsm_dek_cache_ms", "HSM_DEK_CACHE_SIZE": "hsm_dek_cache_size",
     "SERVER_HOST": "server_host", "SERVER_PORT": "server_port", "SERVER_THREADS": "server_threads",
     "SERVER_WORKERS": "server_workers", "SERVER_CONNECTION_LIMIT": "connection_limit",
+    "SERVER_CONNECTION_LIMIT_PER_SOURCE": "connection_limit_per_source",
+    "SERVER_UNVERIFIED_THREADS": "server_unverified_threads",
     "REQUEST_READ_TIMEOUT": "request_read_timeout_ms", "MAX_BODY_BYTES": "max_body_bytes",
     "TRUSTED_PROXY_HOPS": "trusted_proxy_hops", "LOG_LEVEL": "log_level",
     "JWT_TTL": "jwt_ttl_ms", "MASTER_ADMIN_USERNAME": "master_admin_username",
@@ -123,8 +129,8 @@ VARIABLES = {
     "KEY_DELETION_WAIT": "key_deletion_wait_ms",
     "LOGIN_MAX_FAILURES_PER_CLIENT": "login_max_failures_per_client",
     "LOGIN_MAX_FAILURES_PER_ADDRESS": "login_max_failures_per_address",
-    "LOGIN_FAILURE_WINDOW": "login_failure_window_ms",
-    "AUDIT_SEAL_INTERVAL": "audit_seal_interval_ms", "AUDIT_KEY_LOOKUPS": "audit_key_lookups",
+    "LOGIN_FAILURE_WINDOW": "login_failure_window_ms", "LOGIN_REPEAT_WINDOW": "login_repeat_window_ms",
+    "AUDIT_SEAL_INTERVAL": "audit_seal_interval_ms", "AUDIT_REFUSAL_INTERVAL": "audit_refusal_interval_ms", "AUDIT_KEY_LOOKUPS": "audit_key_lookups",
     "AUDIT_KEY_LOOKUPS_DURABLE": "audit_key_lookups_durable", "AUDIT_HEAD_FILE": "audit_head_file",
     "LEGACY_SIGNUP_TOKENS": "legacy_signup_tokens",
 }
@@ -330,11 +336,19 @@ def load_settings(env: Mapping | None = None) -> Settings:
         login_max_failures_per_client=check(_int, env, "LOGIN_MAX_FAILURES_PER_CLIENT", DEFAULT.login_max_failures_per_client, minimum=1),
         login_max_failures_per_address=check(_int, env, "LOGIN_MAX_FAILURES_PER_ADDRESS", DEFAULT.login_max_failures_per_address, minimum=1),
         login_failure_window_ms=check(_int, env, "LOGIN_FAILURE_WINDOW", DEFAULT.login_failure_window_ms, minimum=1000),
+        login_repeat_window_ms=check(_int, env, "LOGIN_REPEAT_WINDOW", DEFAULT.login_repeat_window_ms,
+                                     maximum=15 * MINUTE_MS),
         trusted_proxy_hops=check(_int, env, "TRUSTED_PROXY_HOPS", DEFAULT.trusted_proxy_hops, maximum=5),
         max_body_bytes=check(_int, env, "MAX_BODY_BYTES", DEFAULT.max_body_bytes, minimum=1024, maximum=16 * 1024 * 1024),
         connection_limit=check(_int, env, "SERVER_CONNECTION_LIMIT", DEFAULT.connection_limit, minimum=16, maximum=100_000),
+        connection_limit_per_source=check(_int, env, "SERVER_CONNECTION_LIMIT_PER_SOURCE",
+                                          DEFAULT.connection_limit_per_source, maximum=100_000),
+        server_unverified_threads=check(_int, env, "SERVER_UNVERIFIED_THREADS", DEFAULT.server_unverified_threads,
+                                        maximum=256),
         request_read_timeout_ms=check(_int, env, "REQUEST_READ_TIMEOUT", DEFAULT.request_read_timeout_ms, minimum=1000, maximum=300_000),
         audit_seal_interval_ms=check(_int, env, "AUDIT_SEAL_INTERVAL", DEFAULT.audit_seal_interval_ms),
+        audit_refusal_interval_ms=check(_int, env, "AUDIT_REFUSAL_INTERVAL", DEFAULT.audit_refusal_interval_ms,
+                                        minimum=100, maximum=300_000),
         audit_key_lookups=check(_bool, env, "AUDIT_KEY_LOOKUPS", DEFAULT.audit_key_lookups),
         audit_key_lookups_durable=check(_bool, env, "AUDIT_KEY_LOOKUPS_DURABLE", DEFAULT.audit_key_lookups_durable),
         legacy_signup_tokens=check(_bool, env, "LEGACY_SIGNUP_TOKENS", DEFAULT.legacy_signup_tokens),

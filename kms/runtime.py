@@ -3,13 +3,16 @@ import logging
 from dataclasses import dataclass
 
 from kms import crypto, db
+from kms.audit.refusals import RefusalCounts
 from kms.auth.passwords import PasswordHasher
+from kms.auth.recent import RecentLogins
 from kms.auth.service import ensure_master_admin
 from kms.auth.tokens import VerifiedTokenCache
 from kms.config import ConfigError, Settings, kek_variable
 from kms.keyproviders.base import key_check_value
 from kms.keyproviders.opening import open_keks
 from kms.observability.metrics import Metrics
+from kms.observability.probes import ProbeAnswers
 from kms.rows import backfill_row_macs
 
 log = logging.getLogger("kms")
@@ -28,6 +31,9 @@ class Kms:
     passwords: PasswordHasher
     audit_key: bytes
     verified_tokens: VerifiedTokenCache
+    refusals: RefusalCounts
+    probes: ProbeAnswers
+    recent_logins: RecentLogins
 
     @classmethod
     def open(cls, settings: Settings, *, pool_size: int | None = None, hash_gate=None) -> "Kms":
@@ -44,6 +50,9 @@ class Kms:
             # recompute the audit chain.
             audit_key=crypto.keyed_hash(settings.db_secret, b"kms-audit-chain-v1"),
             verified_tokens=VerifiedTokenCache(),
+            refusals=RefusalCounts(),
+            probes=ProbeAnswers(),
+            recent_logins=RecentLogins(settings.login_repeat_window_ms / 1000),
         )
 
     @classmethod

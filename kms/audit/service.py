@@ -21,9 +21,6 @@ GENESIS = b"\x00" * 32
 SEAL_BATCH = 2000
 
 
-REFUSAL_WINDOW_S = 60
-
-
 def _event(ctx: Context, action: str, outcome: str, target: str | None, version: int | None,
            actor: str | None, repeats: int | None = None) -> dict:
     return {
@@ -56,29 +53,30 @@ def record(cur, ctx: Context, action: str, outcome: str = "success", *, target: 
     db.execute_prepared(cur, "insert_audit_event", event, defer=defer)
 
 
-def record_refusal(cur, ctx: Context, action: str, outcome: str):
-    """Record a refusal of an unauthenticated caller without letting a flood of them fill the
-    table: the first in a minute from one source is an event at once, the others are counted and
-    written as one event with `repeats` when the minute is over (flush_refusals)."""
-    cur.execute(db.sql.count_refusal, {"action": action, "outcome": outcome, "source_ip": ctx.source_ip or "unknown",
-                                       "window_s": REFUSAL_WINDOW_S})
-    if cur.fetchone().count == 1:
-        record(cur, ctx, action, outcome, defer=True)
+def record_refusal(ctx: Context, action: str, outcome: str):
+    """Count a refusal of a caller nobody knows, in memory: no write, no transaction (a flood of
+    them must cost next to nothing). flush_refusals writes the counts as audit events."""
+    ctx.kms.refusals.count(action, outcome, ctx.source_ip)
 
 
-def flush_refusals(ctx: Context, *, everything: bool = False) -> int:
-    """Write the counted refusals of closed windows (all of them with `everything`) as events
-    with `repeats`, in one transaction with their removal from the counters."""
-    written = 0
-    with db.transaction(ctx.conn) as cur:
-        cur.execute(db.sql.take_closed_refusal_windows, {"window_s": REFUSAL_WINDOW_S, "all": everything})
-        for window in cur.fetchall():
-            if window.count > 1:  # the first was recorded when it happened
-                event = new_event(replace(ctx, source_ip=window.source_ip), window.action, window.outcome,
-                                  actor="anonymous", repeats=window.count - 1)
+def flush_refusals(ctx: Context) -> int:
+    """Write this process's counted refusals, one event per action, outcome and source with
+    `repeats` (how many refusals it stands for; none for one), in one transaction; and any left in
+    audit_refusals, where versions before the in-memory counts kept them. Returns the events written."""
+    counts = ctx.kms.refusals.take()
+    try:
+        with db.transaction(ctx.conn) as cur:
+            cur.execute(db.sql.take_closed_refusal_windows, {"window_s": 0, "all": True})
+            for window in cur.fetchall():
+                counts[(window.action, window.outcome, window.source_ip)] += window.count
+            for (action, outcome, source), count in sorted(counts.items()):
+                event = new_event(replace(ctx, source_ip=source, request_id=None), action, outcome,
+                                  actor="anonymous", repeats=count if count > 1 else None)
                 db.execute_prepared(cur, "insert_audit_event", event)
-                written += 1
-    return written
+    except BaseException:
+        ctx.kms.refusals.put_back(counts)
+        raise
+    return len(counts)
 
 
 def record_alone(ctx: Context, action: str, outcome: str, **fields):

@@ -66,7 +66,12 @@ class PasswordHasher:
     as there are places) only while logins are not being refused: once one was refused in the last
     `wait_s`, a flood is on, and further ones are refused at once until it has been quiet that
     long. A burst after a quiet spell queues; a sustained flood holds no more threads than
-    `admitted` (with waiting always allowed, every thread would wait during a flood)."""
+    `admitted` (with waiting always allowed, every thread would wait during a flood).
+
+    Fairly: no source address and no client name holds more than `share` of the places at once
+    (a further login of theirs is refused at once), and a flood is a source's, not everyone's: a
+    source refused within `wait_s` may not wait for a place and is shed before Flask
+    (kms.auth.flood), while other sources' logins still queue and get their turn."""
 
     def __init__(self, concurrency: int | None = None, admitted: int | None = None, wait_s: float = 2.0,
                  gate: HashGate | None = None):
@@ -77,8 +82,14 @@ class PasswordHasher:
         self.concurrency = self._gate.concurrency
         self._hashing = self._gate.hashing
         places = admitted or 4 * self.concurrency
+        self.places = places
+        self.share = max(1, places // 2)
         self._admitted = threading.BoundedSemaphore(places)
         self._waiting = threading.BoundedSemaphore(places)  # places in the line for a place
+        self._holders_lock = threading.Lock()
+        self._by_source: dict[str, int] = {}
+        self._by_name: dict[str, int] = {}
+        self._refused_at: dict[str, float] = {}  # source -> when one of its logins was last refused
         # Hashes run on threads of their own at a lower CPU priority, so that during a login flood
         # the cores go to key requests first whenever those need them.
         self._hashers = ThreadPoolExecutor(self.concurrency, thread_name_prefix="argon2",
@@ -92,39 +103,79 @@ class PasswordHasher:
         return kdf.derive_phc_encoded(password)
 
     @contextmanager
-    def admission(self):
+    def admission(self, source: str = "", name: str = ""):
         """Hold a place in the line for hashing for a whole login or signup, taken before any
-        other work, so a refused request costs next to nothing."""
-        if not self._admitted.acquire(blocking=False) and not self._wait_for_place():
-            self._gate.refused()
-            raise Throttled(FLOOD_RETRY_AFTER_S, FLOOD_MESSAGE)
+        other work, so a refused request costs next to nothing. `source`: the caller's address;
+        `name`: the client name it logs in as (none for a signup)."""
+        self._claim(source, name)
         try:
-            yield
-        except Throttled:  # no hashing slot or client lock in time: a flood is on
-            self._gate.refused()
-            raise
+            if not self._admitted.acquire(blocking=False) and not self._wait_for_place(source):
+                self._refused(source)
+                raise Throttled(FLOOD_RETRY_AFTER_S, FLOOD_MESSAGE)
+            try:
+                yield
+            except Throttled:  # no hashing slot or client lock in time: this source floods
+                self._refused(source)
+                raise
+            finally:
+                self._admitted.release()
         finally:
-            self._admitted.release()
+            self._release(source, name)
 
-    def flooded(self) -> bool:
-        """A flood is on (a login was refused within `wait_s`) and every place is taken: a login
-        arriving now would be refused at once."""
-        if self._gate.seconds_since_refusal() >= self.wait_s:
+    def _claim(self, source: str, name: str):
+        with self._holders_lock:
+            if self._by_source.get(source, 0) >= self.share or (name and self._by_name.get(name, 0) >= self.share):
+                self._note_refusal(source)
+                raise Throttled(FLOOD_RETRY_AFTER_S, FLOOD_MESSAGE)
+            self._by_source[source] = self._by_source.get(source, 0) + 1
+            if name:
+                self._by_name[name] = self._by_name.get(name, 0) + 1
+
+    def _release(self, source: str, name: str):
+        with self._holders_lock:
+            for holders, key in ((self._by_source, source), (self._by_name, name)):
+                if key or holders is self._by_source:
+                    left = holders.get(key, 1) - 1
+                    if left > 0:
+                        holders[key] = left
+                    else:
+                        holders.pop(key, None)
+
+    def _refused(self, source: str):
+        with self._holders_lock:
+            self._note_refusal(source)
+
+    def _note_refusal(self, source: str):
+        now = time.monotonic()
+        if len(self._refused_at) >= 10_000:  # forget sources quiet for longer than a flood lasts
+            self._refused_at = {key: at for key, at in self._refused_at.items() if now - at < self.wait_s}
+        self._refused_at[source] = now
+        self._gate.refused()
+
+    def _flooding(self, source: str) -> bool:
+        return time.monotonic() - self._refused_at.get(source, float("-inf")) < self.wait_s
+
+    def flooded(self, source: str = "") -> bool:
+        """This source floods (one of its logins was refused within `wait_s`) and it holds its
+        share of the places, or every place is taken: a login from it now would be refused."""
+        if not self._flooding(source):
             return False
+        if self._by_source.get(source, 0) >= self.share:
+            return True
         if self._admitted.acquire(False):
             self._admitted.release()
             return False
         return True
 
-    def refuse_if_flooded(self) -> bool:
-        """flooded(), and if so the refusal counts as one (the flood goes on)."""
-        if not self.flooded():
+    def refuse_if_flooded(self, source: str = "") -> bool:
+        """flooded(), and if so the refusal counts as one (this source's flood goes on)."""
+        if not self.flooded(source):
             return False
-        self._gate.refused()
+        self._refused(source)
         return True
 
-    def _wait_for_place(self) -> bool:
-        if self._gate.seconds_since_refusal() < self.wait_s or not self._waiting.acquire(False):
+    def _wait_for_place(self, source: str) -> bool:
+        if self._flooding(source) or not self._waiting.acquire(False):
             return False
         try:
             return self._admitted.acquire(True, self.wait_s)

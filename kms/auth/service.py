@@ -12,6 +12,7 @@ from kms import crypto, db
 from kms.audit.service import record, record_refusal
 from kms.access import authenticate, require_admin
 from kms.auth.legacy import looks_legacy, read_legacy_signup_token
+from kms.auth.recent import Verified
 from kms.context import Context
 from kms.errors import Conflict, IntegrityFailure, Throttled, Unauthorized
 from kms.rows import CLIENTS, SESSIONS, SIGNUP_TOKENS
@@ -86,12 +87,12 @@ def signup(ctx: Context, token: str, password: str) -> Grant:
     if kms.settings.legacy_signup_tokens and looks_legacy(token):
         return _signup_legacy(ctx, token, password)
     token_hash = hash_signup_token(kms, token)
-    with db.transaction(ctx.conn) as cur:  # cheap check first: a bad token costs no hashing
+    with ctx.conn.cursor() as cur:  # cheap check first, one statement: a bad token costs no hashing
         cur.execute(db.sql.find_usable_signup_token, {"token_hash": token_hash})
         usable = cur.fetchone() is not None
     if not usable:
         _refuse_signup(ctx)
-    with kms.passwords.admission():
+    with kms.passwords.admission(ctx.source_ip or "unknown"):
         password_hash = kms.passwords.hash(password)
     client_id = uuid.uuid4()
     with db.transaction(ctx.conn) as cur:
@@ -111,8 +112,7 @@ def signup(ctx: Context, token: str, password: str) -> Grant:
 
 
 def _refuse_signup(ctx: Context):
-    with db.transaction(ctx.conn) as cur:
-        record_refusal(cur, ctx, "signup", "denied")
+    record_refusal(ctx, "signup", "denied")
     raise Unauthorized(SIGNUP_TOKEN_REFUSED, code="invalid_signup_token")
 
 
@@ -121,13 +121,13 @@ def _signup_legacy(ctx: Context, token: str, password: str) -> Grant:
     legacy = read_legacy_signup_token(kms.settings.signup_secret, token, time.time_ns() // 1_000_000)
     token_hash = crypto.keyed_hash(kms.settings.signup_secret, b"kms-legacy-signup-token-v1", token.encode())
     if legacy is not None:
-        with db.transaction(ctx.conn) as cur:
+        with ctx.conn.cursor() as cur:
             cur.execute(db.sql.legacy_signup_token_used, {"token_hash": token_hash})
             if cur.fetchone() is not None:
                 legacy = None  # a replay
     if legacy is None:
         _refuse_signup(ctx)
-    with kms.passwords.admission():
+    with kms.passwords.admission(ctx.source_ip or "unknown"):
         password_hash = kms.passwords.hash(password)
     client_id = uuid.uuid4()
     with db.transaction(ctx.conn) as cur:
@@ -174,7 +174,7 @@ def _reserve_address_attempt(ctx: Context, address: str) -> tuple[int | None, in
             "window": timedelta(milliseconds=settings.login_failure_window_ms)})
         window = cur.fetchone()
         if window.failures >= settings.login_max_failures_per_address:
-            record_refusal(cur, ctx, "login", "throttled")
+            record_refusal(ctx, "login", "throttled")
             return window.seconds_left, None
         cur.execute(db.sql.insert_login_failure, {"scope": "address", "subject": address})
         return None, cur.fetchone().id
@@ -186,16 +186,24 @@ def login(ctx: Context, clientname: str, password: str) -> Grant:
 
     No more passwords are checked than the limits allow, however many guesses arrive at once: an
     attempt counts against its address before the check (a success takes it back), and attempts
-    on one client name take turns under a lock, each seeing the failures before it."""
-    with ctx.kms.passwords.admission():
-        return _login(ctx, clientname, password)
+    on one client name take turns under a lock, each seeing the failures before it.
+
+    A login that repeats the credential this process last verified for the name within
+    LOGIN_REPEAT_WINDOW needs no hashing (kms.auth.recent), so it takes no place in the hasher's
+    line either."""
+    kms = ctx.kms
+    name_hash = hash_clientname(kms, clientname)
+    recent = kms.recent_logins.remembered(name_hash, password)
+    if recent is not None:
+        return _login(ctx, name_hash, password, recent)
+    with kms.passwords.admission(ctx.source_ip or "unknown", name_hash.hex()):
+        return _login(ctx, name_hash, password, None)
 
 
-def _login(ctx: Context, clientname: str, password: str) -> Grant:
+def _login(ctx: Context, name_hash: bytes, password: str, recent: Verified | None) -> Grant:
     """Five round trips: the address's count (lock and count; the reservation; commit), then the
     name's (lock, count and client row; the password checked; every write and the commit in one)."""
     kms = ctx.kms
-    name_hash = hash_clientname(kms, clientname)
     subject, address = name_hash.hex(), ctx.source_ip or "unknown"
     retry_after, reservation = _reserve_address_attempt(ctx, address)
     if retry_after is not None:
@@ -214,7 +222,7 @@ def _login(ctx: Context, clientname: str, password: str) -> Grant:
             retry_after, client_id = row.seconds_left, row.client_id
             if row.failures >= kms.settings.login_max_failures_per_client:
                 cur.defer(db.sql.release_login_attempt, {"id": reservation})  # not a password check
-                record_refusal(cur, ctx, "login", "throttled")
+                record_refusal(ctx, "login", "throttled")
             else:
                 retry_after = None
                 if client_id is not None:
@@ -225,7 +233,9 @@ def _login(ctx: Context, clientname: str, password: str) -> Grant:
                         # and answered like any failed login (after the same hashing work).
                         kms.passwords.verify(password, None)
                         raise
-                if kms.passwords.verify(password, row.client_password_hash) and row.client_status == "active":
+                if _password_matches(kms, password, row, recent) and row.client_status == "active":
+                    kms.recent_logins.remember(name_hash, password, row.client_password_hash,
+                                               row.client_session_epoch)
                     cur.defer(db.sql.release_login_attempt, {"id": reservation})
                     cur.defer(db.sql.clear_client_login_failures, {"client": subject})
                     cur.defer(db.sql.record_login, {"client_id": client_id})
@@ -245,6 +255,15 @@ def _login(ctx: Context, clientname: str, password: str) -> Grant:
     if failed:
         raise Unauthorized(LOGIN_FAILED, code="invalid_credentials")
     return grant
+
+
+def _password_matches(kms, password: str, row, recent: Verified | None) -> bool:
+    """The full Argon2 check, unless this credential was verified moments ago against this very
+    row state (kms.auth.recent)."""
+    if (recent is not None and row.client_id is not None and row.client_status == "active"
+            and recent.password_hash == row.client_password_hash and recent.epoch == row.client_session_epoch):
+        return True
+    return kms.passwords.verify(password, row.client_password_hash)
 
 
 def unlock_client(ctx: Context, clientname: str | None = None, client_id: uuid.UUID | None = None) -> bool:

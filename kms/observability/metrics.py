@@ -8,8 +8,7 @@ import os
 import threading
 import time
 
-from flask import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 from prometheus_client import values as prometheus_values
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
@@ -134,14 +133,14 @@ class Metrics:
         """A collector that reads its values when scraped (the database's backlog, for example)."""
         self._collectors.append(collector)
 
-    def render(self) -> Response:
+    def render(self) -> bytes:
+        """The text exposition of every metric (of every worker, in multiprocess mode)."""
         if self.multiprocess_dir:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
         else:
             registry = self.registry
-        text = generate_latest(registry) + generate_latest(_Collected(self._collectors + [self._head_collector]))
-        return Response(text, content_type=CONTENT_TYPE_LATEST)
+        return generate_latest(registry) + generate_latest(_Collected(self._collectors + [self._head_collector]))
 
     def _head_collector(self):
         head = self._audit_head()

@@ -34,6 +34,7 @@ from waitress.wasyncore import readwrite
 
 from kms.errors import ApiError
 from kms.ids import random_uuid
+from kms.serving.dispatch import PriorityDispatcher, SourceCounts, request_classifier
 from kms.web.envelope import HTTP_CODES, envelope_json
 
 log = logging.getLogger("kms.http")
@@ -103,6 +104,25 @@ class Channel(HTTPChannel):
     task_class = ApplicationTask
     request_started = None  # time.time() when the first byte of the request in progress came
     read_again_at = 0.0  # time.monotonic() before which the connection is not read
+    spoke = False  # a byte has come on this connection
+    counted_source = None  # the source whose open connections count this one
+
+    def __init__(self, server, sock, addr, adj, map=None):
+        super().__init__(server, sock, addr, adj, map)
+        limit = server.kms_per_source_limit
+        if limit:
+            source = addr[0] if isinstance(addr, tuple) else str(addr)
+            self.counted_source = source
+            if server.kms_sources.opened(source) > limit:  # this source holds its share already
+                server.kms_refused_connections += 1
+                self.handle_close()
+
+    def del_channel(self, map=None):
+        """Every close ends here (waitress's handle_close and close alike)."""
+        if self.counted_source is not None:
+            self.server.kms_sources.closed(self.counted_source)
+            self.counted_source = None
+        super().del_channel(map)
 
     def hold_reading(self, seconds: float):
         """Read nothing more from this connection for `seconds` (called from a server thread once
@@ -116,6 +136,8 @@ class Channel(HTTPChannel):
         return super().readable()
 
     def received(self, data):
+        if data:
+            self.spoke = True
         if self.request is None and self.request_started is None and data:
             self.request_started = time.time()
         result = super().received(data)
@@ -128,6 +150,8 @@ class Server(TcpWSGIServer):
     channel_class = Channel
     read_timeout_s = 10.0
     kms_metrics = None
+    kms_per_source_limit = 0  # open connections one source may hold (0: no limit)
+    kms_refused_connections = 0
     # Workers sharing one listening socket: (shared array of each worker's open connections, this
     # worker's slot). See readable().
     kms_balance = None
@@ -187,11 +211,16 @@ class Server(TcpWSGIServer):
                 return
 
     def maintenance(self, now):
+        """waitress closes connections idle past IDLE_TIMEOUT_S; here also one whose request has
+        not arrived whole within REQUEST_READ_TIMEOUT, and one that has not sent a byte within it
+        (idle sockets must not fill the house)."""
         super().maintenance(now)
         cutoff = now - self.read_timeout_s
         for channel in list(self.active_channels.values()):
             started = channel.request_started
-            if started is not None and started < cutoff and not channel.requests:
+            if channel.requests:
+                continue
+            if (started is not None and started < cutoff) or (not channel.spoke and channel.creation_time < cutoff):
                 channel.will_close = True
 
 
@@ -227,13 +256,20 @@ def create_server(app, settings, *, host: str | None = None, port: int | None = 
         asyncore_use_poll=True,
     )
     _allow_descriptors(adj.connection_limit)
-    dispatcher = ThreadedTaskDispatcher()
+    kms = getattr(app, "extensions", {}).get("kms")
+    if kms is not None:
+        unverified = settings.server_unverified_threads or max(1, adj.threads // 4)
+        dispatcher = PriorityDispatcher(request_classifier(kms, settings.trusted_proxy_hops), min(unverified, adj.threads))
+    else:
+        dispatcher = ThreadedTaskDispatcher()
     dispatcher.set_thread_count(adj.threads)
     server = Server(app, {} if map is None else map, True, sock, dispatcher=dispatcher, adj=adj,
                     **({"bind_socket": False, "sockinfo": (sock.family, sock.type, sock.proto, sock.getsockname())}
                        if sock is not None else {}))
     server.read_timeout_s = settings.request_read_timeout_ms / 1000
     server.kms_balance = balance
-    kms = getattr(app, "extensions", {}).get("kms")
     server.kms_metrics = kms.metrics if kms is not None else None
+    server.kms_sources = SourceCounts()
+    # Behind a proxy every connection comes from the proxy: the proxy limits connections per client.
+    server.kms_per_source_limit = 0 if settings.trusted_proxy_hops else settings.connection_limit_per_source
     return server

@@ -10,7 +10,9 @@ import time
 
 from waitress import wasyncore
 
+from kms.audit.refusals import RefusalWriter
 from kms.audit.sealer import start_sealer
+from kms.audit.service import flush_refusals
 from kms.serving.http import create_server
 
 log = logging.getLogger("kms")
@@ -52,6 +54,8 @@ def serve_app(app, sock, stopping: threading.Event, *, run_sealer: bool = True, 
     kms = app.extensions["kms"]
     server = create_server(app, kms.settings, sock=sock, balance=balance)
     sealer = start_sealer(kms) if run_sealer else None
+    refusals = RefusalWriter(kms, flush_refusals)
+    refusals.start()
     sampler = threading.Thread(target=_sample_pool, args=(kms, stopping), name="pool-sampler", daemon=True)
     sampler.start()
     log.info("serving", extra={"host": kms.settings.server_host, "port": server.effective_port,
@@ -59,6 +63,7 @@ def serve_app(app, sock, stopping: threading.Event, *, run_sealer: bool = True, 
     try:
         serve_until(server, stopping)
     finally:
+        refusals.stop()
         if sealer:
             sealer.stop()
         kms.close()
