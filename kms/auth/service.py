@@ -223,9 +223,13 @@ def _login(ctx: Context, clientname: str, password: str) -> Grant:
                     except IntegrityFailure:
                         # A password hash, role or status written in the database: never obeyed,
                         # and answered like any failed login (after the same hashing work).
-                        kms.passwords.verify(password, None)
+                        kms.passwords.verify_login(password, None, imported_remain=row.imported_passwords_remain)
                         raise
-                if kms.passwords.verify(password, row.client_password_hash) and row.client_status == "active":
+                matched, replacement = kms.passwords.verify_login(password, row.client_password_hash,
+                                                                  imported_remain=row.imported_passwords_remain)
+                if matched and row.client_status == "active":
+                    if replacement is not None:  # a client imported from the original KMS, logging in first
+                        _replace_imported_password(cur, kms, row, replacement)
                     cur.defer(db.sql.release_login_attempt, {"id": reservation})
                     cur.defer(db.sql.clear_client_login_failures, {"client": subject})
                     cur.defer(db.sql.record_login, {"client_id": client_id})
@@ -245,6 +249,22 @@ def _login(ctx: Context, clientname: str, password: str) -> Grant:
     if failed:
         raise Unauthorized(LOGIN_FAILED, code="invalid_credentials")
     return grant
+
+
+def _replace_imported_password(cur, kms, row, password_hash: str):
+    """In the login's transaction (its last round trip): the bcrypt hash gives way to Argon2id."""
+    cur.defer(db.sql.replace_imported_password, {
+        "id": row.client_id, "password_hash": password_hash, "imported_hash": row.client_password_hash,
+        "old_row_mac": bytes(row.client_row_mac),
+        "row_mac": CLIENTS.mac(kms, id=row.client_id, name_hash=bytes(row.client_name_hash),
+                               password_hash=password_hash, role=row.client_role, status=row.client_status,
+                               session_epoch=row.client_session_epoch)})
+
+
+def insert_imported_client(cur, kms, client_id: uuid.UUID, clientname: str, password_hash: str, role: str) -> bool:
+    """A client of the original KMS (kms.importing), with its bcrypt hash, in the caller's
+    transaction; False when the name is taken."""
+    return _insert_client(cur, kms, client_id, hash_clientname(kms, clientname), clientname, password_hash, role)
 
 
 def unlock_client(ctx: Context, clientname: str | None = None, client_id: uuid.UUID | None = None) -> bool:
