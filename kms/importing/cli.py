@@ -10,6 +10,12 @@ from kms.importing import original
 from kms.importing.service import ImportRefused, SecretsDoNotFit, import_seed as run_import
 
 
+def _first_line(error: BaseException) -> str:
+    """libpq's message names host and port, never the password."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
 def _reference(text: str | None) -> tuple[str, str] | None:
     if text is None:
         return None
@@ -42,13 +48,17 @@ def import_seed(source_url, seed_env, dry_run, check_reference):
         sys.exit(EXIT_USAGE)
     try:
         source = original.connect(source_url)
-    except psycopg2.OperationalError as error:  # libpq names host and port, never the password
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise Unreachable(f"the original's database (--from) is unavailable: {first}") from None
+    except psycopg2.OperationalError as error:
+        raise Unreachable(f"the original's database (--from) is unavailable: {_first_line(error)}") from None
     progress = Progress("importing keys")
     try:
         with cli_context() as ctx:
             report = run_import(ctx, source, secrets, dry_run=dry_run, check_reference=reference, progress=progress)
+    except psycopg2.OperationalError as error:
+        if not source.closed:
+            raise  # ours: the command line says so
+        raise Unreachable(f"the original's database (--from) went away: {_first_line(error)}; run again, nothing "
+                          "is imported twice") from None
     except SecretsDoNotFit as misfit:
         click.echo(str(misfit), err=True)
         sys.exit(EXIT_USAGE)

@@ -107,7 +107,8 @@ def import_seed(ctx: Context, source, secrets: OriginalSecrets, *, dry_run: bool
             owners = _import_clients(ctx, source_id, secrets, client_rows, report)
             _import_keys(ctx, source, source_id, secrets, owners, report, progress)
         finally:
-            source.rollback()  # the read-only snapshot ends
+            if not source.closed:
+                source.rollback()  # the read-only snapshot ends
     return report
 
 

@@ -270,3 +270,28 @@ def test_a_key_retired_out_of_order_is_refused_by_name(populated, import_seed):
     assert result.exit_code == 1
     assert "a version is marked retired above one that is not" in result.output
     assert "imported 3 clients and 3 keys" in result.output
+
+
+def test_a_source_that_goes_away_mid_import_is_named_and_a_second_run_finishes(populated, import_seed,
+                                                                             monkeypatch, db):
+    real = importing.original.read_keys
+
+    def source_dies(source):
+        populated.execute("SELECT pg_terminate_backend(%s)", (source.info.backend_pid,))
+        return real(source)
+
+    monkeypatch.setattr(importing.original, "read_keys", source_dies)
+    result = import_seed()
+    assert result.exit_code == 3 and "the original's database (--from) went away" in result.output
+    monkeypatch.undo()
+    finished = import_seed()
+    assert finished.exit_code == 0 and "imported 0 clients and 4 keys" in finished.output
+
+
+def test_one_import_runs_at_a_time(populated, import_seed, db):
+    with db.cursor() as cur:
+        cur.execute("SELECT pg_advisory_lock(7100006)")  # as a running import holds it
+        result = import_seed()
+        cur.execute("SELECT pg_advisory_unlock(7100006)")
+    assert result.exit_code == 1 and "another `kms import-seed` is running" in result.output
+    assert import_seed().exit_code == 0
