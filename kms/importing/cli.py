@@ -32,7 +32,8 @@ def _reference(text: str | None) -> tuple[str, str] | None:
                    "only read, in one read-only snapshot.")
 @click.option("--seed-env", required=True, type=click.Path(exists=True, dir_okay=False),
               help="The original's .env: its KEK, DB_SECRET, KEY_REF_SECRET and USERNAME_SECRET are read from it.")
-@click.option("--dry-run", is_flag=True, help="Open and check everything, report what would be imported, write nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Open and check everything, report what would be imported, write nothing.")
 @click.option("--check-reference", metavar="CLIENTNAME:REFERENCE",
               help="One key known to exist: proves KEY_REF_SECRET, which the stored rows cannot (they hold hashes).")
 def import_seed(source_url, seed_env, dry_run, check_reference):
