@@ -28,6 +28,7 @@ from kms.config import DEFAULT, generate_secret, load_settings
 from kms.console import OPENER, IntegrityProblem, Progress, Unreachable, cli_context, open_kms
 from kms.db import MigrationNeedsSecrets
 from kms.errors import IntegrityFailure, ServiceUnavailable
+from kms.importing import cli as importing_cli
 from kms.keys import cli as keys_cli
 from kms.keys.service import destroy_due_keys, rotate_due_keys
 from kms.observability.logs import configure_logging
@@ -169,7 +170,8 @@ class KmsCommand(FlaskGroup, KmsGroup):
 main = KmsCommand(name="kms", help="KMS: serve (`kms serve`, `kms dev`) and administer (every other command) "
                                    "the key management service. Configuration comes from the environment, "
                                    "from .env in this directory or above, or from --env-file.")
-for _command in (*auth_cli.COMMANDS, *clients_cli.COMMANDS, *keys_cli.COMMANDS, *audit_cli.COMMANDS):
+for _command in (*auth_cli.COMMANDS, *clients_cli.COMMANDS, *keys_cli.COMMANDS, *audit_cli.COMMANDS,
+                 *importing_cli.COMMANDS):
     kms_cli.add_command(_command)
 main.add_command(serve)
 main.add_command(dev)

@@ -87,6 +87,10 @@ def dek_associated_data(owner_id: uuid.UUID, ref_hash: bytes, version: int, kek_
     return FORMAT_V1 + b"dek" + _DEK_PARTS.pack(16, owner_id.bytes, 32, bytes(ref_hash), 4, version, 4, kek_version)
 
 
+def _secret_associated_data(purpose: bytes, identity: tuple, kek_version: int) -> bytes:
+    return _associated_data(b"secret:" + purpose, *identity, _LENGTH(kek_version))
+
+
 ROW_MAC_V1 = b"\x01"
 
 
@@ -210,6 +214,19 @@ class Keyring:
         if cache is not None:
             cache.put(address, dek)
         return dek
+
+    def wrap_secret(self, secret: bytes, purpose: bytes, *identity: bytes) -> tuple[bytes, int]:
+        """Seal a secret that is not a DEK under the active KEK, bound (as a DEK is) to what it is
+        for, where it is kept and the KEK version."""
+        kek_version = self.kek_active
+        return _seal(self._keks[kek_version], secret, _secret_associated_data(purpose, identity, kek_version)), \
+            kek_version
+
+    def unwrap_secret(self, wrapped: bytes, kek_version: int, purpose: bytes, *identity: bytes) -> bytes:
+        kek = self._keks.get(kek_version)
+        if kek is None:
+            raise IntegrityError("wrapped with a KEK version that is not configured")
+        return _open(kek, wrapped, _secret_associated_data(purpose, identity, kek_version))
 
     def encrypt_field(self, plaintext: str, purpose: bytes, *identity: bytes) -> bytes:
         """Encrypt a column value under DB_SECRET, bound to its purpose and row identity."""

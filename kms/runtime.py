@@ -11,6 +11,7 @@ from kms.auth.tokens import VerifiedTokenCache
 from kms.config import ConfigError, Settings, kek_variable
 from kms.keyproviders.base import key_check_value
 from kms.keyproviders.opening import open_keks
+from kms.keys.imported import source_kek_versions
 from kms.observability.metrics import Metrics
 from kms.observability.probes import ProbeAnswers
 from kms.rows import backfill_row_macs
@@ -119,7 +120,7 @@ def _check_secrets(cur, kms):
     cur.execute(db.sql.secret_checks)
     stored = {row.name: bytes(row.check_value) for row in cur.fetchall()}
     cur.execute(db.sql.kek_versions_in_use)
-    kek_versions_in_use = [row.kek_version for row in cur.fetchall()]
+    kek_versions_in_use = [row.kek_version for row in cur.fetchall()] + source_kek_versions(cur)
     for name, check_value in configured.items():
         if stored[name] != check_value:
             raise StartupError(name, "does not match the key the stored data was written with")

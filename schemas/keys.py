@@ -41,7 +41,9 @@ class RotationPeriodRequest(StrictSchema):
 
 
 class KeyMetadata(Schema):
-    keyReference = fields.String(required=True)
+    keyReference = fields.String(required=True, allow_none=True, metadata={
+        "description": "null for a key imported from the original KMS (`kms import-seed`) that its owner has not "
+                       "named since: the original kept only a hash of the reference."})
     currentVersion = fields.Integer(required=True)
     state = fields.String(required=True, validate=validate.OneOf(("enabled", "pending-deletion")))
     rotationPeriod = fields.Integer(allow_none=True)

@@ -26,7 +26,7 @@ ADMIN_NAME = "root-admin"
 ADMIN_PASSWORD = "Root-admin-passw0rd"
 CLIENT_PASSWORD = "Client-passw0rd!"
 APP_TABLES = ("clients, sessions, signup_tokens, login_failures, keys, key_versions, secret_checks, audit_events, "
-              "audit_refusals, legacy_signup_tokens_used")
+              "audit_refusals, legacy_signup_tokens_used, import_sources, imported_clients, imported_keys")
 
 
 def bare_env(**settings) -> dict:

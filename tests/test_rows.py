@@ -20,13 +20,14 @@ CHECKED_READS = [
     ("lock_key", KEYS, ""),
     ("lock_key_if_free", KEYS, ""),
     ("lock_owner_keys", KEYS, ""),
+    ("lock_imported_key", KEYS, ""),
 ]
 # The reads of migration 004's backfill: the MAC'd columns, without a MAC yet.
 BACKFILL_READS = [("clients_for_row_macs", CLIENTS), ("sessions_for_row_macs", SESSIONS),
                   ("signup_tokens_for_row_macs", SIGNUP_TOKENS), ("keys_for_row_macs", KEYS)]
 PARAMETERS = {"jti": uuid.uuid4(), "client_id": uuid.uuid4(), "name_hash": b"x", "client": "x",
               "window": datetime.timedelta(minutes=1), "token_hash": b"x", "ref_hash": b"x", "deleted": False,
-              "key_id": 1}
+              "key_id": 1, "candidates": [b"x"]}
 
 
 @pytest.fixture

@@ -2,6 +2,9 @@
 
 Hashing is deliberately expensive: a login flood must queue here, briefly, or be turned away,
 instead of starving key requests of CPU and server threads.
+
+Clients imported from the original KMS (`kms import-seed`) arrive with its bcrypt hashes; each is
+checked once, at the client's first login, and replaced by an Argon2id hash (verify_login).
 """
 import multiprocessing
 import os
@@ -10,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+import bcrypt
 from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
@@ -20,6 +24,14 @@ from kms.errors import Throttled
 MEMORY_KIB = 19 * 1024
 ITERATIONS = 2
 LANES = 1
+
+# The original hashed passwords with bcrypt at cost 10 (its pkg/hashing/hashing.go, HashPassword;
+# golang.org/x/crypto/bcrypt writes the $2a$ prefix). The dummy below is checked wherever no bcrypt
+# hash is, while imported ones remain: a cost-10 hash of random bytes nobody kept; what it
+# answers is never used, only the time it takes.
+BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+BCRYPT_DUMMY = b"$2a$10$GLvfYAvmZ2VB4Gxe6MaRBe3vpyNJUlYCqp5gBwAxFJ7qupuYEs7zO"
+BCRYPT_KEY_BYTES = 72  # bcrypt's key schedule reads no further; Go's x/crypto/bcrypt ignores the rest as well
 
 FLOOD_MESSAGE = "Too many logins in progress; retry in a second."
 FLOOD_RETRY_AFTER_S = 1
@@ -201,12 +213,43 @@ class PasswordHasher:
             matched = self._hashers.submit(_verify, password.encode(), phc or self._dummy).result()
             return matched and phc is not None
 
+    def verify_login(self, password: str, stored: str | None, *, imported_remain: bool) -> tuple[bool, str | None]:
+        """A login's check: (the password matches, the Argon2id hash to store in place of a bcrypt
+        hash it matched, else None). While imported bcrypt hashes remain anywhere (the caller asks
+        the database), every check does one bcrypt and one Argon2id computation, whatever it is
+        checked against: so a client still holding an imported hash, any other client and an unknown
+        name cost the same. Once none remains, it is verify()."""
+        if not imported_remain and not is_bcrypt(stored):
+            return self.verify(password, stored), None
+        with self._slot():
+            return self._hashers.submit(self._verify_either, password.encode(), stored).result()
+
+    def _verify_either(self, password: bytes, stored: str | None) -> tuple[bool, str | None]:
+        if is_bcrypt(stored):
+            matched = _bcrypt_matches(password, stored.encode())
+            replacement = self._derive(password)  # the Argon2id work every path does, kept if it matched
+            return matched, replacement if matched else None
+        matched = _verify(password, stored or self._dummy) and stored is not None
+        _bcrypt_matches(password, BCRYPT_DUMMY)
+        return matched, None
+
 
 def _lower_this_threads_priority():
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASHING_NICENESS)  # Linux: this thread
     except (OSError, AttributeError):
         pass  # elsewhere, hashes run at the process's priority
+
+
+def is_bcrypt(stored: str | None) -> bool:
+    return stored is not None and stored.startswith(BCRYPT_PREFIXES)
+
+
+def _bcrypt_matches(password: bytes, hashed: bytes) -> bool:
+    try:
+        return bcrypt.checkpw(password[:BCRYPT_KEY_BYTES], hashed)
+    except ValueError:  # not a hash bcrypt can read
+        return False
 
 
 def _verify(password: bytes, phc: str) -> bool:

@@ -231,10 +231,13 @@ def _login(ctx: Context, name_hash: bytes, password: str, recent: Verified | Non
                     except IntegrityFailure:
                         # A password hash, role or status written in the database: never obeyed,
                         # and answered like any failed login (after the same hashing work).
-                        kms.passwords.verify(password, None)
+                        kms.passwords.verify_login(password, None, imported_remain=row.imported_passwords_remain)
                         raise
-                if _password_matches(kms, password, row, recent) and row.client_status == "active":
-                    kms.recent_logins.remember(name_hash, password, row.client_password_hash,
+                matched, replacement = _password_matches(kms, password, row, recent)
+                if matched and row.client_status == "active":
+                    if replacement is not None:  # a client imported from the original KMS, logging in first
+                        _replace_imported_password(cur, kms, row, replacement)
+                    kms.recent_logins.remember(name_hash, password, replacement or row.client_password_hash,
                                                row.client_session_epoch)
                     cur.defer(db.sql.release_login_attempt, {"id": reservation})
                     cur.defer(db.sql.clear_client_login_failures, {"client": subject})
@@ -257,13 +260,30 @@ def _login(ctx: Context, name_hash: bytes, password: str, recent: Verified | Non
     return grant
 
 
-def _password_matches(kms, password: str, row, recent: Verified | None) -> bool:
-    """The full Argon2 check, unless this credential was verified moments ago against this very
-    row state (kms.auth.recent)."""
+def _password_matches(kms, password: str, row, recent: Verified | None) -> tuple[bool, str | None]:
+    """(whether the password is the client's, its Argon2id replacement for an imported bcrypt
+    hash): the full check, unless this credential was verified moments ago against this very row
+    state (kms.auth.recent)."""
     if (recent is not None and row.client_id is not None and row.client_status == "active"
             and recent.password_hash == row.client_password_hash and recent.epoch == row.client_session_epoch):
-        return True
-    return kms.passwords.verify(password, row.client_password_hash)
+        return True, None
+    return kms.passwords.verify_login(password, row.client_password_hash, imported_remain=row.imported_passwords_remain)
+
+
+def _replace_imported_password(cur, kms, row, password_hash: str):
+    """In the login's transaction (its last round trip): the bcrypt hash gives way to Argon2id."""
+    cur.defer(db.sql.replace_imported_password, {
+        "id": row.client_id, "password_hash": password_hash, "imported_hash": row.client_password_hash,
+        "old_row_mac": bytes(row.client_row_mac),
+        "row_mac": CLIENTS.mac(kms, id=row.client_id, name_hash=bytes(row.client_name_hash),
+                               password_hash=password_hash, role=row.client_role, status=row.client_status,
+                               session_epoch=row.client_session_epoch)})
+
+
+def insert_imported_client(cur, kms, client_id: uuid.UUID, clientname: str, password_hash: str, role: str) -> bool:
+    """A client of the original KMS (kms.importing), with its bcrypt hash, in the caller's
+    transaction; False when the name is taken."""
+    return _insert_client(cur, kms, client_id, hash_clientname(kms, clientname), clientname, password_hash, role)
 
 
 def unlock_client(ctx: Context, clientname: str | None = None, client_id: uuid.UUID | None = None) -> bool:

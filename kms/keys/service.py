@@ -17,6 +17,7 @@ from kms.audit.service import new_event, record, record_alone
 from kms.access import TOKEN_NOT_LIVE, authenticate
 from kms.context import Context
 from kms.errors import Conflict, Gone, IntegrityFailure, NotFound, StoredDataCorrupt, Unauthorized
+from kms.keys.imported import claim_imported_key, imported_key_named, rewrap_source_secrets
 from kms.rows import CLIENTS, KEYS, SESSIONS, typed_client, typed_session
 from kms.timefmt import rfc3339_from_now
 
@@ -69,13 +70,38 @@ def _checked_key(ctx: Context, row) -> KeyRow:
                   row.rotation_period_ms)
 
 
-def _lock_key(cur, ctx: Context, owner_id: uuid.UUID, ref_hash: bytes, *, deleted: bool = False) -> KeyRow:
+def _lock_key(cur, ctx: Context, owner_id: uuid.UUID, ref_hash: bytes, reference: str, *,
+              deleted: bool = False) -> KeyRow:
     """Lock the caller's key row (rotations queue here) and check its MAC."""
     cur.execute(db.sql.lock_key, {"client_id": owner_id, "ref_hash": ref_hash, "deleted": deleted})
     row = cur.fetchone()
+    if row is None and _claim_imported(cur, ctx, owner_id, reference, ref_hash):
+        cur.execute(db.sql.lock_key, {"client_id": owner_id, "ref_hash": ref_hash, "deleted": deleted})
+        row = cur.fetchone()
     if row is None:
         raise NotFound(NO_SUCH_KEY)
     return _checked_key(ctx, row)
+
+
+# Keys imported from the original KMS (kms/keys/imported.py): our index misses them until their
+# owner first names them; that request moves the key under our index, in its own transaction.
+
+def _claim_imported(cur, ctx: Context, owner_id: uuid.UUID, reference: str, ref_hash: bytes) -> bool:
+    """Our index missed `reference`: move the caller's imported key it names (if any) under it, in
+    the caller's transaction. True when a key is there now (moved by this request or another)."""
+    try:
+        key_id = claim_imported_key(cur, ctx.kms, owner_id, reference, ref_hash)
+    except crypto.IntegrityError:
+        log.error("stored key material failed authentication; the imported key was not moved")
+        raise StoredDataCorrupt() from None
+    if key_id:
+        record(cur, ctx, "key.claim_imported", target=ref_hash.hex())
+    return key_id is not None
+
+
+def _claimed_alone(ctx: Context, owner_id: uuid.UUID, reference: str, ref_hash: bytes) -> bool:
+    with db.transaction(ctx.conn) as cur:
+        return _claim_imported(cur, ctx, owner_id, reference, ref_hash)
 
 
 def _write_key(cur, ctx: Context, key: KeyRow, **changes) -> KeyRow:
@@ -130,7 +156,7 @@ def generate_key(ctx: Context, reference: str) -> KeyMaterial:
                                         "ref_enc": ctx.kms.keyring.encrypt_field(reference, b"key-reference",
                                                                                  owner_id.bytes, ref_hash)})
         row = cur.fetchone()
-        if row is None:
+        if row is None or imported_key_named(cur, ctx.kms, owner_id, reference):
             raise Conflict("A key with that reference exists (or its deletion is pending).", code="key_exists")
         material = _add_version(cur, ctx, KeyRow(row.id, owner_id, ref_hash, 0, 1, False, None))
         record(cur, ctx, "key.generate", target=ref_hash.hex(), version=1)
@@ -172,6 +198,11 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
     if row is None:
         raise Unauthorized(TOKEN_NOT_LIVE)
     _check_look_up(ctx, row, owner_id, ref_hash)
+    if row.key_id is None and _claimed_alone(ctx, owner_id, reference, ref_hash):  # an imported key's first use
+        row = _look_up(ctx.conn, statement_parameters(), durable)
+        if row is None:
+            raise Unauthorized(TOKEN_NOT_LIVE)
+        _check_look_up(ctx, row, owner_id, ref_hash)
     key_id, outcome = row.key_id, row.outcome
     if outcome != "success":
         if ctx.kms.settings.audit_key_lookups:
@@ -230,7 +261,7 @@ def rotate_key(ctx: Context, reference: str) -> KeyMaterial:
     owner_id, ref_hash = _address(ctx, reference)
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
-        material = _add_version(cur, ctx, _lock_key(cur, ctx, owner_id, ref_hash))
+        material = _add_version(cur, ctx, _lock_key(cur, ctx, owner_id, ref_hash, reference))
         record(cur, ctx, "key.rotate", target=ref_hash.hex(), version=material.version)
     return material
 
@@ -240,7 +271,7 @@ def delete_key(ctx: Context, reference: str):
     owner_id, ref_hash = _address(ctx, reference)
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
-        key = _write_key(cur, ctx, _lock_key(cur, ctx, owner_id, ref_hash), deleted=True)
+        key = _write_key(cur, ctx, _lock_key(cur, ctx, owner_id, ref_hash, reference), deleted=True)
         record(cur, ctx, "key.delete", target=ref_hash.hex())
         if not ctx.kms.settings.key_deletion_wait_ms:
             cur.execute(db.sql.destroy_key, {"key_id": key.id})
@@ -259,7 +290,7 @@ def restore_key(ctx: Context, reference: str) -> dict:
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
         try:
-            key = _lock_key(cur, ctx, owner_id, ref_hash, deleted=True)
+            key = _lock_key(cur, ctx, owner_id, ref_hash, reference, deleted=True)
         except NotFound:
             cur.execute(db.sql.key_exists, {"client_id": owner_id, "ref_hash": ref_hash})
             if cur.fetchone() is not None:
@@ -275,7 +306,7 @@ def retire_versions(ctx: Context, reference: str, below_version: int) -> dict:
     owner_id, ref_hash = _address(ctx, reference)
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
-        key = _lock_key(cur, ctx, owner_id, ref_hash)
+        key = _lock_key(cur, ctx, owner_id, ref_hash, reference)
         if below_version > key.current_version:  # a fact of the key's state, not of the request's form: 409
             raise Conflict(f"belowVersion may be at most the current version ({key.current_version}); the in-use "
                            "version cannot be retired.", code="version_in_use")
@@ -290,7 +321,7 @@ def set_rotation_period(ctx: Context, reference: str, period_ms: int | None) -> 
     owner_id, ref_hash = _address(ctx, reference)
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
-        _write_key(cur, ctx, _lock_key(cur, ctx, owner_id, ref_hash), rotation_period_ms=period_ms)
+        _write_key(cur, ctx, _lock_key(cur, ctx, owner_id, ref_hash, reference), rotation_period_ms=period_ms)
         record(cur, ctx, "key.set_rotation_period", target=ref_hash.hex())
         return _metadata(cur, ctx, owner_id, ref_hash)[0]
 
@@ -299,9 +330,11 @@ def _metadata(cur, ctx: Context, owner_id, ref_hash: bytes | None) -> list[dict]
     cur.execute(db.sql.key_metadata, {"client_id": owner_id, "ref_hash": ref_hash})
     keys = []
     for key in cur.fetchall():
+        reference = None  # a key imported from the original KMS that nobody has named since
         try:
-            reference = ctx.kms.keyring.decrypt_field(bytes(key.ref_enc), b"key-reference", owner_id.bytes,
-                                                      bytes(key.ref_hash))
+            if key.ref_enc is not None:
+                reference = ctx.kms.keyring.decrypt_field(bytes(key.ref_enc), b"key-reference", owner_id.bytes,
+                                                          bytes(key.ref_hash))
         except crypto.IntegrityError:
             log.error("stored key reference failed authentication")
             raise StoredDataCorrupt() from None
@@ -324,6 +357,9 @@ def list_versions(ctx: Context, reference: str) -> list[dict]:
         authenticate(cur, ctx)
         cur.execute(db.sql.key_versions, {"client_id": owner_id, "ref_hash": ref_hash})
         versions = cur.fetchall()
+        if not versions and _claim_imported(cur, ctx, owner_id, reference, ref_hash):
+            cur.execute(db.sql.key_versions, {"client_id": owner_id, "ref_hash": ref_hash})
+            versions = cur.fetchall()
     if not versions:
         raise NotFound(NO_SUCH_KEY)
     return [{"version": v.version, "state": v.state, "createdAt": v.created_at} for v in versions]
@@ -399,6 +435,10 @@ def rewrap_keys(ctx: Context, batch: int = 500, progress=None) -> RewrapResult:
     keyring = ctx.kms.keyring
     rewrapped, failed = 0, []
     after = (0, 0)
+    with db.transaction(ctx.conn) as cur:  # the secrets of deployments imported from the original KMS
+        for source_id in rewrap_source_secrets(ctx.kms, cur):
+            log.error("an imported deployment's stored secret failed authentication; not re-wrapped",
+                      extra={"importSource": source_id})
     if progress is not None:
         with db.transaction(ctx.conn) as cur:
             cur.execute(db.sql.rewrap_backlog, {"active": keyring.kek_active})

@@ -48,6 +48,12 @@ RETURNING id;
 -- name: client_for_login
 SELECT id, name_hash, password_hash, role, status, session_epoch, row_mac FROM clients WHERE name_hash = %(name_hash)s;
 
+-- name: replace_imported_password
+-- An imported client's first login: its bcrypt hash gives way to an Argon2id one, unless the row
+-- changed since it was read (then the next login tries again).
+UPDATE clients SET password_hash = %(password_hash)s, row_mac = %(row_mac)s
+WHERE id = %(id)s AND password_hash = %(imported_hash)s AND row_mac = %(old_row_mac)s;
+
 -- name: record_login
 UPDATE clients SET last_login_at = now() WHERE id = %(client_id)s;
 
@@ -71,10 +77,12 @@ WHERE scope = %(scope)s AND subject = %(subject)s AND failed_at > now() - %(wind
 
 -- name: login_check
 -- Sent after lock_login_client, in the same round trip: the name's failures in the window (and
--- seconds until the oldest leaves it), then the client row with what its MAC covers, if any.
+-- seconds until the oldest leaves it), then the client row with what its MAC covers, if any, and
+-- whether any client still has a bcrypt hash from the original KMS (an index that is empty then).
 SELECT f.failures, f.seconds_left, c.id AS client_id, c.name_hash AS client_name_hash,
        c.password_hash AS client_password_hash, c.role AS client_role, c.status AS client_status,
-       c.session_epoch AS client_session_epoch, c.row_mac AS client_row_mac
+       c.session_epoch AS client_session_epoch, c.row_mac AS client_row_mac,
+       EXISTS (SELECT 1 FROM clients WHERE starts_with(password_hash, '$2')) AS imported_passwords_remain
 FROM (SELECT count(*) AS failures,
              ceil(extract(epoch FROM min(failed_at) + %(window)s - now()))::integer AS seconds_left
       FROM login_failures

@@ -162,3 +162,47 @@ SELECT
      WHERE k.rotation_period_ms IS NOT NULL AND k.deleted_at IS NULL
        AND v.created_at + k.rotation_period_ms * interval '1 millisecond' <= now()) AS rotation_due,
     (SELECT count(*) FROM keys WHERE destroy_after <= now()) AS destruction_due;
+
+-- Keys imported from the original KMS (kms/keys/imported.py).
+
+-- name: import_sources
+SELECT id, fingerprint, kek_version, key_ref_secret FROM import_sources ORDER BY id;
+
+-- name: imported_key_exists
+SELECT 1 FROM keys WHERE client_id = %(client_id)s AND ref_hash = ANY(%(candidates)s);
+
+-- name: lock_imported_key
+-- The caller's imported key, not named yet, with what its MAC covers; a parallel request moving it
+-- first leaves nothing to find here once it commits.
+SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL AS deleted,
+       rotation_period_ms, row_mac
+FROM keys
+WHERE client_id = %(client_id)s AND ref_hash = ANY(%(candidates)s)
+FOR UPDATE;
+
+-- name: key_versions_to_move
+SELECT version, kek_version, wrapped_dek FROM key_versions
+WHERE key_id = %(key_id)s AND wrapped_dek IS NOT NULL
+ORDER BY version
+FOR UPDATE;
+
+-- name: move_key_reference
+UPDATE keys SET ref_hash = %(ref_hash)s, ref_enc = %(ref_enc)s, row_mac = %(row_mac)s WHERE id = %(id)s;
+
+-- name: insert_imported_key_version
+INSERT INTO key_versions (key_id, version, state, kek_version, wrapped_dek)
+VALUES (%(key_id)s, %(version)s, %(state)s, %(kek_version)s, %(wrapped_dek)s);
+
+-- name: import_sources_to_rewrap
+SELECT id, fingerprint, kek_version, key_ref_secret FROM import_sources WHERE kek_version <> %(active)s
+FOR UPDATE;
+
+-- name: rewrap_import_source
+UPDATE import_sources SET kek_version = %(kek_version)s, key_ref_secret = %(key_ref_secret)s WHERE id = %(id)s;
+
+-- name: import_sources_present
+-- Before migration 006 there are none (the step of an earlier migration checks the KEKs too).
+SELECT to_regclass('import_sources') IS NOT NULL AS present;
+
+-- name: import_source_kek_versions
+SELECT DISTINCT kek_version FROM import_sources;
