@@ -1,5 +1,6 @@
 """Signup tokens, signup, login, logout, revocation, throttling and token hygiene."""
 import base64
+import http.client
 import json
 import statistics
 import threading
@@ -18,6 +19,20 @@ from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, AuthAct
 
 def signup(client, token, password=CLIENT_PASSWORD):
     return client.post("/auth/signup", json={"token": token, "password": password})
+
+
+def signup_from(base_url: str, source: str, token: str) -> int:
+    """A signup from another loopback address (Linux answers all of 127/8): its status."""
+    host, port = base_url.rsplit("/", 1)[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30, source_address=(source, 0))
+    try:
+        connection.request("POST", "/auth/signup", body=json.dumps({"token": token, "password": CLIENT_PASSWORD}),
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
 
 
 # Signup tokens
@@ -89,8 +104,8 @@ def test_parallel_signups_with_one_token_create_exactly_one_client(make_app):
     try:
         with HttpClient(base_url) as http:
             token = AuthActions(http).signup_token("billing")
-            with ThreadPoolExecutor(10) as pool:
-                statuses = sorted(pool.map(lambda _: signup(http, token).status_code, range(10)))
+            with ThreadPoolExecutor(10) as pool:  # from ten addresses: a source may hold only half the places
+                statuses = sorted(pool.map(lambda n: signup_from(base_url, f"127.0.0.{n + 2}", token), range(10)))
     finally:
         stop_server(server)
     assert statuses == [200] + [401] * 9
@@ -100,17 +115,18 @@ def test_parallel_signups_with_one_token_create_exactly_one_client(make_app):
 
 
 def test_login_admission_queues_a_burst_and_turns_a_flood_away_at_once():
-    """Two places, two waiting: a burst after a quiet spell waits its turn; once one login was
-    refused, the next ones are refused at once (a flood holds no more threads than the places)."""
+    """Two places, two waiting: a burst after a quiet spell waits its turn; once a source's login
+    was refused, that source's next ones are refused at once (its flood holds no more threads than
+    the places), while another source still waits for its turn."""
     from kms.auth.passwords import PasswordHasher
     from kms.errors import Throttled
-    hasher = PasswordHasher(admitted=2, wait_s=0.5)
+    hasher = PasswordHasher(admitted=4, wait_s=0.5)  # a source's share: 2 places
     release = threading.Event()
-    admitted, outcomes = threading.Barrier(3), []
+    admitted, outcomes = threading.Barrier(5), []  # four holders and this thread
 
-    def login(hold: bool):
+    def login(hold: bool, source: str):
         try:
-            with hasher.admission():
+            with hasher.admission(source):
                 if hold:
                     admitted.wait()
                     release.wait()
@@ -118,33 +134,52 @@ def test_login_admission_queues_a_burst_and_turns_a_flood_away_at_once():
         except Throttled as refused:
             outcomes.append(("429", refused.headers["Retry-After"]))
 
-    holders = [threading.Thread(target=login, args=(True,)) for _ in range(2)]
-    for thread in holders:
-        thread.start()
-    admitted.wait()  # both places taken
-    waiter = threading.Thread(target=login, args=(False,))
+    def hold_places(source, count=2):
+        threads = [threading.Thread(target=login, args=(True, source)) for _ in range(count)]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    holders = hold_places("10.0.0.1") + hold_places("10.0.0.2")
+    admitted.wait()  # all four places taken
+    waiter = threading.Thread(target=login, args=(False, "10.0.0.3"))
     waiter.start()
     time.sleep(0.1)
     release.set()  # the burst drains: the waiter gets a place
     for thread in [*holders, waiter]:
         thread.join()
-    assert outcomes == ["ok", "ok", "ok"]
+    assert outcomes.count("ok") == 5
 
     release.clear()
-    admitted = threading.Barrier(3)
-    holders = [threading.Thread(target=login, args=(True,)) for _ in range(2)]
-    for thread in holders:
-        thread.start()
-    admitted.wait()
+    admitted = threading.Barrier(5)
+    holders = hold_places("10.0.0.1") + hold_places("10.0.0.2")
+    admitted.wait()  # every place taken
     outcomes.clear()
-    login(False)  # waits 0.5 s in line, then is refused: a flood is on
+    login(False, "10.0.0.1")  # over its share: refused at once, and 10.0.0.1 now floods
     started = time.monotonic()
-    login(False)  # refused at once, without waiting
+    login(False, "10.0.0.1")  # refused at once, without waiting
     assert time.monotonic() - started < 0.1
+    other = threading.Thread(target=login, args=(False, "10.0.0.3"))  # not flooding: waits its turn
+    other.start()
+    time.sleep(0.1)
     release.set()
-    for thread in holders:
+    for thread in [*holders, other]:
         thread.join()
     assert outcomes[:2] == [("429", "1"), ("429", "1")]
+    assert outcomes[2:].count("ok") == 5  # the four holders and the other source's login
+
+
+def test_one_client_name_holds_at_most_its_share_of_the_places():
+    """One client looping logins slows only itself: its name holds at most half the places."""
+    from kms.auth.passwords import PasswordHasher
+    from kms.errors import Throttled
+    hasher = PasswordHasher(admitted=4, wait_s=0.2)
+    with hasher.admission("10.0.0.1", "busy"), hasher.admission("10.0.0.2", "busy"):
+        with pytest.raises(Throttled):
+            with hasher.admission("10.0.0.3", "busy"):
+                pass
+        with hasher.admission("10.0.0.3", "quiet"):  # another name still gets a place
+            pass
 
 
 def test_hashes_run_at_a_lower_cpu_priority_than_requests(monkeypatch):
@@ -171,12 +206,13 @@ def every_login_place_taken(app):
     passwords = app.extensions["kms"].passwords
     release, held = threading.Event(), []
 
-    def hold_a_place():
-        with passwords.admission():
+    def hold_a_place(source):
+        with passwords.admission(source):
             held.append(1)
             release.wait(15)
 
-    holders = [threading.Thread(target=hold_a_place) for _ in range(2)]
+    # from two other sources: a source holds at most half the places
+    holders = [threading.Thread(target=hold_a_place, args=(f"10.9.9.{n}",)) for n in range(2)]
     for holder in holders:
         holder.start()
     try:
@@ -194,7 +230,7 @@ def test_during_a_flood_logins_are_refused_before_flask_with_the_same_answer(app
         body = {"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}
         waited = client.post("/auth/login", json=body)  # no flood yet: it waits for a place, then 429
         assert waited.status_code == 429
-        assert passwords.flooded()
+        assert passwords.flooded("127.0.0.1")
         started = time.monotonic()
         with HttpClient(live_server) as another:  # the first one's connection is on hold for a second
             shed = another.post("/auth/login", json=body)
@@ -209,7 +245,7 @@ def test_during_a_flood_logins_are_refused_before_flask_with_the_same_answer(app
     assert [line["requestId"] for line in lines if line.get("requestId") in
             (waited.headers["X-Request-ID"], shed.headers["X-Request-ID"])] == [waited.headers["X-Request-ID"]]
     assert [line["refused"] for line in lines if line["msg"].startswith("logins refused in a flood")] == [1]
-    assert not passwords.flooded()  # places free again: logins go through
+    assert not passwords.flooded("127.0.0.1")  # places free again: logins go through
     assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}).status_code == 200
 
 

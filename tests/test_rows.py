@@ -7,6 +7,7 @@ import pytest
 
 from kms import db
 from kms.errors import IntegrityFailure
+from kms.keys.service import LookUpRow
 from kms.rows import CLIENTS, KEYS, SESSIONS, SIGNUP_TOKENS, TABLES
 
 # The queries whose rows the services check, the table each row is of, and the prefix its columns
@@ -72,6 +73,7 @@ def test_the_look_up_statement_reads_what_its_checks_name(cursor):
               "event_id": uuid.uuid4(), "at": "2026-01-01T00:00:00+00:00", "request_id": None, "source_ip": None,
               "row_mac": b"x", "audit": False}
     cursor.execute(db.sql.lookup_key, params)
+    assert tuple(column.name for column in cursor.description) == LookUpRow._fields  # as the hot path reads it
     read = {column.name for column in cursor.description}
     assert {"session_expires_at", "session_epoch", "session_row_mac"} <= read
     assert {"client_name_hash", "client_password_hash", "client_role", "client_row_mac"} <= read

@@ -13,7 +13,9 @@ matches, so it always pays the full hash and the throttles, and its timing is un
 """
 import hmac
 import os
+import threading
 import time
+from contextlib import contextmanager
 from typing import NamedTuple
 
 from kms.expiring import ExpiringMap
@@ -30,6 +32,28 @@ class RecentLogins:
         self.window_s = window_s
         self._key = os.urandom(32)
         self._entries = ExpiringMap(size)
+        self._turns_lock = threading.Lock()
+        self._turns: dict[bytes, list] = {}  # name -> [its lock, how many hold or wait for it]
+
+    @contextmanager
+    def turn(self, name_hash: bytes, patience_s: float):
+        """One full login per client name at a time in this process; the others wait (up to
+        `patience_s`, then go on regardless), so that a burst of logins of one client (a client
+        that logs in from many threads at once) hashes once, and the rest find the credential
+        remembered."""
+        with self._turns_lock:
+            turn = self._turns.setdefault(name_hash, [threading.Lock(), 0])
+            turn[1] += 1
+        acquired = turn[0].acquire(timeout=patience_s)
+        try:
+            yield
+        finally:
+            if acquired:
+                turn[0].release()
+            with self._turns_lock:
+                turn[1] -= 1
+                if not turn[1]:
+                    del self._turns[name_hash]
 
     def _credential(self, name_hash: bytes, password: str) -> bytes:
         return hmac.new(self._key, name_hash + b"\x00" + password.encode(), "sha256").digest()

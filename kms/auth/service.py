@@ -190,14 +190,19 @@ def login(ctx: Context, clientname: str, password: str) -> Grant:
 
     A login that repeats the credential this process last verified for the name within
     LOGIN_REPEAT_WINDOW needs no hashing (kms.auth.recent), so it takes no place in the hasher's
-    line either."""
+    line either; and logins of one name take turns for the full check, so a burst of one client's
+    logins hashes once."""
     kms = ctx.kms
     name_hash = hash_clientname(kms, clientname)
     recent = kms.recent_logins.remembered(name_hash, password)
     if recent is not None:
         return _login(ctx, name_hash, password, recent)
-    with kms.passwords.admission(ctx.source_ip or "unknown", name_hash.hex()):
-        return _login(ctx, name_hash, password, None)
+    with kms.recent_logins.turn(name_hash, kms.passwords.wait_s):
+        recent = kms.recent_logins.remembered(name_hash, password)  # the login before this one's turn
+        if recent is not None:
+            return _login(ctx, name_hash, password, recent)
+        with kms.passwords.admission(ctx.source_ip or "unknown", name_hash.hex()):
+            return _login(ctx, name_hash, password, None)
 
 
 def _login(ctx: Context, name_hash: bytes, password: str, recent: Verified | None) -> Grant:

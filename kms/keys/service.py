@@ -163,12 +163,39 @@ def generate_key(ctx: Context, reference: str) -> KeyMaterial:
     return material
 
 
-def _look_up(conn, params: dict, durable: bool):
-    with conn.cursor() as cur:  # one statement: its own transaction, no BEGIN/COMMIT round trips
+class LookUpRow(NamedTuple):
+    """The columns of the look-up statement (sql/queries/keys.sql, lookup_key), in its order: the
+    hot path names them once here instead of asking the cursor to build a record type from its
+    description on every call (tests/test_rows.py holds the two together)."""
+    session_expires_at: str
+    session_epoch: int
+    session_row_mac: bytes
+    client_name_hash: bytes
+    client_password_hash: str
+    client_role: str
+    client_row_mac: bytes
+    key_id: int | None
+    key_current_version: int | None
+    key_retired_below: int | None
+    key_rotation_period_ms: int | None
+    key_row_mac: bytes | None
+    superseded: bool | None
+    rotation_due: bool | None
+    cur_kek: int | None
+    cur_wrapped: bytes | None
+    req_version: int | None
+    req_kek: int | None
+    req_wrapped: bytes | None
+    outcome: str
+
+
+def _look_up(conn, params: dict, durable: bool) -> LookUpRow | None:
+    with conn.cursor(cursor_factory=psycopg2.extensions.cursor) as cur:  # one statement, its own transaction
         # Who fetched which key is recorded without waiting for the disk flush (and a synchronous
         # standby), unless AUDIT_KEY_LOOKUPS_DURABLE (docs/SECURITY.md; docs/DEPLOYMENT.md).
         db.execute_prepared(cur, "lookup_key", params, prefix="" if durable else db.sql.relax_commit_durability + "; ")
-        return cur.fetchone()
+        row = cur.fetchone()
+    return None if row is None else LookUpRow._make(row)
 
 
 def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[KeyMaterial, KeyMaterial]:

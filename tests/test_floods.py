@@ -1,0 +1,305 @@
+"""Key access survives floods: each flood runs here for real (bounded, loopback, from other
+127/8 addresses, in a process of its own) beside a client that holds a valid token, and that
+client must still be served, and served first."""
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from bench.floods import request_bytes
+from kms.serving.dispatch import PriorityDispatcher
+from tests.conftest import (ADMIN_NAME, CLIENT_PASSWORD, AuthActions, HttpClient, bearer, serve_in_thread,
+                            stop_server)
+
+ROOT = Path(__file__).resolve().parent.parent
+FORGED_JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.forged"
+
+
+def flood_in_a_process(base_url: str, request: bytes, *, connections: int, sources: int, seconds: float):
+    """bench.floods.flood in a process of its own (its own interpreter: it takes no GIL from the
+    server under test); returns a callable that waits for it and gives its result."""
+    program = ("import json, sys; from bench.floods import flood; "
+               "print(json.dumps(flood(sys.argv[1], bytes.fromhex(sys.argv[2]), connections=int(sys.argv[3]), "
+               "sources=int(sys.argv[4]), seconds=float(sys.argv[5]))))")
+    process = subprocess.Popen([sys.executable, "-c", program, base_url, request.hex(), str(connections),
+                                str(sources), str(seconds)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+    def result():
+        output, _ = process.communicate(timeout=seconds + 60)
+        return json.loads(output)
+    return result
+
+
+def look_ups(base_url: str, token: str, seconds: float) -> list[tuple[int, float]]:
+    """(status, seconds) of look-ups one after another on one keep-alive connection."""
+    answers = []
+    with HttpClient(base_url) as http:
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            started = time.monotonic()
+            status = http.get("/keys/held-key", headers=bearer(token), timeout=20).status_code
+            answers.append((status, time.monotonic() - started))
+    return answers
+
+
+@pytest.fixture
+def flooded_kms(make_app):
+    """A server of 8 threads (2 for unverified work) and a client holding a token and a key."""
+    app = make_app(SERVER_THREADS=8, LOGIN_MAX_FAILURES_PER_ADDRESS=1_000_000, REQUEST_READ_TIMEOUT=1000)
+    server, base_url = serve_in_thread(app, threads=8)
+    with HttpClient(base_url) as http:
+        token = AuthActions(http).new_client("token-holder")
+        assert http.post("/keys/actions/generate", json={"keyReference": "held-key"},
+                         headers=bearer(token)).status_code == 200
+        assert http.get("/keys/held-key", headers=bearer(token)).status_code == 200  # its token is now known
+    yield app, server, base_url, token
+    stop_server(server)
+
+
+FLOODS = {
+    "bad signup tokens": (request_bytes("POST", "/auth/signup", json.dumps(
+        {"token": "kms_st_" + "x" * 43, "password": CLIENT_PASSWORD}).encode()), 401),
+    "bad bearer tokens": (request_bytes("GET", "/keys/held-key", headers={"Authorization": f"Bearer {FORGED_JWT}"}),
+                          401),
+    "readiness probes": (request_bytes("GET", "/readyz"), 200),
+    "liveness probes": (request_bytes("GET", "/healthz"), 200),
+    "metrics scrapes": (request_bytes("GET", "/metrics"), 200),
+    "wrong passwords": (request_bytes("POST", "/auth/login", json.dumps(
+        {"clientname": ADMIN_NAME, "password": "Wrong-passw0rd!"}).encode()), None),
+}
+
+
+@pytest.mark.parametrize("kind", FLOODS)
+def test_a_token_holder_is_served_first_during_a_flood(flooded_kms, kind):
+    _, server, base_url, token = flooded_kms
+    request, expected = FLOODS[kind]
+    flood = flood_in_a_process(base_url, request, connections=150, sources=30, seconds=4)
+    time.sleep(1.5)  # the flood is on
+    answers = look_ups(base_url, token, 2)
+    result = flood()
+    statuses = Counter({int(key) if key.isdigit() else key: count for key, count in result["statuses"].items()})
+    assert sum(count for key, count in statuses.items() if isinstance(key, int)) > 100, statuses  # it did flood
+    if expected is not None:
+        assert statuses[expected] > 0, statuses
+    assert {status for status, _ in answers} == {200}
+    assert len(answers) >= 10
+    assert statistics.median(seconds for _, seconds in answers) < 0.25, sorted(answers)[-5:]
+
+
+def test_unverified_work_never_takes_more_than_its_threads(flooded_kms):
+    """While the flood runs, at most SERVER_THREADS // 4 threads work on it."""
+    _, server, base_url, token = flooded_kms
+    dispatcher = server.task_dispatcher
+    assert isinstance(dispatcher, PriorityDispatcher) and dispatcher.unverified_limit == 2
+    flood = flood_in_a_process(base_url, FLOODS["bad signup tokens"][0], connections=100, sources=20, seconds=3)
+    most, until = 0, time.monotonic() + 2.5
+    time.sleep(0.5)
+    while time.monotonic() < until:
+        most = max(most, dispatcher.unverified_running)
+        time.sleep(0.002)
+    flood()
+    assert most == 2
+
+
+class _Task:
+    def __init__(self, known: bool, source: str, log: list):
+        self.known, self.source, self.log = known, source, log
+
+    def service(self):
+        self.log.append((self.known, self.source))
+        time.sleep(0.01)
+
+    def cancel(self):
+        pass
+
+
+def test_known_requests_go_first_and_sources_take_turns():
+    log = []
+    dispatcher = PriorityDispatcher(lambda task: (task.known, task.source), unverified_limit=1)
+    for _ in range(3):
+        dispatcher.add_task(_Task(False, "flooder", log))
+    dispatcher.add_task(_Task(False, "other", log))
+    dispatcher.add_task(_Task(True, None, log))
+    dispatcher.set_thread_count(1)
+    deadline = time.monotonic() + 5
+    while len(log) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    dispatcher.shutdown()
+    assert log == [(True, None), (False, "flooder"), (False, "other"), (False, "flooder"), (False, "flooder")]
+
+
+def test_idle_sockets_from_one_source_leave_others_served(make_app):
+    """A source holds at most its share of connections, and a connection that sends no byte
+    within REQUEST_READ_TIMEOUT is closed."""
+    app = make_app(SERVER_CONNECTION_LIMIT_PER_SOURCE=50, REQUEST_READ_TIMEOUT=1000)
+    server, base_url = serve_in_thread(app, threads=4)
+    host, port = base_url.rsplit("/", 1)[1].split(":")
+    idle = []
+    try:
+        for _ in range(300):
+            sock = __import__("socket").create_connection((host, int(port)), source_address=("127.0.0.2", 0))
+            idle.append(sock)
+        time.sleep(0.3)
+        assert sum(1 for sock in idle if _closed_by_server(sock)) >= 240  # all but the source's share
+        with HttpClient(base_url) as http:  # another source is served at once
+            started = time.monotonic()
+            assert http.get("/healthz", headers={"Connection": "close"}).status_code == 200
+            assert time.monotonic() - started < 0.5
+        time.sleep(2.5)  # past REQUEST_READ_TIMEOUT (and a maintenance pass): the silent ones are gone too
+        assert all(_closed_by_server(sock) for sock in idle)
+    finally:
+        for sock in idle:
+            sock.close()
+        stop_server(server)
+
+
+def _closed_by_server(sock) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _login(base_url: str, name: str, password: str, source: str = "127.0.0.1") -> int:
+    host, port = base_url.rsplit("/", 1)[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30, source_address=(source, 0))
+    try:
+        connection.request("POST", "/auth/login", body=json.dumps({"clientname": name, "password": password}),
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def test_a_client_logging_in_before_every_call_is_served_during_a_wrong_password_flood(flooded_kms):
+    """The original's Go SDK logs in before every call; a wrong-password flood from other sources
+    must not lock it out (its repeated logins need no hash, and the flood's sources are shed)."""
+    _, _, base_url, _ = flooded_kms
+    flood = flood_in_a_process(base_url, FLOODS["wrong passwords"][0], connections=100, sources=20, seconds=5)
+    time.sleep(1)
+    statuses = [_login(base_url, "token-holder", CLIENT_PASSWORD) for _ in range(20)]
+    flood()
+    assert statuses.count(200) >= 16, statuses
+
+
+def test_repeated_logins_skip_the_hash_until_the_client_changes(flooded_kms, monkeypatch):
+    app, _, base_url, _ = flooded_kms
+    passwords = app.extensions["kms"].passwords
+    hashed = []
+    real = passwords.verify_login
+    monkeypatch.setattr(passwords, "verify_login", lambda *args, **kwargs: hashed.append(1) or real(*args, **kwargs))
+    assert _login(base_url, "token-holder", CLIENT_PASSWORD) == 200
+    first = len(hashed)
+    for _ in range(5):
+        assert _login(base_url, "token-holder", CLIENT_PASSWORD) == 200
+    assert len(hashed) == first  # answered from the keyed hash of the credential, no Argon2
+    assert _login(base_url, "token-holder", "Wrong-passw0rd!") == 401
+    assert len(hashed) == first + 1  # a wrong password always pays the hash
+    with HttpClient(base_url) as http:  # a disable and an enable move the epoch: the shortcut ends
+        admin = AuthActions(http)
+        client_id = admin.client_id("token-holder")
+        for action in ("disable", "enable"):
+            assert http.post(f"/clients/{client_id}/actions/{action}", headers=bearer(admin.admin_token)
+                             ).status_code == 204
+    assert _login(base_url, "token-holder", CLIENT_PASSWORD) == 200
+    assert len(hashed) == first + 2
+
+
+def test_repeated_logins_pay_the_hash_when_the_window_is_off(make_app, auth_for, monkeypatch):
+    app = make_app(LOGIN_REPEAT_WINDOW=0)
+    passwords = app.extensions["kms"].passwords
+    hashed = []
+    real = passwords.verify_login
+    monkeypatch.setattr(passwords, "verify_login", lambda *args, **kwargs: hashed.append(1) or real(*args, **kwargs))
+
+    def log_in_thrice(http, _token):
+        name = http.get("/clients", headers=bearer(AuthActions(http).admin_token)).json()["clients"][-1]["clientname"]
+        before = len(hashed)
+        for _ in range(3):
+            assert http.post("/auth/login", json={"clientname": name, "password": CLIENT_PASSWORD}).status_code == 200
+        return len(hashed) - before
+
+    assert auth_for(app, log_in_thrice) == 3
+
+
+def test_refusals_cost_no_transaction_each_and_are_written_as_one_event_per_source(flooded_kms, db):
+    app, _, base_url, _ = flooded_kms
+    kms = app.extensions["kms"]
+
+    def commits() -> int:
+        with db.cursor() as cur:
+            cur.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+            return cur.fetchone()[0]
+
+    with db.cursor() as cur:
+        cur.execute("SELECT pg_stat_clear_snapshot()")
+    before = commits()
+    body = {"token": "kms_st_" + "y" * 43, "password": CLIENT_PASSWORD}
+    with HttpClient(base_url) as http:
+        for _ in range(100):
+            assert http.post("/auth/signup", json=body).status_code == 401
+    time.sleep(0.6)  # PostgreSQL's statistics are reported every half second or so
+    with db.cursor() as cur:
+        cur.execute("SELECT pg_stat_clear_snapshot()")
+    assert commits() - before <= 110  # one read each (the token looked up), no write, no transaction
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM audit_refusals")
+        assert cur.fetchone()[0] == 0
+    from kms.audit.service import flush_refusals
+    from kms.context import Context
+    with kms.pool.connection() as conn:
+        assert flush_refusals(Context(kms=kms, conn=conn)) == 1
+    with db.cursor() as cur:
+        cur.execute("SELECT repeats, source_ip, actor FROM audit_events WHERE action = 'signup' AND outcome = 'denied'")
+        assert cur.fetchall() == [(100, "127.0.0.1", "anonymous")]
+
+
+def test_probes_answer_from_a_second_old_result(flooded_kms, db):
+    _, _, base_url, _ = flooded_kms
+    with HttpClient(base_url) as http:
+        http.get("/readyz")
+        with db.cursor() as cur:
+            cur.execute("SELECT pg_stat_clear_snapshot()")
+            cur.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+            before = cur.fetchone()[0]
+        for _ in range(200):
+            assert http.get("/readyz").status_code == 200
+        scrapes = {http.get("/metrics").text for _ in range(20)}
+    time.sleep(0.6)
+    with db.cursor() as cur:
+        cur.execute("SELECT pg_stat_clear_snapshot()")
+        cur.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+        assert cur.fetchone()[0] - before <= 20  # not 200: one look at the database a second at most
+    assert len(scrapes) <= 3  # renderings reused within the second
+
+
+@pytest.mark.skipif(os.cpu_count() is None, reason="needs os.cpu_count()")
+def test_the_go_sdks_pattern_of_a_login_before_every_call_succeeds(flooded_kms):
+    """8 threads, each logging in before each look-up, as the original's SDK: no 429."""
+    _, _, base_url, _ = flooded_kms
+    outcomes = []
+
+    def sdk():
+        for _ in range(15):
+            status = _login(base_url, "token-holder", CLIENT_PASSWORD)
+            outcomes.append(status)
+
+    threads = [threading.Thread(target=sdk) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count(200) == len(outcomes), Counter(outcomes)
