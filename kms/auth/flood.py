@@ -32,7 +32,7 @@ class LoginFloodShedder:
         if (environ["PATH_INFO"] == self.login_path and environ["REQUEST_METHOD"] == "POST"
                 and self.passwords.refuse_if_flooded(self._source(environ))):
             environ[ANSWERED_ENDPOINT] = self.login_endpoint
-            environ[SHED] = True
+            environ[SHED] = "login"
             body = envelope_json("too_many_requests", FLOOD_MESSAGE, environ.get(REQUEST_ID))
             start_response("429 TOO MANY REQUESTS", [("Content-Type", "application/json"),
                                                      ("Content-Length", str(len(body))),

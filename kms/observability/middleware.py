@@ -46,8 +46,12 @@ class RequestObserver:
         self.metrics = metrics
         self._url_map = url_map
         self._view_functions = view_functions
-        self._shed_summary = _EverySecond("logins refused in a flood, before the application (one line a second "
-                                          "instead of one a request; kms_logins_total counts each)")
+        self._shed_summaries = {
+            "login": _EverySecond("logins refused in a flood, before the application (one line a second instead "
+                                  "of one a request; kms_logins_total counts each)"),
+            "unverified": _EverySecond("requests without a known token refused over their source's rate, before "
+                                       "the application (one line a second; kms_http_requests_total counts each)"),
+        }
         self._by_endpoint: dict = {}  # endpoint -> (route template, what its route counts as)
 
     def _route(self, endpoint: str) -> tuple[str, tuple | None]:
@@ -78,7 +82,7 @@ class RequestObserver:
         ((route, counts), status), method = seen, environ["REQUEST_METHOD"]
         self.metrics.observe(route, method, status, elapsed, counts)
         if SHED in environ:  # a refusal in a flood: counted above, summed up in the log
-            self._shed_summary.count(route, status)
+            self._shed_summaries[environ[SHED]].count(route, status)
         elif access_log.isEnabledFor(logging.INFO):
             access_log.info("request", extra={"requestId": request_id, "method": method, "route": route,
                                               "status": status, "durationMs": round(elapsed * 1000, 2)})

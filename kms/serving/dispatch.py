@@ -114,7 +114,8 @@ def request_classifier(kms, trusted_proxy_hops: int):
         authorization = headers.get("AUTHORIZATION")
         if authorization and tokens.get(authorization) is not None:
             return True, None
-        return False, source_of(channel, headers, trusted_proxy_hops)
+        source = request.kms_unverified_source = source_of(channel, headers, trusted_proxy_hops)
+        return False, source
 
     return classify
 

@@ -35,6 +35,7 @@ from waitress.wasyncore import readwrite
 from kms.errors import ApiError
 from kms.ids import random_uuid
 from kms.serving.dispatch import PriorityDispatcher, SourceCounts, request_classifier
+from kms.web import UNVERIFIED_SOURCE
 from kms.web.envelope import HTTP_CODES, envelope_json
 
 log = logging.getLogger("kms.http")
@@ -85,10 +86,20 @@ class JsonErrorTask(ErrorTask):
 
 
 class ApplicationTask(WSGITask):
+    def get_environment(self):
+        environ = super().get_environment()
+        source = getattr(self.request, "kms_unverified_source", None)
+        if source is not None:  # the dispatcher found no token this worker knows (kms.serving.dispatch)
+            environ[UNVERIFIED_SOURCE] = source
+        return environ
+
     def execute(self):
         super().execute()
         if self.status.startswith("429"):
             self.channel.hold_reading(min(_retry_after_s(self.response_headers), HOLD_AFTER_429_MAX_S))
+        elif self.status.startswith("401") and getattr(self.request, "kms_unverified_source", None) is not None:
+            # A caller nobody knows, refused: one who re-sends at once is answered once a second.
+            self.channel.hold_reading(HOLD_AFTER_429_MAX_S)
 
 
 def _retry_after_s(headers) -> float:
