@@ -4,6 +4,8 @@ import http.client
 import io
 import logging
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -14,12 +16,15 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg2
 import pytest
 import requests
+from prometheus_client.mmap_dict import MmapedDict
 
 from kms import create_app
 from kms.config import SECRET_VARIABLES, generate_secret
 from kms.observability import JsonFormatter
 from kms.serving.http import create_server
+from kms.serving.throwaway_postgres import _free_port
 
+ROOT = Path(__file__).resolve().parent.parent  # the checkout
 KMS_COMMAND = str(Path(sys.executable).parent / "kms")  # the console script `pip install` made
 ADMIN_NAME = "root-admin"
 ADMIN_PASSWORD = "Root-admin-passw0rd"
@@ -311,3 +316,90 @@ def auth_for():
         finally:
             stop_server(server)
     return run
+
+
+class ServerProcess:
+    """`kms serve` in a process of its own, on a free port."""
+
+    def __init__(self, env: dict, tmp_path: Path, workers: int = 1):
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.tmp_path = tmp_path
+        environment = bare_env()
+        environment.update(env, SERVER_PORT=str(self.port), TMPDIR=str(tmp_path))
+        self.log = open(tmp_path / f"server-{self.port}.log", "w")
+        self.process = subprocess.Popen([KMS_COMMAND, "serve", "--workers", str(workers)], env=environment,
+                                        stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.process.poll() is None, (tmp_path / f"server-{self.port}.log").read_text()
+            try:
+                if requests.get(self.base + "/readyz", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.1)
+        if workers > 1:
+            self.wait_for_workers(workers)
+            # and each serving: a worker samples its pool into the metrics as it starts its loop
+            threads = int(env.get("SERVER_THREADS", "16"))
+            while metric(self.base, "kms_db_pool_connections") != workers * threads:
+                assert time.monotonic() < deadline + 30, "the workers did not all start serving"
+                time.sleep(0.1)
+
+    def children(self, named: str) -> list[int]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    fields = (proc / "stat").read_text().rsplit(") ", 1)[1].split()
+                    comm = (proc / "comm").read_text().strip()
+                except OSError:
+                    continue
+                if int(fields[1]) == self.process.pid and fields[0] != "Z" and comm.startswith(named):
+                    found.append(int(proc.name))
+        return sorted(found)
+
+    def workers(self) -> list[int]:
+        return self.children("kms-worker-")
+
+    def wait_for_workers(self, count: int, exclude=(), timeout=30) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = self.workers()
+            if len(pids) == count and not set(pids) & set(exclude):
+                return pids
+            time.sleep(0.1)
+        raise AssertionError(f"workers: {self.workers()}")
+
+    def metrics_dir(self) -> Path:
+        return next(self.tmp_path.glob("kms-metrics-*"))
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def metric(base: str, line_start: str) -> float:
+    for line in requests.get(base + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def served_by_pid(metrics_dir: Path, route: str) -> dict[int, float]:
+    """Requests to `route` each worker counted, read from their own metric files."""
+    counts = {}
+    for path in metrics_dir.glob("counter_*.db"):
+        pid = int(path.stem.split("_")[1])
+        for key, value, *_rest in MmapedDict.read_all_values_from_file(str(path)):
+            if key.startswith('["kms_http_requests"') and f'"route": "{route}"' in key:
+                counts[pid] = counts.get(pid, 0) + value
+    return counts

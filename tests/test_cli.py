@@ -14,10 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from kms.serving.throwaway_postgres import _free_port
-from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, KMS_COMMAND as KMS, bare_env, bearer, serve_in_thread,
-                            stop_server)
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, KMS_COMMAND as KMS, ROOT, bare_env, bearer,
+                            serve_in_thread, stop_server)
 
 
 def run_kms(*args, env, cwd="/", timeout=60, **kwargs):

@@ -13,8 +13,6 @@ import pytest
 from kms_client import Client, KmsError
 from tests.conftest import CLIENT_PASSWORD, bearer
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture
 def sdk(live_server, auth):

@@ -13,9 +13,7 @@ import pytest
 import requests
 
 from kms.serving.throwaway_postgres import _free_port
-from tests.conftest import KMS_COMMAND as KMS, bare_env
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import KMS_COMMAND as KMS, ROOT, bare_env
 
 
 def dev_env(tmp_path, **settings) -> dict:

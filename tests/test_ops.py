@@ -1,12 +1,9 @@
 """The HTTP rules every route shares, operations endpoints, the factory and restarts."""
 import subprocess
 import sys
-from pathlib import Path
 
-from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, AuthActions, HttpClient, bare_env, bearer, serve_in_thread,
-                            stop_server)
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, ROOT, AuthActions, HttpClient, bare_env, bearer,
+                            serve_in_thread, stop_server)
 
 
 def assert_envelope(response, status, code=None):

@@ -4,16 +4,13 @@ import re
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import psycopg2
 import pytest
 
-from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, KMS_COMMAND as KMS, AuthActions,
-                            HttpClient, bare_env, bearer, create_database, drop_database, serve_in_thread,
-                            stop_server, with_database)
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, KMS_COMMAND as KMS, ROOT,
+                            AuthActions, HttpClient, bare_env, bearer, create_database, drop_database,
+                            serve_in_thread, stop_server, with_database)
 
 
 def count_events(db, action: str) -> int:

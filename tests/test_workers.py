@@ -13,80 +13,10 @@ from pathlib import Path
 import psycopg2
 import pytest
 import requests
-from prometheus_client.mmap_dict import MmapedDict
 
 from kms.serving.throwaway_postgres import _free_port
-from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, KMS_COMMAND as KMS, bare_env, bearer
-
-
-
-class ServerProcess:
-    """`kms serve` in a process of its own, on a free port."""
-
-    def __init__(self, env: dict, tmp_path: Path, workers: int = 1):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.tmp_path = tmp_path
-        environment = bare_env()
-        environment.update(env, SERVER_PORT=str(self.port), TMPDIR=str(tmp_path))
-        self.log = open(tmp_path / f"server-{self.port}.log", "w")
-        self.process = subprocess.Popen([KMS, "serve", "--workers", str(workers)], env=environment,
-                                        stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.process.poll() is None, (tmp_path / f"server-{self.port}.log").read_text()
-            try:
-                if requests.get(self.base + "/readyz", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.1)
-        if workers > 1:
-            self.wait_for_workers(workers)
-            # and each serving: a worker samples its pool into the metrics as it starts its loop
-            threads = int(env.get("SERVER_THREADS", "16"))
-            while metric(self.base, "kms_db_pool_connections") != workers * threads:
-                assert time.monotonic() < deadline + 30, "the workers did not all start serving"
-                time.sleep(0.1)
-
-    def children(self, named: str) -> list[int]:
-        found = []
-        for proc in Path("/proc").iterdir():
-            if proc.name.isdigit():
-                try:
-                    fields = (proc / "stat").read_text().rsplit(") ", 1)[1].split()
-                    comm = (proc / "comm").read_text().strip()
-                except OSError:
-                    continue
-                if int(fields[1]) == self.process.pid and fields[0] != "Z" and comm.startswith(named):
-                    found.append(int(proc.name))
-        return sorted(found)
-
-    def workers(self) -> list[int]:
-        return self.children("kms-worker-")
-
-    def wait_for_workers(self, count: int, exclude=(), timeout=30) -> list[int]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pids = self.workers()
-            if len(pids) == count and not set(pids) & set(exclude):
-                return pids
-            time.sleep(0.1)
-        raise AssertionError(f"workers: {self.workers()}")
-
-    def metrics_dir(self) -> Path:
-        return next(self.tmp_path.glob("kms-metrics-*"))
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, KMS_COMMAND as KMS, ROOT, ServerProcess,
+                            bare_env, bearer, metric, served_by_pid)
 
 
 @pytest.fixture
@@ -102,24 +32,6 @@ def servers(make_app, base_env, tmp_path):
     yield start
     for server in started:
         server.stop()
-
-
-def metric(base: str, line_start: str) -> float:
-    for line in requests.get(base + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def served_by_pid(metrics_dir: Path, route: str) -> dict[int, float]:
-    """Requests to `route` each worker counted, read from their own metric files."""
-    counts = {}
-    for path in metrics_dir.glob("counter_*.db"):
-        pid = int(path.stem.split("_")[1])
-        for key, value, *_rest in MmapedDict.read_all_values_from_file(str(path)):
-            if key.startswith('["kms_http_requests"') and f'"route": "{route}"' in key:
-                counts[pid] = counts.get(pid, 0) + value
-    return counts
 
 
 def hit(base: str, path: str, count: int, parallel: int = 8):
@@ -238,7 +150,7 @@ def test_python_app_py_takes_workers_too(base_env, make_app, tmp_path):
     make_app()
     port = _free_port()
     env = bare_env()
-    process = subprocess.Popen([sys.executable, "app.py", "--workers", "2"], cwd=Path(__file__).parent.parent,
+    process = subprocess.Popen([sys.executable, "app.py", "--workers", "2"], cwd=ROOT,
                                env={**env, **base_env, "SERVER_PORT": str(port)}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
