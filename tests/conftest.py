@@ -239,6 +239,19 @@ def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
 
 
+def envelope(response, status: int, code: str | None = None) -> dict:
+    """Assert that `response` is an error answer with `status`, in the envelope every error has:
+    error, message and requestId, the id the X-Request-ID header carries (and `code` as its error,
+    if given). Returns the body."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) >= {"error", "message", "requestId"}
+    assert body["requestId"] == response.headers["X-Request-ID"]
+    if code:
+        assert body["error"] == code
+    return body
+
+
 class AuthActions:
     def __init__(self, client: HttpClient):
         self._client = client

@@ -3,17 +3,7 @@ import subprocess
 import sys
 
 from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, ROOT, AuthActions, HttpClient, bare_env, bearer,
-                            serve_in_thread, stop_server)
-
-
-def assert_envelope(response, status, code=None):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) >= {"error", "message", "requestId"}
-    assert body["requestId"] == response.headers["X-Request-ID"]
-    if code:
-        assert body["error"] == code
-    return body
+                            envelope, serve_in_thread, stop_server)
 
 
 def test_every_response_carries_a_fresh_request_id(client):
@@ -35,7 +25,7 @@ def test_readyz_is_503_when_the_schema_is_behind(client, db):
         version, name = cur.fetchone()
     try:
         response = client.get("/readyz")
-        assert_envelope(response, 503, "not_ready")
+        envelope(response, 503, "not_ready")
         assert "Retry-After" in response.headers
     finally:
         with db.cursor() as cur:
@@ -43,34 +33,34 @@ def test_readyz_is_503_when_the_schema_is_behind(client, db):
 
 
 def test_unknown_route_is_a_json_404(client):
-    assert_envelope(client.get("/no/such/route"), 404, "not_found")
+    envelope(client.get("/no/such/route"), 404, "not_found")
 
 
 def test_wrong_method_is_a_json_405(client):
-    assert_envelope(client.put("/healthz"), 405, "method_not_allowed")
+    envelope(client.put("/healthz"), 405, "method_not_allowed")
 
 
 def test_malformed_json_is_400(client):
     response = client.post("/auth/login", data="{not json", headers={"Content-Type": "application/json"})
-    assert_envelope(response, 400, "bad_request")
+    envelope(response, 400, "bad_request")
 
 
 def test_non_json_body_is_415(client):
     response = client.post("/auth/login", data="clientname=a", headers={"Content-Type": "text/plain"})
-    assert_envelope(response, 415, "unsupported_media_type")
+    envelope(response, 415, "unsupported_media_type")
 
 
 def test_body_over_the_limit_is_413(client):
     response = client.post("/auth/login", data="x" * (70 * 1024), headers={"Content-Type": "application/json"})
-    assert_envelope(response, 413, "payload_too_large")
+    envelope(response, 413, "payload_too_large")
 
 
 def test_json_array_body_is_400(client):
-    assert_envelope(client.post("/auth/login", json=[1, 2]), 400)
+    envelope(client.post("/auth/login", json=[1, 2]), 400)
 
 
 def test_unknown_fields_are_rejected(client):
-    body = assert_envelope(client.post("/auth/login", json={"clientname": "abcd", "password": "x", "admin": True}),
+    body = envelope(client.post("/auth/login", json={"clientname": "abcd", "password": "x", "admin": True}),
                            400, "validation_failed")
     assert body["fields"] == {"admin": ["Unknown field."]}
 
@@ -153,7 +143,7 @@ def test_server_errors_never_leak_internals(app, client, auth, db):
     client.post("/keys/actions/generate", json={"keyReference": "k1"}, headers=bearer(token))
     with db.cursor() as cur:  # corrupt the stored ciphertext's format byte
         cur.execute("UPDATE key_versions SET wrapped_dek = '\\x02'::bytea || substring(wrapped_dek from 2)")
-    body = assert_envelope(client.get("/keys/k1", headers=bearer(token)), 500, "integrity_error")
+    body = envelope(client.get("/keys/k1", headers=bearer(token)), 500, "integrity_error")
     assert "Traceback" not in body["message"] and "wrapped" not in body["message"]
 
 

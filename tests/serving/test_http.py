@@ -14,17 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import jwt
 import pytest
 
-from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, AuthActions, HttpClient, bearer,
+from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, AuthActions, HttpClient, bearer, envelope,
                             gaps_between, resend_login_at_once, serve_in_thread, stop_server)
 
 WRONG = "Wrong-passw0rd!"
-
-
-def envelope(response, status):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) >= {"error", "message", "requestId"}
-    return body
 
 
 def raw_json(client, path, text, token=None):
