@@ -29,6 +29,7 @@ KMS_COMMAND = str(Path(sys.executable).parent / "kms")  # the console script `pi
 ADMIN_NAME = "root-admin"
 ADMIN_PASSWORD = "Root-admin-passw0rd"
 CLIENT_PASSWORD = "Client-passw0rd!"
+WRONG_PASSWORD = "Wrong-passw0rd!"
 APP_TABLES = ("clients, sessions, signup_tokens, login_failures, keys, key_versions, secret_checks, audit_events, "
               "audit_refusals, legacy_signup_tokens_used")
 

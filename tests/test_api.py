@@ -1,9 +1,12 @@
 """The HTTP rules every route shares, operations endpoints, the factory and restarts."""
+import json
 import subprocess
 import sys
 
-from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, ROOT, AuthActions, HttpClient, bare_env, bearer,
-                            envelope, serve_in_thread, stop_server)
+import pytest
+
+from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, ROOT, AuthActions, HttpClient, bare_env,
+                            bearer, envelope, serve_in_thread, stop_server)
 
 
 def test_every_response_carries_a_fresh_request_id(client):
@@ -63,15 +66,6 @@ def test_unknown_fields_are_rejected(client):
     body = envelope(client.post("/auth/login", json={"clientname": "abcd", "password": "x", "admin": True}),
                            400, "validation_failed")
     assert body["fields"] == {"admin": ["Unknown field."]}
-
-
-def test_metrics_label_route_templates_not_raw_paths(client, auth):
-    token = auth.new_client()
-    client.get("/keys/secret-reference-name", headers=bearer(token))
-    text = client.get("/metrics").text
-    assert 'route="/keys/<ref>"' in text
-    assert "secret-reference-name" not in text
-    assert "kms_http_request_duration_seconds_bucket" in text
 
 
 def test_openapi_document_comes_from_the_request_schemas(client):
@@ -147,45 +141,6 @@ def test_server_errors_never_leak_internals(app, client, auth, db):
     assert "Traceback" not in body["message"] and "wrapped" not in body["message"]
 
 
-def metric_value(text: str, series: str) -> float | None:
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return None
-
-
-def test_metrics_show_what_an_operator_watches(client, auth, db):
-    token = auth.new_client("metered-svc")
-    h = bearer(token)
-    assert client.post("/keys/actions/generate", json={"keyReference": "k1"}, headers=h).status_code == 200
-    assert client.get("/keys/k1", headers=h).status_code == 200
-    assert client.get("/keys/nope", headers=h).status_code == 404
-    assert client.post("/keys/k1/actions/set-rotation-period", json={"rotationPeriod": 60_000},
-                       headers=h).status_code == 200
-    with db.cursor() as cur:  # its version is now older than its period: the cron has work
-        cur.execute("UPDATE key_versions SET created_at = now() - interval '2 minutes'")
-    for _ in range(5):
-        client.post("/auth/login", json={"clientname": "metered-svc", "password": "Wrong-passw0rd!"})
-    assert client.post("/auth/login", json={"clientname": "metered-svc", "password": "Wrong-passw0rd!"}) \
-        .status_code == 429
-    text = client.get("/metrics").text
-    assert metric_value(text, 'kms_key_operations_total{action="generate",outcome="success"}') == 1
-    assert metric_value(text, 'kms_key_operations_total{action="lookup",outcome="success"}') == 1
-    assert metric_value(text, 'kms_key_operations_total{action="lookup",outcome="not_found"}') == 1
-    assert metric_value(text, 'kms_logins_total{outcome="unauthenticated"}') == 5
-    assert metric_value(text, 'kms_logins_total{outcome="throttled"}') == 1
-    assert metric_value(text, "kms_keys_rotation_due") == 1
-    assert metric_value(text, "kms_keys_destruction_due") == 0
-    assert metric_value(text, 'kms_kek_wrapped_dek_versions{kek_version="1"}') == 1
-    assert metric_value(text, "kms_kek_active_version") == 1
-    assert metric_value(text, "kms_audit_unsealed_events") >= 8  # nothing seals in these tests
-    assert metric_value(text, "kms_audit_unsealed_oldest_seconds") > 0
-    assert metric_value(text, "kms_db_pool_connections") == 4
-    assert metric_value(text, "kms_db_pool_connections_in_use") == 0  # sampled before the scrape reads the database
-    assert metric_value(text, "kms_db_pool_waiting") == 0
-    assert metric_value(text, "kms_metrics_database_up") == 1
-
-
 def test_openapi_documents_the_probes_and_metrics(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503"}
@@ -197,3 +152,75 @@ def test_a_database_without_an_admin_warns_how_to_make_one(make_app, captured_lo
     make_app(MASTER_ADMIN_USERNAME="", MASTER_ADMIN_PASSWORD="")
     warnings = [line for line in captured_logs.getvalue().splitlines() if '"level": "warning"' in line]
     assert any("no active admin exists" in line and "kms create-admin" in line for line in warnings), warnings
+
+
+# Hostile bodies, methods no route has, and the order of the checks
+
+HOSTILE_BODIES = {
+    "nested 1,000 deep": "[" * 1000 + "]" * 1000,
+    "object nested 1,000 deep": '{"a":' * 1000 + "1" + "}" * 1000,
+    "5,000-digit number": '{"clientname": ' + "9" * 5000 + "}",
+    "invalid UTF-8": b'{"clientname": "\xff\xfe"}'.decode("latin-1"),
+    "NaN": '{"clientname": NaN, "password": "x"}',
+}
+
+
+def raw_json(client, path, text, token=None):
+    headers = {"Content-Type": "application/json", **(bearer(token) if token else {})}
+    return client.post(path, data=text.encode("utf-8", "surrogatepass"), headers=headers)
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_BODIES))
+@pytest.mark.parametrize("path", ["/auth/login", "/auth/signup"])
+def test_hostile_json_is_a_400_envelope(client, path, name):
+    text = HOSTILE_BODIES[name]
+    data = text.encode("latin-1") if name == "invalid UTF-8" else text.encode()
+    response = client.post(path, data=data, headers={"Content-Type": "application/json"})
+    envelope(response, 400)
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/auth/login", {"clientname": "\ud800", "password": "x"}),
+    ("/auth/login", {"clientname": ADMIN_NAME, "password": "Aa1!\udfff-passw0rd"}),
+    ("/auth/signup", {"token": "kms_st_\ud800", "password": CLIENT_PASSWORD}),
+    ("/auth/login", {"\ud800": 1}),
+])
+def test_lone_surrogates_are_400_on_public_routes(client, path, body):
+    envelope(raw_json(client, path, json.dumps(body)), 400)
+
+
+def test_lone_surrogates_are_400_on_authenticated_routes_and_keep_the_signup_token(client, auth):
+    admin = auth.admin_token
+    envelope(raw_json(client, "/auth/signup/generate", json.dumps({"clientname": "svc-\ud800"}), admin), 400)
+    signup_token = auth.signup_token("surrogate-svc")
+    refused = raw_json(client, "/auth/signup", json.dumps({"token": signup_token, "password": "Aa1!\ud800-passw0rd"}))
+    envelope(refused, 400)
+    token = client.post("/auth/signup", json={"token": signup_token, "password": CLIENT_PASSWORD}).json()["token"]
+    envelope(raw_json(client, "/keys/actions/generate", json.dumps({"keyReference": "k\ud800"}), token), 400)
+    envelope(raw_json(client, "/keys/actions/generate", "[" * 1000 + "]" * 1000, token), 400)
+
+
+def test_routes_authenticate_before_they_validate(client):
+    for method, path, body in [("get", "/keys/0/0", None), ("get", "/keys/bad!ref", None), ("get", "/keys/k/0", None),
+                               ("post", "/keys/actions/generate", {"keyReference": "!!"}),
+                               ("post", "/auth/signup/generate", {"nope": 1}),
+                               ("post", "/clients/not-a-uuid/role", {"role": "x"}),
+                               ("get", "/audit?limit=-4", None)]:
+        response = getattr(client, method)(path, json=body)
+        assert envelope(response, 401)["error"] == "unauthorized", (method, path)
+
+
+def test_options_is_not_allowed_and_405_names_what_is(client):
+    for path in ["/keys", "/auth/login", "/keys/k/1", "/healthz"]:
+        assert envelope(client.options(path), 405)["error"] == "method_not_allowed"
+    assert client.options("/keys/actions/generate").headers["Allow"] == "POST"
+    assert client.delete("/keys").headers["Allow"] == "GET, HEAD"
+
+
+def test_openapi_documents_the_path_parameters_the_server_enforces(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    parameters = {p["name"]: p["schema"] for p in paths["/keys/{ref}/{version}"]["parameters"]}
+    assert parameters["ref"]["pattern"] == "^[A-Za-z0-9-]{1,64}$" and parameters["ref"]["maxLength"] == 64
+    assert parameters["version"] == {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
+    client_parameters = {p["name"]: p["schema"] for p in paths["/clients/{client_id}/role"]["parameters"]}
+    assert client_parameters["client_id"]["format"] == "uuid"

@@ -10,7 +10,7 @@ from kms.audit.service import record, seal_pending, verify_chain
 from kms.config import generate_secret
 from kms.context import Context
 from kms.db import connect, transaction
-from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, bearer
+from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, WRONG_PASSWORD, AuthActions, bearer
 
 RAW_REF = "ref-zq9-quartz-ledger"
 
@@ -264,3 +264,49 @@ def test_no_secret_reaches_a_log_line_or_an_audit_row(client, auth, runner, db, 
         assert secret not in audit_dump, secret[:6]
     for token in seen["tokens"]:  # not even a token's signature part
         assert token.split(".")[-1] not in logs
+
+
+# Floods of refusals are counted, not written row by row
+
+def test_a_flood_of_refused_signups_is_one_event_with_a_count(client, app, db):
+    from kms.audit.service import flush_refusals
+    from kms.context import Context
+    for _ in range(40):
+        assert client.post("/auth/signup", json={"token": "kms_st_forged", "password": CLIENT_PASSWORD}
+                           ).status_code == 401
+    # The first of each minute is recorded at once (the flood may straddle a minute) ...
+    with db.cursor() as cur:
+        cur.execute("SELECT repeats FROM audit_events WHERE action = 'signup' AND outcome = 'denied'")
+        at_once = cur.fetchall()
+    assert set(at_once) == {(None,)} and len(at_once) <= 2
+    # ... and the rest as one event per minute with a count, when the minute is over.
+    with app.extensions["kms"].pool.connection() as conn:
+        flush_refusals(Context(kms=app.extensions["kms"], conn=conn), everything=True)
+    with db.cursor() as cur:
+        cur.execute("SELECT repeats, source_ip FROM audit_events WHERE action = 'signup' AND outcome = 'denied'")
+        rows = cur.fetchall()
+    assert len(rows) <= 4 and {ip for _, ip in rows} == {"127.0.0.1"}
+    assert sum(1 if repeats is None else repeats for repeats, _ in rows) == 40
+    events = client.get("/audit?limit=1000", headers=bearer(AuthActions(client).admin_token)).json()["events"]
+    assert sum(1 if e["repeats"] is None else e["repeats"] for e in events if e["action"] == "signup" and e["outcome"] == "denied") == 40
+
+
+def test_throttled_logins_are_counted_and_the_chain_still_verifies(client, app, db, runner):
+    for _ in range(5):
+        client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": WRONG_PASSWORD})
+    for _ in range(30):  # each on a new connection: a 429's connection is not read for a second
+        assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": WRONG_PASSWORD},
+                           headers={"Connection": "close"}).status_code == 429
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM audit_events WHERE action = 'login' AND outcome = 'throttled'")
+        assert cur.fetchone()[0] == 1
+        cur.execute("UPDATE audit_refusals SET window_start = window_start - interval '5 minutes'")
+    result = runner.invoke(args=["kms", "audit", "verify"])  # flushes closed windows, then verifies
+    assert result.exit_code == 0, result.output
+    with db.cursor() as cur:
+        cur.execute("SELECT repeats FROM audit_events WHERE action = 'login' AND outcome = 'throttled' ORDER BY seq")
+        assert cur.fetchall() == [(None,), (29,)]
+        cur.execute("SET session_replication_role = replica")  # a writer who got past the trigger
+        cur.execute("UPDATE audit_events SET repeats = 1 WHERE repeats = 29")
+    tampered = runner.invoke(args=["kms", "audit", "verify"])
+    assert tampered.exit_code == 1 and "MAC" in tampered.output

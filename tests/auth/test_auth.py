@@ -12,8 +12,8 @@ from datetime import datetime, timedelta, timezone
 import jwt
 import pytest
 
-from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, AuthActions, HttpClient, bearer,
-                            gaps_between, resend_login_at_once, serve_in_thread, stop_server)
+from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, WRONG_PASSWORD, AuthActions, HttpClient,
+                            bearer, envelope, gaps_between, resend_login_at_once, serve_in_thread, stop_server)
 
 
 def signup(client, token, password=CLIENT_PASSWORD):
@@ -543,3 +543,82 @@ def test_cli_create_admin_refuses_a_weak_password(runner, db):
     with db.cursor() as cur:
         cur.execute("SELECT count(*) FROM clients WHERE role = 'admin'")
         assert cur.fetchone()[0] == 1  # only the first admin
+
+
+# Correctly signed tokens with a claim missing or of the wrong type
+
+def _sign(claims, secrets_env):
+    return jwt.encode(claims, base64.urlsafe_b64decode(secrets_env["JWT_SECRET"] + "="), algorithm="HS256")
+
+
+@pytest.mark.parametrize("drop", ["exp", "jti", "sub", "type", "iat", "nbf"])
+def test_a_correctly_signed_token_missing_a_claim_is_401(client, auth, secrets_env, drop):
+    claims = jwt.decode(auth.new_client(), options={"verify_signature": False})
+    claims.pop(drop, None)
+    response = client.get("/keys", headers=bearer(_sign(claims, secrets_env)))
+    if drop in ("iat", "nbf", "type"):  # optional (flask-jwt-extended takes a typeless token as access)
+        assert response.status_code == 200
+    else:
+        assert envelope(response, 401)["error"] == "unauthorized"
+
+
+@pytest.mark.parametrize("claim,value", [("exp", "tomorrow"), ("exp", True), ("sub", 7), ("jti", ["x"]),
+                                         ("sub", "not-a-uuid")])
+def test_a_correctly_signed_token_with_a_wrong_claim_type_is_401(client, auth, secrets_env, claim, value):
+    claims = jwt.decode(auth.new_client(), options={"verify_signature": False})
+    claims[claim] = value
+    envelope(client.get("/keys", headers=bearer(_sign(claims, secrets_env))), 401)
+
+
+# Parallel password guesses, and lifting a login lock
+
+def test_parallel_guesses_never_check_more_passwords_than_the_limit_across_processes(make_app, db):
+    apps = [make_app(SERVER_THREADS=40), make_app(SERVER_THREADS=40)]
+    servers = [serve_in_thread(app, threads=20) for app in apps]
+    try:
+        def guess(i):
+            base_url = servers[i % 2][1]
+            with HttpClient(base_url) as http:
+                return http.post("/auth/login", json={"clientname": ADMIN_NAME, "password": WRONG_PASSWORD}).status_code
+
+        with ThreadPoolExecutor(24) as pool:
+            statuses = list(pool.map(guess, range(24)))
+    finally:
+        for server, _ in servers:
+            stop_server(server)
+    assert statuses.count(401) == 5, statuses  # exactly the limit were checked
+    assert set(statuses) == {401, 429}
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM audit_events WHERE action = 'login' AND outcome = 'denied'")
+        assert cur.fetchone()[0] == 5
+
+
+def test_an_admin_lifts_a_login_lock_through_the_api_and_it_is_audited(client, auth, db):
+    token = auth.new_client("locked-svc")
+    client_id = auth.client_id("locked-svc")
+    admin = bearer(auth.admin_token)
+    for _ in range(5):
+        client.post("/auth/login", json={"clientname": "locked-svc", "password": WRONG_PASSWORD})
+    assert client.post("/auth/login", json={"clientname": "locked-svc", "password": CLIENT_PASSWORD}
+                       ).status_code == 429
+    assert client.post(f"/clients/{client_id}/actions/unlock", headers=bearer(token)).status_code == 403
+    assert client.post(f"/clients/{client_id}/actions/unlock", headers=admin).status_code == 204
+    assert client.post("/auth/login", json={"clientname": "locked-svc", "password": CLIENT_PASSWORD}
+                       ).status_code == 200
+    assert client.post(f"/clients/{uuid.uuid4()}/actions/unlock", headers=admin).status_code == 404
+    with db.cursor() as cur:
+        cur.execute("SELECT target FROM audit_events WHERE action = 'client.unlock'")
+        assert cur.fetchall() == [(client_id,)]
+
+
+def test_the_cli_lifts_a_login_lock(client, runner, db):
+    for _ in range(5):
+        client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": WRONG_PASSWORD})
+    assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}).status_code == 429
+    result = runner.invoke(args=["kms", "clients", "unlock", ADMIN_NAME])
+    assert result.exit_code == 0 and f"unlocked {ADMIN_NAME}" in result.output
+    assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}).status_code == 200
+    assert runner.invoke(args=["kms", "clients", "unlock", "no-such-svc"]).exit_code == 1
+    with db.cursor() as cur:
+        cur.execute("SELECT actor FROM audit_events WHERE action = 'client.unlock'")
+        assert cur.fetchall() == [("cli",)]

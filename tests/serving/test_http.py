@@ -1,95 +1,21 @@
-"""The HTTP edge under attack: hostile bodies and tokens, slow clients, huge bodies, smuggling,
-invented methods, parallel password guesses, floods of refusals and a real proxy hop. Each test
-performs the attack and checks what the caller and the operator see."""
-import base64
+"""The HTTP server (kms.serving.http) under attack: slow clients, connections arriving at once, huge
+bodies and headers, smuggling, a guesser that ignores Retry-After, and a real proxy hop in front.
+Each test performs the attack and checks what the caller and the operator see. (Hostile JSON:
+tests/test_api.py; parallel guesses: tests/auth; floods of refusals: tests/audit.)"""
 import http.client
 import json
 import socket
 import socketserver
 import threading
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 
-import jwt
 import pytest
 
-from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, AuthActions, HttpClient, bearer, envelope,
-                            gaps_between, resend_login_at_once, serve_in_thread, stop_server)
-
-WRONG = "Wrong-passw0rd!"
+from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, WRONG_PASSWORD as WRONG, HttpClient, gaps_between,
+                            resend_login_at_once, serve_in_thread, stop_server)
 
 
-def raw_json(client, path, text, token=None):
-    headers = {"Content-Type": "application/json", **(bearer(token) if token else {})}
-    return client.post(path, data=text.encode("utf-8", "surrogatepass"), headers=headers)
-
-
-# 1. Bodies and tokens that crashed the server
-
-HOSTILE_BODIES = {
-    "nested 1,000 deep": "[" * 1000 + "]" * 1000,
-    "object nested 1,000 deep": '{"a":' * 1000 + "1" + "}" * 1000,
-    "5,000-digit number": '{"clientname": ' + "9" * 5000 + "}",
-    "invalid UTF-8": b'{"clientname": "\xff\xfe"}'.decode("latin-1"),
-    "NaN": '{"clientname": NaN, "password": "x"}',
-}
-
-
-@pytest.mark.parametrize("name", sorted(HOSTILE_BODIES))
-@pytest.mark.parametrize("path", ["/auth/login", "/auth/signup"])
-def test_hostile_json_is_a_400_envelope(client, path, name):
-    text = HOSTILE_BODIES[name]
-    data = text.encode("latin-1") if name == "invalid UTF-8" else text.encode()
-    response = client.post(path, data=data, headers={"Content-Type": "application/json"})
-    envelope(response, 400)
-
-
-@pytest.mark.parametrize("path,body", [
-    ("/auth/login", {"clientname": "\ud800", "password": "x"}),
-    ("/auth/login", {"clientname": ADMIN_NAME, "password": "Aa1!\udfff-passw0rd"}),
-    ("/auth/signup", {"token": "kms_st_\ud800", "password": CLIENT_PASSWORD}),
-    ("/auth/login", {"\ud800": 1}),
-])
-def test_lone_surrogates_are_400_on_public_routes(client, path, body):
-    envelope(raw_json(client, path, json.dumps(body)), 400)
-
-
-def test_lone_surrogates_are_400_on_authenticated_routes_and_keep_the_signup_token(client, auth):
-    admin = auth.admin_token
-    envelope(raw_json(client, "/auth/signup/generate", json.dumps({"clientname": "svc-\ud800"}), admin), 400)
-    signup_token = auth.signup_token("surrogate-svc")
-    refused = raw_json(client, "/auth/signup", json.dumps({"token": signup_token, "password": "Aa1!\ud800-passw0rd"}))
-    envelope(refused, 400)
-    token = client.post("/auth/signup", json={"token": signup_token, "password": CLIENT_PASSWORD}).json()["token"]
-    envelope(raw_json(client, "/keys/actions/generate", json.dumps({"keyReference": "k\ud800"}), token), 400)
-    envelope(raw_json(client, "/keys/actions/generate", "[" * 1000 + "]" * 1000, token), 400)
-
-
-def _sign(claims, secrets_env):
-    return jwt.encode(claims, base64.urlsafe_b64decode(secrets_env["JWT_SECRET"] + "="), algorithm="HS256")
-
-
-@pytest.mark.parametrize("drop", ["exp", "jti", "sub", "type", "iat", "nbf"])
-def test_a_correctly_signed_token_missing_a_claim_is_401(client, auth, secrets_env, drop):
-    claims = jwt.decode(auth.new_client(), options={"verify_signature": False})
-    claims.pop(drop, None)
-    response = client.get("/keys", headers=bearer(_sign(claims, secrets_env)))
-    if drop in ("iat", "nbf", "type"):  # optional (flask-jwt-extended takes a typeless token as access)
-        assert response.status_code == 200
-    else:
-        assert envelope(response, 401)["error"] == "unauthorized"
-
-
-@pytest.mark.parametrize("claim,value", [("exp", "tomorrow"), ("exp", True), ("sub", 7), ("jti", ["x"]),
-                                         ("sub", "not-a-uuid")])
-def test_a_correctly_signed_token_with_a_wrong_claim_type_is_401(client, auth, secrets_env, claim, value):
-    claims = jwt.decode(auth.new_client(), options={"verify_signature": False})
-    claims[claim] = value
-    envelope(client.get("/keys", headers=bearer(_sign(claims, secrets_env))), 401)
-
-
-# 2. TRUSTED_PROXY_HOPS through a real proxy hop
+# TRUSTED_PROXY_HOPS through a real proxy hop
 
 class ForwardingProxy(socketserver.ThreadingTCPServer):
     """A minimal reverse proxy, as haproxy or nginx would be: one request per connection, the
@@ -193,7 +119,7 @@ def test_without_trusted_hops_a_forged_header_changes_nothing(proxied, db):
     assert _login_source_ips(db) == {"127.0.0.1"}  # the proxy's address, the only one we can know
 
 
-# 3. Slow clients
+# Slow clients
 
 def test_hundreds_of_slow_clients_do_not_stop_normal_requests(make_app):
     app = make_app(REQUEST_READ_TIMEOUT=3000)
@@ -272,7 +198,7 @@ def _closed_by_peer(sock) -> bool:
         sock.setblocking(True)
 
 
-# 4. Bodies over the limit are refused before they are read
+# Bodies over the limit are refused before they are read
 
 def _raw_exchange(port, payload: bytes, more: bytes = b"", more_times: int = 0) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -318,7 +244,7 @@ def test_oversized_headers_are_a_431_envelope(live_server):
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "request_header_fields_too_large"
 
 
-# 8. Request smuggling
+# Request smuggling
 
 def test_content_length_with_transfer_encoding_is_400_and_nothing_runs_after_it(live_server):
     port = int(live_server.rsplit(":", 1)[1])
@@ -331,94 +257,7 @@ def test_content_length_with_transfer_encoding_is_400_and_nothing_runs_after_it(
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "bad_request"
 
 
-# 5. Invented methods do not grow the metrics
-
-def test_invented_methods_and_paths_do_not_grow_metrics(live_server, client):
-    port = int(live_server.rsplit(":", 1)[1])
-
-    def invent(count):
-        for i in range(count):
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request(f"X{uuid.uuid4().hex[:10].upper()}", f"/nowhere/{uuid.uuid4().hex}")
-            assert conn.getresponse().status in (404, 405)
-            conn.close()
-        return client.get("/metrics").text
-
-    client.get("/metrics")  # the scrape's own series exist from here on
-    first = invent(20)
-    then = invent(300)
-    assert "/nowhere" not in then and 'method="other"' in then
-    assert len(then.splitlines()) == len(first.splitlines())  # 300 more inventions, not one more series
-
-
-# 6. Parallel password guesses
-
-def test_parallel_guesses_never_check_more_passwords_than_the_limit_across_processes(make_app, db):
-    apps = [make_app(SERVER_THREADS=40), make_app(SERVER_THREADS=40)]
-    servers = [serve_in_thread(app, threads=20) for app in apps]
-    try:
-        def guess(i):
-            base_url = servers[i % 2][1]
-            with HttpClient(base_url) as http:
-                return http.post("/auth/login", json={"clientname": ADMIN_NAME, "password": WRONG}).status_code
-
-        with ThreadPoolExecutor(24) as pool:
-            statuses = list(pool.map(guess, range(24)))
-    finally:
-        for server, _ in servers:
-            stop_server(server)
-    assert statuses.count(401) == 5, statuses  # exactly the limit were checked
-    assert set(statuses) == {401, 429}
-    with db.cursor() as cur:
-        cur.execute("SELECT count(*) FROM audit_events WHERE action = 'login' AND outcome = 'denied'")
-        assert cur.fetchone()[0] == 5
-
-
-# 7. Floods of refusals are counted, not written row by row
-
-def test_a_flood_of_refused_signups_is_one_event_with_a_count(client, app, db):
-    from kms.audit.service import flush_refusals
-    from kms.context import Context
-    for _ in range(40):
-        assert client.post("/auth/signup", json={"token": "kms_st_forged", "password": CLIENT_PASSWORD}
-                           ).status_code == 401
-    # The first of each minute is recorded at once (the flood may straddle a minute) ...
-    with db.cursor() as cur:
-        cur.execute("SELECT repeats FROM audit_events WHERE action = 'signup' AND outcome = 'denied'")
-        at_once = cur.fetchall()
-    assert set(at_once) == {(None,)} and len(at_once) <= 2
-    # ... and the rest as one event per minute with a count, when the minute is over.
-    with app.extensions["kms"].pool.connection() as conn:
-        flush_refusals(Context(kms=app.extensions["kms"], conn=conn), everything=True)
-    with db.cursor() as cur:
-        cur.execute("SELECT repeats, source_ip FROM audit_events WHERE action = 'signup' AND outcome = 'denied'")
-        rows = cur.fetchall()
-    assert len(rows) <= 4 and {ip for _, ip in rows} == {"127.0.0.1"}
-    assert sum(1 if repeats is None else repeats for repeats, _ in rows) == 40
-    events = client.get("/audit?limit=1000", headers=bearer(AuthActions(client).admin_token)).json()["events"]
-    assert sum(1 if e["repeats"] is None else e["repeats"] for e in events if e["action"] == "signup" and e["outcome"] == "denied") == 40
-
-
-def test_throttled_logins_are_counted_and_the_chain_still_verifies(client, app, db, runner):
-    for _ in range(5):
-        client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": WRONG})
-    for _ in range(30):  # each on a new connection: a 429's connection is not read for a second
-        assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": WRONG},
-                           headers={"Connection": "close"}).status_code == 429
-    with db.cursor() as cur:
-        cur.execute("SELECT count(*) FROM audit_events WHERE action = 'login' AND outcome = 'throttled'")
-        assert cur.fetchone()[0] == 1
-        cur.execute("UPDATE audit_refusals SET window_start = window_start - interval '5 minutes'")
-    result = runner.invoke(args=["kms", "audit", "verify"])  # flushes closed windows, then verifies
-    assert result.exit_code == 0, result.output
-    with db.cursor() as cur:
-        cur.execute("SELECT repeats FROM audit_events WHERE action = 'login' AND outcome = 'throttled' ORDER BY seq")
-        assert cur.fetchall() == [(None,), (29,)]
-        cur.execute("SET session_replication_role = replica")  # a writer who got past the trigger
-        cur.execute("UPDATE audit_events SET repeats = 1 WHERE repeats = 29")
-    tampered = runner.invoke(args=["kms", "audit", "verify"])
-    assert tampered.exit_code == 1 and "MAC" in tampered.output
-
+# A client that ignores Retry-After
 
 def test_a_guesser_that_ignores_retry_after_is_read_once_a_second(live_server):
     """A throttled guesser re-sending at once on its connection gets one answer a second (the
@@ -434,105 +273,3 @@ def test_a_guesser_that_ignores_retry_after_is_read_once_a_second(live_server):
     assert 2 <= len(answers) <= 4, gaps_between(answers)  # without the hold: hundreds in 3 s
     assert all(0.9 <= gap < 1.6 for gap in gaps_between(answers)), gaps_between(answers)
     assert other_waited < 0.5
-
-
-# 9. One corrupt row does not stop a KEK rotation
-
-def test_rewrap_moves_every_good_row_and_reports_each_bad_one(make_app, auth_for, db):
-    from kms.config import generate_secret
-    app = make_app()
-
-    def make_keys(http, token):
-        for i in range(5):
-            assert http.post("/keys/actions/generate", json={"keyReference": f"k{i}"},
-                             headers=bearer(token)).status_code == 200
-    auth_for(app, make_keys)
-    with db.cursor() as cur:
-        cur.execute("SELECT key_id FROM key_versions ORDER BY key_id LIMIT 2")
-        bad, moved_into = [row[0] for row in cur.fetchall()]
-        cur.execute("UPDATE key_versions SET wrapped_dek = (SELECT wrapped_dek FROM key_versions WHERE key_id = %s)"
-                    " WHERE key_id = %s", (moved_into, bad))
-    new_app = make_app(KEK_2=generate_secret())
-    result = new_app.test_cli_runner().invoke(args=["kms", "kek", "rewrap"])
-    assert result.exit_code == 4, result.output
-    assert f"key {bad} version 1: stored DEK failed authentication" in result.output
-    assert "re-wrapped 4 DEK versions under KEK version 2" in result.output
-    assert "Traceback" not in result.output
-    with db.cursor() as cur:
-        cur.execute("SELECT key_id, kek_version FROM key_versions ORDER BY key_id")
-        assert [kek for key_id, kek in cur.fetchall() if key_id != bad] == [2, 2, 2, 2]
-        cur.execute("SELECT count(*) FROM audit_events WHERE action = 'kek.rewrap' AND outcome = 'integrity_error'")
-        assert cur.fetchone()[0] == 1
-
-
-# 10. Looser edges
-
-@pytest.mark.parametrize("segment,status", [("%EF%BC%91", 400), ("%20%201", 400), ("1%20", 400), ("+1", 400),
-                                            ("01x", 400), ("-1", 400), ("0", 400), ("99999999999", 400)])
-def test_a_version_is_ascii_digits_only(client, auth, segment, status):
-    token = auth.new_client()
-    client.post("/keys/actions/generate", json={"keyReference": "k"}, headers=bearer(token))
-    assert client.get("/keys/k/1", headers=bearer(token)).status_code == 200
-    response = client.get(f"/keys/k/{segment}", headers=bearer(token))
-    body = envelope(response, status)
-    if status == 400:
-        assert body["fields"].keys() == {"version"}
-
-
-def test_routes_authenticate_before_they_validate(client):
-    for method, path, body in [("get", "/keys/0/0", None), ("get", "/keys/bad!ref", None), ("get", "/keys/k/0", None),
-                               ("post", "/keys/actions/generate", {"keyReference": "!!"}),
-                               ("post", "/auth/signup/generate", {"nope": 1}),
-                               ("post", "/clients/not-a-uuid/role", {"role": "x"}),
-                               ("get", "/audit?limit=-4", None)]:
-        response = getattr(client, method)(path, json=body)
-        assert envelope(response, 401)["error"] == "unauthorized", (method, path)
-
-
-def test_options_is_not_allowed_and_405_names_what_is(client):
-    for path in ["/keys", "/auth/login", "/keys/k/1", "/healthz"]:
-        assert envelope(client.options(path), 405)["error"] == "method_not_allowed"
-    assert client.options("/keys/actions/generate").headers["Allow"] == "POST"
-    assert client.delete("/keys").headers["Allow"] == "GET, HEAD"
-
-
-def test_openapi_documents_the_path_parameters_the_server_enforces(client):
-    paths = client.get("/openapi.json").json()["paths"]
-    parameters = {p["name"]: p["schema"] for p in paths["/keys/{ref}/{version}"]["parameters"]}
-    assert parameters["ref"]["pattern"] == "^[A-Za-z0-9-]{1,64}$" and parameters["ref"]["maxLength"] == 64
-    assert parameters["version"] == {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
-    client_parameters = {p["name"]: p["schema"] for p in paths["/clients/{client_id}/role"]["parameters"]}
-    assert client_parameters["client_id"]["format"] == "uuid"
-
-
-# 11. An admin can lift a login lock
-
-def test_an_admin_lifts_a_login_lock_through_the_api_and_it_is_audited(client, auth, db):
-    token = auth.new_client("locked-svc")
-    client_id = auth.client_id("locked-svc")
-    admin = bearer(auth.admin_token)
-    for _ in range(5):
-        client.post("/auth/login", json={"clientname": "locked-svc", "password": WRONG})
-    assert client.post("/auth/login", json={"clientname": "locked-svc", "password": CLIENT_PASSWORD}
-                       ).status_code == 429
-    assert client.post(f"/clients/{client_id}/actions/unlock", headers=bearer(token)).status_code == 403
-    assert client.post(f"/clients/{client_id}/actions/unlock", headers=admin).status_code == 204
-    assert client.post("/auth/login", json={"clientname": "locked-svc", "password": CLIENT_PASSWORD}
-                       ).status_code == 200
-    assert client.post(f"/clients/{uuid.uuid4()}/actions/unlock", headers=admin).status_code == 404
-    with db.cursor() as cur:
-        cur.execute("SELECT target FROM audit_events WHERE action = 'client.unlock'")
-        assert cur.fetchall() == [(client_id,)]
-
-
-def test_the_cli_lifts_a_login_lock(client, runner, db):
-    for _ in range(5):
-        client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": WRONG})
-    assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}).status_code == 429
-    result = runner.invoke(args=["kms", "clients", "unlock", ADMIN_NAME])
-    assert result.exit_code == 0 and f"unlocked {ADMIN_NAME}" in result.output
-    assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}).status_code == 200
-    assert runner.invoke(args=["kms", "clients", "unlock", "no-such-svc"]).exit_code == 1
-    with db.cursor() as cur:
-        cur.execute("SELECT actor FROM audit_events WHERE action = 'client.unlock'")
-        assert cur.fetchall() == [("cli",)]
