@@ -1,12 +1,10 @@
-"""The HTTP rules every route shares, operations endpoints, the factory and restarts."""
+"""The HTTP rules every route shares (kms.api): the error envelope, request ids, the probes, the
+OpenAPI document, hostile bodies, and authentication before validation."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, ROOT, AuthActions, HttpClient, bare_env,
-                            bearer, envelope, serve_in_thread, stop_server)
+from tests.conftest import ADMIN_NAME, CLIENT_PASSWORD, bearer, envelope
 
 
 def test_every_response_carries_a_fresh_request_id(client):
@@ -78,47 +76,6 @@ def test_openapi_document_comes_from_the_request_schemas(client):
     assert schemas["SignupTokenRequest"]["properties"]["ttl"]["maximum"] == 30 * 24 * 3600 * 1000
 
 
-def test_restarting_against_the_same_database_keeps_the_data_and_the_admin(make_app, db):
-    first = make_app()
-    server, base_url = serve_in_thread(first)
-    try:
-        with HttpClient(base_url) as http:
-            token = AuthActions(http).new_client("keeper-svc")
-            dek = http.post("/keys/actions/generate", json={"keyReference": "kept"}, headers=bearer(token)).json()["dek"]
-    finally:
-        stop_server(server)
-    first.extensions["kms"].close()
-    second = make_app()  # a restart: migrations, secret checks and the first admin are in place already
-    server, base_url = serve_in_thread(second)
-    try:
-        with HttpClient(base_url) as http:
-            assert http.get("/keys/kept", headers=bearer(token)).json()["encryptWith"]["dek"] == dek
-            assert AuthActions(http).login(ADMIN_NAME, ADMIN_PASSWORD)
-    finally:
-        stop_server(server)
-    with db.cursor() as cur:
-        cur.execute("SELECT count(*) FROM clients WHERE role = 'admin'")
-        assert cur.fetchone()[0] == 1
-        cur.execute("SELECT count(*) FROM schema_migrations")
-        assert cur.fetchone()[0] == len(list((ROOT / "sql" / "migrations").glob("*.sql")))
-
-
-def test_importing_the_app_does_nothing(tmp_path):
-    # No configuration, no database, an .env that would fail: importing must not read, connect,
-    # start a thread or build an app.
-    (tmp_path / ".env").write_text("KEK=not-a-key\n")
-    program = ("import threading; import app, kms, kms.cli; "
-               "assert threading.active_count() == 1, threading.enumerate(); "
-               "from flask import Flask; "
-               "assert not any(isinstance(v, Flask) for v in vars(app).values()); "
-               "print('quiet')")
-    env = bare_env()
-    result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "quiet\n" and result.stderr == ""
-
-
 def test_cli_gen_secret_prints_a_32_byte_key(runner):
     from kms.config import decode_key
     result = runner.invoke(args=["kms", "gen-secret"])
@@ -146,12 +103,6 @@ def test_openapi_documents_the_probes_and_metrics(client):
     assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503"}
     assert paths["/healthz"]["get"]["security"] == [] and paths["/metrics"]["get"]["security"] == []
     assert "text/plain" in paths["/metrics"]["get"]["responses"]["200"]["content"]
-
-
-def test_a_database_without_an_admin_warns_how_to_make_one(make_app, captured_logs):
-    make_app(MASTER_ADMIN_USERNAME="", MASTER_ADMIN_PASSWORD="")
-    warnings = [line for line in captured_logs.getvalue().splitlines() if '"level": "warning"' in line]
-    assert any("no active admin exists" in line and "kms create-admin" in line for line in warnings), warnings
 
 
 # Hostile bodies, methods no route has, and the order of the checks

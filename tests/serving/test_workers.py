@@ -1,6 +1,5 @@
 """Several server processes: `kms serve --workers N` (one socket, a supervising parent, one set of
 metrics) and two servers on different ports over one database (shared state lives in PostgreSQL)."""
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -298,33 +297,3 @@ def test_two_servers_over_one_database_share_sessions_throttles_rotations_and_th
     verified = subprocess.run([KMS, "audit", "verify"], env={**env, **base_env}, capture_output=True, text=True,
                               timeout=60)
     assert verified.returncode == 0 and verified.stdout.startswith("audit chain intact"), verified.stderr
-
-
-def _hold_the_only_hashing_slot(gate, held, release):
-    gate.hashing.acquire()
-    held.set()
-    release.wait(10)
-    gate.hashing.release()
-
-
-@pytest.mark.parametrize("shared", [True, False])
-def test_password_hashing_is_bounded_across_worker_processes(shared):
-    from kms.auth.passwords import HashGate, PasswordHasher
-    from kms.errors import Throttled
-    context = multiprocessing.get_context("fork")
-    gate = HashGate(concurrency=1, shared=shared)  # as a server's parent makes it, before forking
-    held, release = context.Event(), context.Event()
-    other_worker = context.Process(target=_hold_the_only_hashing_slot, args=(gate, held, release))
-    other_worker.start()
-    try:
-        assert held.wait(10)
-        hasher = PasswordHasher(gate=gate, wait_s=0.3)
-        if shared:  # the other worker holds the host's only slot: this one may not hash too
-            with pytest.raises(Throttled):
-                hasher.verify("Some-passw0rd!", None)
-        else:  # the control: with a gate per process, both would hash at once
-            assert hasher.verify("Some-passw0rd!", None) is False
-    finally:
-        release.set()
-        other_worker.join(10)
-    assert PasswordHasher(gate=gate, wait_s=2).verify("Some-passw0rd!", None) is False  # the slot is free again
