@@ -240,6 +240,15 @@ def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
 
 
+def tamper(db, statement, params=None):
+    """Run `statement` on the connection `db` as a database writer who also got past the triggers
+    (a superuser's replica role) would; returns the rows it returns, if any."""
+    with db.cursor() as cur:
+        cur.execute("SET session_replication_role = replica")
+        cur.execute(statement, params)
+        return cur.fetchall() if cur.description else None
+
+
 def envelope(response, status: int, code: str | None = None) -> dict:
     """Assert that `response` is an error answer with `status`, in the envelope every error has:
     error, message and requestId, the id the X-Request-ID header carries (and `code` as its error,
