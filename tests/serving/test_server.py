@@ -1,4 +1,4 @@
-"""The KMS as a server process: `python app.py` (`kms serve`). Dev mode: tests/test_dev_mode.py."""
+"""The KMS as a server process: `python app.py` (`kms serve`). Dev mode: tests/serving/test_dev_mode.py."""
 import os
 import signal
 import subprocess
