@@ -1,6 +1,5 @@
 """Fixtures: a real PostgreSQL (TEST_DATABASE_URL, or a private throwaway server), a fresh KMS
 app per test, and a real HTTP server (waitress on a free port) to send real requests to."""
-import http.client
 import io
 import logging
 import os
@@ -161,35 +160,6 @@ class HttpClient(requests.Session):
     def request(self, method, url, *args, **kwargs):
         kwargs.setdefault("timeout", 30)
         return super().request(method, self.base_url + url, *args, **kwargs)
-
-
-def resend_login_at_once(base_url: str, body: str, seconds: float = 3.0) -> tuple[list, float]:
-    """A client that ignores Retry-After: POST /auth/login with `body` on one keep-alive
-    connection, again the moment each answer comes, for `seconds`. Returns its answers as
-    (time, status, Retry-After) and how long a new connection waited for /healthz right after the
-    first answer."""
-    host, port = base_url.rsplit("/", 1)[1].split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=10)
-    answers, other_waited = [], None
-    try:
-        started = time.monotonic()
-        while time.monotonic() - started < seconds:
-            connection.request("POST", "/auth/login", body=body, headers={"Content-Type": "application/json"})
-            response = connection.getresponse()
-            response.read()
-            answers.append((time.monotonic(), response.status, response.headers.get("Retry-After")))
-            if other_waited is None:
-                with HttpClient(base_url) as other:
-                    asked = time.monotonic()
-                    assert other.get("/healthz").status_code == 200
-                    other_waited = time.monotonic() - asked
-    finally:
-        connection.close()
-    return answers, other_waited
-
-
-def gaps_between(answers: list) -> list[float]:
-    return [later[0] - earlier[0] for earlier, later in zip(answers, answers[1:])]
 
 
 def serve_in_thread(app, threads: int = 8):

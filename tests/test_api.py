@@ -76,19 +76,6 @@ def test_openapi_document_comes_from_the_request_schemas(client):
     assert schemas["SignupTokenRequest"]["properties"]["ttl"]["maximum"] == 30 * 24 * 3600 * 1000
 
 
-def test_cli_gen_secret_prints_a_32_byte_key(runner):
-    from kms.config import decode_key
-    result = runner.invoke(args=["kms", "gen-secret"])
-    assert result.exit_code == 0
-    assert len(decode_key("X", result.output.strip())) == 32
-
-
-def test_cli_migrate_reports_a_current_schema(runner):
-    result = runner.invoke(args=["kms", "migrate"])
-    assert result.exit_code == 0, result.output
-    assert "schema is current" in result.output
-
-
 def test_server_errors_never_leak_internals(app, client, auth, db):
     token = auth.new_client()
     client.post("/keys/actions/generate", json={"keyReference": "k1"}, headers=bearer(token))

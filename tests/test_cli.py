@@ -13,6 +13,7 @@ import psycopg2
 import pytest
 from click.testing import CliRunner
 
+from kms.config import decode_key
 from kms.serving.throwaway_postgres import _free_port
 from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, KMS_COMMAND as KMS, ROOT, bare_env, bearer,
                             serve_in_thread, stop_server)
@@ -29,7 +30,9 @@ def test_help_and_gen_secret_need_no_configuration_and_no_database(tmp_path):
         result = subprocess.run(command, env=bare_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, (command, result.stderr)
         assert "Traceback" not in result.stderr
-    assert len(run_kms("gen-secret", env=bare_env()).stdout.strip()) == 43
+    secret = run_kms("gen-secret", env=bare_env()).stdout
+    assert secret.endswith("\n") and len(secret.strip()) == 43
+    assert len(decode_key("X", secret.strip())) == 32  # a key every secret setting takes
 
 
 def test_a_fresh_env_example_reports_every_missing_setting_at_once(tmp_path):

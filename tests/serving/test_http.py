@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, WRONG_PASSWORD as WRONG, HttpClient, gaps_between,
-                            resend_login_at_once, serve_in_thread, stop_server)
+from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, WRONG_PASSWORD as WRONG, HttpClient, serve_in_thread,
+                            stop_server)
 
 
 # TRUSTED_PROXY_HOPS through a real proxy hop
@@ -259,10 +259,41 @@ def test_content_length_with_transfer_encoding_is_400_and_nothing_runs_after_it(
 
 # A client that ignores Retry-After
 
+def resend_login_at_once(base_url: str, body: str, seconds: float = 3.0) -> tuple[list, float]:
+    """A client that ignores Retry-After: POST /auth/login with `body` on one keep-alive
+    connection, again the moment each answer comes, for `seconds`. Returns its answers as
+    (time, status, Retry-After) and how long a new connection waited for /healthz right after the
+    first answer."""
+    host, port = base_url.rsplit("/", 1)[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    answers, other_waited = [], None
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            connection.request("POST", "/auth/login", body=body, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            answers.append((time.monotonic(), response.status, response.headers.get("Retry-After")))
+            if other_waited is None:
+                with HttpClient(base_url) as other:
+                    asked = time.monotonic()
+                    assert other.get("/healthz").status_code == 200
+                    other_waited = time.monotonic() - asked
+    finally:
+        connection.close()
+    return answers, other_waited
+
+
+def gaps_between(answers: list) -> list[float]:
+    return [later[0] - earlier[0] for earlier, later in zip(answers, answers[1:])]
+
+
 def test_a_guesser_that_ignores_retry_after_is_read_once_a_second(live_server):
     """A throttled guesser re-sending at once on its connection gets one answer a second (the
-    hold is capped at a second, whatever Retry-After says), not hundreds; other connections are
-    served at once."""
+    hold is capped at a second, whatever Retry-After says), not hundreds; no server thread waits
+    with it, and other connections are served at once. The server holds the connection of every
+    429 it sends, reading the hold off the answer's Retry-After: a login flood's refusals
+    (Retry-After: 1, kms.auth.passwords) are held the same way."""
     body = json.dumps({"clientname": ADMIN_NAME, "password": WRONG})
     with HttpClient(live_server) as fresh:
         while fresh.post("/auth/login", data=body, headers={"Content-Type": "application/json",
