@@ -18,6 +18,7 @@ import requests
 from prometheus_client.mmap_dict import MmapedDict
 
 from kms import create_app
+from kms.auth import passwords
 from kms.config import SECRET_VARIABLES, generate_secret
 from kms.observability import JsonFormatter
 from kms.serving.http import create_server
@@ -31,6 +32,31 @@ CLIENT_PASSWORD = "Client-passw0rd!"
 WRONG_PASSWORD = "Wrong-passw0rd!"
 APP_TABLES = ("clients, sessions, signup_tokens, login_failures, keys, key_versions, secret_checks, audit_events, "
               "audit_refusals, legacy_signup_tokens_used")
+
+
+# What kms.auth.passwords hashes with: OWASP's Argon2id parameters.
+REAL_PASSWORD_HASHING = {"MEMORY_KIB": passwords.MEMORY_KIB, "ITERATIONS": passwords.ITERATIONS}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cheap_password_hashing():
+    """Argon2id at its lowest cost (8 KiB, one pass) in this process. Nearly every test signs up and
+    logs in, and at OWASP's cost each hash took a core for 25 ms to 100 ms; the PHC string records
+    the cost, so hashes of either cost verify alike. Tests of hashing itself (its parameters, its
+    timing, floods of logins) are marked real_password_hashing and hash at the real cost, and so do
+    servers started as processes of their own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(passwords, "MEMORY_KIB", 8)
+        patch.setattr(passwords, "ITERATIONS", 1)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def password_hashing_as_marked(request, monkeypatch):
+    """OWASP's cost again, for a test marked real_password_hashing (set before its app is made)."""
+    if request.node.get_closest_marker("real_password_hashing"):
+        for name, value in REAL_PASSWORD_HASHING.items():
+            monkeypatch.setattr(passwords, name, value)
 
 
 def bare_env(**settings) -> dict:

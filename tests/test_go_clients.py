@@ -130,6 +130,7 @@ def test_the_original_clients_full_session_on_the_wire(live_server, client):
     assert status == 404
 
 
+@pytest.mark.real_password_hashing
 def test_eight_parallel_logins_of_one_client_all_succeed(make_app):
     """The original SDK logs in before nearly every call, from every goroutine at once, and never
     retries a 429: a burst of 8 on 2 cores must queue for a hashing slot, not be refused."""

@@ -79,6 +79,7 @@ def test_signup_token_works_once(client, auth):
     assert second.status_code == 401 and second.json()["error"] == "invalid_signup_token"
 
 
+@pytest.mark.real_password_hashing
 def test_parallel_signups_with_one_token_create_exactly_one_client(make_app):
     # Enough server threads that all ten are admitted to hashing and race to consume the token.
     app = make_app(SERVER_THREADS=40)
@@ -233,6 +234,7 @@ def test_successful_login_resets_the_clientname_failures(client):
                                                 "password": "Wrong-passw0rd!"}).status_code == 401
 
 
+@pytest.mark.real_password_hashing
 def test_parallel_guesses_never_check_more_passwords_than_the_limit_across_processes(make_app, db):
     apps = [make_app(SERVER_THREADS=40), make_app(SERVER_THREADS=40)]
     servers = [serve_in_thread(app, threads=20) for app in apps]

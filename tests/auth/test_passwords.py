@@ -81,6 +81,7 @@ def test_hashes_run_at_a_lower_cpu_priority_than_requests(monkeypatch):
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
 
 
+@pytest.mark.real_password_hashing
 def test_passwords_are_stored_as_argon2id_and_names_only_encrypted(client, auth, db):
     auth.new_client("billing-service")
     with db.cursor() as cur:
@@ -93,6 +94,7 @@ def test_passwords_are_stored_as_argon2id_and_names_only_encrypted(client, auth,
     assert b"billing-service" not in bytes(name_enc)
 
 
+@pytest.mark.real_password_hashing
 def test_login_timing_does_not_reveal_whether_a_client_exists(make_app):
     # Limits raised so that 25 failures of one name are all checked (by default the 6th is a 429).
     server, base_url = serve_in_thread(make_app(LOGIN_MAX_FAILURES_PER_CLIENT=100,
@@ -168,6 +170,7 @@ def test_during_a_flood_logins_are_refused_before_flask_with_the_same_answer(app
     assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}).status_code == 200
 
 
+@pytest.mark.real_password_hashing
 def test_key_requests_keep_answering_during_a_login_flood(client, auth):
     """SERVER_THREADS=4 admits 2 logins at a time: key requests still find free threads."""
     token = auth.new_client()
