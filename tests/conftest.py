@@ -1,5 +1,12 @@
-"""Fixtures: a real PostgreSQL (TEST_DATABASE_URL, or a private throwaway server), a fresh KMS
-app per test, and a real HTTP server (waitress on a free port) to send real requests to."""
+"""Fixtures: a real PostgreSQL (TEST_DATABASE_URL, or a private throwaway server), a KMS app and
+a real HTTP server (waitress on a free port) to send real requests to.
+
+The app and its server are shared by the whole session: before each test that uses them (`app`,
+`client`, `auth`, `live_server`, `runner`), the database's rows are put back as they were right
+after the app started (the first admin, the secrets' check values, its audit event), so every test
+starts from the same state. A test that needs an app of its own asks make_app() for one (with
+settings of its own) or is marked own_app (it reads the app's metrics, floods its login places);
+another_app() makes a second app over the shared one's database, as a second server process."""
 import io
 import logging
 import os
@@ -129,7 +136,7 @@ def secrets_env():
     return {name: generate_secret() for name in SECRET_VARIABLES}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def base_env(database_url, secrets_env):
     return {
         **secrets_env,
@@ -154,26 +161,110 @@ def clear_tables(database_url: str):
         conn.close()
 
 
+def new_app(env: dict, **overrides):
+    app = create_app({**env, **{k: str(v) for k, v in overrides.items()}})
+    app.config["TESTING"] = True
+    return app
+
+
+def close_app(app):
+    """Close the app's pool, once (a second close would wait for connections that never come back)."""
+    kms = app.extensions.pop("kms", None)
+    if kms is not None:
+        kms.close()
+
+
+USES_SHARED_APP = pytest.StashKey[bool]()
+
+
 @pytest.fixture
-def make_app(base_env):
-    """Build apps against the test database, emptied first; closed at the end of the test."""
+def make_app(request, base_env):
+    """Build apps against the test database, emptied first (at the first call); closed at the end
+    of the test. Not in a test that uses the shared app: another_app() builds over its rows."""
     apps = []
-    clear_tables(base_env["DATABASE_URL"])
 
     def make(**overrides):
-        app = create_app({**base_env, **{k: str(v) for k, v in overrides.items()}})
-        app.config["TESTING"] = True
+        if request.node.stash.get(USES_SHARED_APP, False):
+            raise pytest.UsageError("make_app() would empty the shared app's database: use another_app()")
+        if not apps:
+            clear_tables(base_env["DATABASE_URL"])
+        app = new_app(base_env, **overrides)
         apps.append(app)
         return app
 
     yield make
     for app in apps:
-        app.extensions["kms"].close()
+        close_app(app)
 
 
 @pytest.fixture
-def app(make_app):
-    return make_app()
+def another_app(app, base_env):
+    """Build further apps over the database of this test's app, rows kept, as another server
+    process would (with settings of their own); closed at the end of the test."""
+    apps = []
+
+    def make(**overrides):
+        other = new_app({**base_env, "DATABASE_URL": app.extensions["kms"].settings.database_url}, **overrides)
+        apps.append(other)
+        return other
+
+    yield make
+    for other in apps:
+        close_app(other)
+
+
+class SharedApp:
+    """The app and server the tests share, and the database rows it had right after it started."""
+
+    def __init__(self, app, database_url: str):
+        self.app = app
+        self.server, self.base_url = serve_in_thread(app)
+        app.config["TEST_SERVER_URL"] = self.base_url
+        # The rows as they are now, kept in temporary tables of a connection of its own.
+        self._conn = psycopg2.connect(database_url)
+        tables = [table.strip() for table in APP_TABLES.split(",")]
+        restore = ["SET LOCAL session_replication_role = replica"]  # past audit_events' triggers
+        restore += [f"DELETE FROM {table}" for table in tables]
+        with self._conn, self._conn.cursor() as cur:
+            for table in tables:
+                cur.execute(f"CREATE TEMPORARY TABLE kept_{table} AS TABLE {table}")
+                if cur.rowcount:
+                    restore.append(f"INSERT INTO {table} OVERRIDING SYSTEM VALUE SELECT * FROM kept_{table}")
+            cur.execute("SELECT format('SELECT setval(%L, %s, %L)', schemaname || '.' || sequencename, "
+                        "coalesce(last_value, start_value), last_value IS NOT NULL) FROM pg_sequences "
+                        "WHERE schemaname = 'public'")
+            restore += [row[0] for row in cur.fetchall()]
+        self._restore = ";\n".join(restore)
+
+    def reset(self):
+        """Every row of the app's tables as it was when the app had started, sequences too."""
+        with self._conn, self._conn.cursor() as cur:
+            cur.execute(self._restore)
+
+    def close(self):
+        stop_server(self.server)
+        self._conn.close()
+        close_app(self.app)
+
+
+@pytest.fixture(scope="session")
+def shared_app(base_env):
+    clear_tables(base_env["DATABASE_URL"])
+    shared = SharedApp(new_app(base_env), base_env["DATABASE_URL"])
+    yield shared
+    shared.close()
+
+
+@pytest.fixture
+def app(request):
+    """This test's app: the shared one, its rows put back as they were when it started; or, for a
+    test marked own_app or real_password_hashing, one of its own (see make_app)."""
+    if any(request.node.get_closest_marker(name) for name in ("own_app", "real_password_hashing")):
+        return request.getfixturevalue("make_app")()
+    shared = request.getfixturevalue("shared_app")
+    request.node.stash[USES_SHARED_APP] = True
+    shared.reset()
+    return shared.app
 
 
 class HttpClient(requests.Session):
@@ -216,6 +307,10 @@ def stop_server(server):
 
 @pytest.fixture
 def live_server(app):
+    """The base URL of a server for this test's app: the shared server, or one of its own."""
+    if "TEST_SERVER_URL" in app.config:
+        yield app.config["TEST_SERVER_URL"]
+        return
     server, base_url = serve_in_thread(app)
     yield base_url
     stop_server(server)
@@ -299,9 +394,9 @@ def auth(client):
 
 
 @pytest.fixture
-def db(app):
+def db(database_url):
     """A direct connection to the test database, for looking at (and tampering with) rows."""
-    conn = psycopg2.connect(app.extensions["kms"].settings.database_url)
+    conn = psycopg2.connect(database_url)
     conn.autocommit = True
     yield conn
     conn.close()

@@ -4,6 +4,8 @@ and never grown by what a caller invents."""
 import http.client
 import uuid
 
+import pytest
+
 from tests.conftest import bearer
 
 
@@ -41,6 +43,7 @@ def metric_value(text: str, series: str) -> float | None:
     return None
 
 
+@pytest.mark.own_app
 def test_metrics_show_what_an_operator_watches(client, auth, db):
     token = auth.new_client("metered-svc")
     h = bearer(token)

@@ -31,6 +31,7 @@ def assert_reported(db, client, table, captured_logs=None):
 
 # Authority
 
+@pytest.mark.own_app
 def test_a_client_made_admin_in_the_database_gets_nothing(client, auth, db, captured_logs):
     token = auth.new_client("plain-svc")
     tamper(db, "UPDATE clients SET role = 'admin' WHERE role = 'client'")
@@ -43,6 +44,7 @@ def test_a_client_made_admin_in_the_database_gets_nothing(client, auth, db, capt
     assert "plain-svc" not in captured_logs.getvalue() and CLIENT_PASSWORD not in captured_logs.getvalue()
 
 
+@pytest.mark.own_app
 def test_a_password_hash_written_by_the_attacker_lets_nobody_in(client, auth, db):
     auth.new_client("victim-svc")
     forged = Argon2id(salt=os.urandom(16), length=32, iterations=2, lanes=1,
@@ -53,6 +55,7 @@ def test_a_password_hash_written_by_the_attacker_lets_nobody_in(client, auth, db
     assert_reported(db, client, "clients")
 
 
+@pytest.mark.own_app
 def test_a_revoked_session_revived_in_the_database_stays_dead(client, auth, db):
     token = auth.new_client()
     assert client.post("/auth/logout", headers=bearer(token)).status_code == 204
@@ -85,6 +88,7 @@ def test_an_old_client_row_put_back_does_not_revive_its_tokens(client, auth, db)
     assert client.get("/keys", headers=bearer(token)).status_code == 401
 
 
+@pytest.mark.own_app
 def test_a_signup_token_forged_re_roled_or_un_used_in_the_database_is_refused(client, auth, db):
     token = auth.signup_token("target-svc")
     tamper(db, "UPDATE signup_tokens SET role = 'admin'")
@@ -108,6 +112,7 @@ def owner(auth, client):
     return token
 
 
+@pytest.mark.own_app
 def test_moving_the_current_version_back_is_an_integrity_error(client, db, owner):
     tamper(db, "UPDATE keys SET current_version = 1")
     response = client.get("/keys/k", headers=bearer(owner))
@@ -141,7 +146,7 @@ def test_an_older_key_row_put_back_is_an_integrity_error(client, db, owner):
     assert response.status_code == 500 and response.json()["error"] == "integrity_error"
 
 
-def test_a_deleted_key_undeleted_in_the_database_is_not_served(make_app, client, db, owner):
+def test_a_deleted_key_undeleted_in_the_database_is_not_served(client, db, owner):
     # (the default KEY_DELETION_WAIT keeps the row until it is destroyed)
     assert client.delete("/keys/k/actions/delete", headers=bearer(owner)).status_code == 204
     tamper(db, "UPDATE keys SET deleted_at = NULL, destroy_after = NULL")

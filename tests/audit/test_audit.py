@@ -37,7 +37,7 @@ def cli_ok(result):
     return result
 
 
-def full_workflow(client, auth, runner, db, make_app):
+def full_workflow(client, auth, runner, db, another_app):
     """Touch every kind of event once, each step checked to have done what it should; returns
     the secrets seen on the way."""
     seen = {"passwords": [ADMIN_PASSWORD, CLIENT_PASSWORD], "tokens": [], "deks": [], "refs": [RAW_REF]}
@@ -77,14 +77,14 @@ def full_workflow(client, auth, runner, db, make_app):
     cli_token = cli_ok(runner.invoke(args=["kms", "signup-token", "--name", "cli-svc"])).stdout.strip().splitlines()[-1]
     seen["tokens"].append(cli_token)
     # a second KEK, and the DEK still under the first moved to it
-    with_new_kek = make_app(KEK_2=generate_secret())
+    with_new_kek = another_app(KEK_2=generate_secret())
     rewrapped = cli_ok(with_new_kek.test_cli_runner().invoke(args=["kms", "kek", "rewrap"]))
     assert rewrapped.output.startswith("re-wrapped 1 DEK versions under KEK version 2")
     return seen
 
 
-def test_every_security_event_is_recorded_with_its_outcome(client, auth, runner, db, make_app):
-    full_workflow(client, auth, runner, db, make_app)
+def test_every_security_event_is_recorded_with_its_outcome(client, auth, runner, db, another_app):
+    full_workflow(client, auth, runner, db, another_app)
     for _ in range(5):
         assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": "Wrong-passw0rd!"}) \
             .status_code == 401
@@ -250,8 +250,8 @@ def test_audit_export_writes_json_lines(client, auth, runner):
 
 
 def test_no_secret_reaches_a_log_line_or_an_audit_row(client, auth, runner, db, secrets_env, captured_logs,
-                                                     make_app):
-    seen = full_workflow(client, auth, runner, db, make_app)
+                                                     another_app):
+    seen = full_workflow(client, auth, runner, db, another_app)
     with db.cursor() as cur:
         cur.execute("SELECT string_agg(t::text, '\n') FROM audit_events t")
         audit_dump = cur.fetchone()[0]

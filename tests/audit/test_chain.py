@@ -54,6 +54,7 @@ def test_unchaining_and_deleting_rows_cannot_be_resealed_behind_a_recorded_head(
     assert result.exit_code == 1 and "BROKEN" in result.output, result.output
 
 
+@pytest.mark.own_app
 def test_a_running_sealer_refuses_a_chain_rewritten_under_it(app, client, auth, db, sealed_history):
     from kms.audit.sealer import Sealer
     sealer = Sealer(app.extensions["kms"])

@@ -188,7 +188,7 @@ def test_a_login_makes_five_round_trips_to_the_database(client, monkeypatch):
         assert answered == status and len(sent) == 5, sent
 
 
-def test_failed_logins_are_throttled_per_clientname(make_app, client, auth):
+def test_failed_logins_are_throttled_per_clientname(client):
     for _ in range(5):
         assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": "Wrong-passw0rd!"}).status_code == 401
     response = client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD})
@@ -211,11 +211,11 @@ def test_failed_logins_are_throttled_per_source_address(make_app, base_env):
         stop_server(server)
 
 
-def test_throttle_holds_across_server_processes(make_app, client, auth):
+def test_throttle_holds_across_server_processes(another_app, client):
     """Failures are counted in PostgreSQL, so a second app (another process) sees them."""
     for _ in range(5):
         client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": "Wrong-passw0rd!"})
-    other = make_app()
+    other = another_app()
     server, base_url = serve_in_thread(other, threads=2)
     try:
         with HttpClient(base_url) as http:
@@ -318,9 +318,9 @@ def test_disable_role_change_and_delete_revoke_tokens_at_once(client, auth, acti
     assert client.get("/keys", headers=bearer(token)).status_code == 401
 
 
-def test_revocation_is_seen_by_every_server_process(make_app, client, auth):
+def test_revocation_is_seen_by_every_server_process(another_app, client, auth):
     token = auth.new_client()
-    other = make_app()
+    other = another_app()
     server, base_url = serve_in_thread(other, threads=2)
     try:
         with HttpClient(base_url) as http:

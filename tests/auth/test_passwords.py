@@ -146,6 +146,7 @@ def every_login_place_taken(app):
             holder.join()
 
 
+@pytest.mark.own_app
 def test_during_a_flood_logins_are_refused_before_flask_with_the_same_answer(app, client, live_server, captured_logs):
     with every_login_place_taken(app) as passwords:
         body = {"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}
