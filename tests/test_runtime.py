@@ -4,7 +4,7 @@ keeps the data."""
 import subprocess
 import sys
 
-from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, ROOT, AuthActions, HttpClient, bare_env, bearer,
+from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, ROOT, AuthActions, HttpClient, bare_env, bearer, close_app,
                             serve_in_thread, stop_server)
 
 
@@ -33,7 +33,7 @@ def test_restarting_against_the_same_database_keeps_the_data_and_the_admin(make_
             dek = http.post("/keys/actions/generate", json={"keyReference": "kept"}, headers=bearer(token)).json()["dek"]
     finally:
         stop_server(server)
-    first.extensions["kms"].close()
+    close_app(first)  # its connections gone, as when its process ends
     second = make_app()  # a restart: migrations, secret checks and the first admin are in place already
     server, base_url = serve_in_thread(second)
     try:
