@@ -258,9 +258,11 @@ def shared_app(base_env):
 @pytest.fixture
 def app(request):
     """This test's app: the shared one, its rows put back as they were when it started; or, for a
-    test marked own_app or real_password_hashing, one of its own (see make_app)."""
-    if any(request.node.get_closest_marker(name) for name in ("own_app", "real_password_hashing")):
-        return request.getfixturevalue("make_app")()
+    test marked own_app (with the settings the marker names, if any) or real_password_hashing, one
+    of its own (see make_app)."""
+    own = request.node.get_closest_marker("own_app")
+    if own or request.node.get_closest_marker("real_password_hashing"):
+        return request.getfixturevalue("make_app")(**(own.kwargs if own else {}))
     shared = request.getfixturevalue("shared_app")
     request.node.stash[USES_SHARED_APP] = True
     shared.reset()
