@@ -26,7 +26,8 @@ class ForwardingProxy(socketserver.ThreadingTCPServer):
     def __init__(self, backend_port: int):
         self.backend_port = backend_port
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        # shutdown() waits for the loop to look again: every 50 ms, not the default 500 ms
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
 
 
 class _ProxyHandler(socketserver.StreamRequestHandler):
