@@ -110,9 +110,14 @@ def test_a_row_duplicated_verbatim_is_refused_or_caught(runner, db, sealed_histo
     with pytest.raises(psycopg2.errors.UniqueViolation):
         tamper(db, f"INSERT INTO audit_events ({columns}) SELECT {columns} FROM audit_events WHERE seq = 2")
     tamper(db, "DROP INDEX audit_events_event_id")  # a writer who owns the table
-    tamper(db, f"INSERT INTO audit_events ({columns}) SELECT {columns} FROM audit_events WHERE seq = 2")
-    result = runner.invoke(args=["kms", "audit", "verify"])
-    assert result.exit_code == 1 and "BROKEN" in result.output
+    (duplicate,) = tamper(db, f"INSERT INTO audit_events ({columns}) SELECT {columns} FROM audit_events "
+                              "WHERE seq = 2 RETURNING seq")[0]
+    try:
+        result = runner.invoke(args=["kms", "audit", "verify"])
+        assert result.exit_code == 1 and "BROKEN" in result.output
+    finally:  # the index back for the tests after this one, which share the database
+        tamper(db, "DELETE FROM audit_events WHERE seq = %s", (duplicate,))
+        tamper(db, "CREATE UNIQUE INDEX audit_events_event_id ON audit_events (event_id)")
 
 
 def test_renumbered_seq_is_caught(runner, db, sealed_history):
