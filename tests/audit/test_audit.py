@@ -27,8 +27,8 @@ def actions(db):
     return [row[1] for row in events(db)]
 
 
-def ok(response):
-    assert response.status_code < 300, (response.request.method, response.request.path_url, response.text)
+def ok(response, status=200):
+    assert response.status_code == status, (response.request.method, response.request.path_url, response.text)
     return response
 
 
@@ -57,23 +57,23 @@ def full_workflow(client, auth, runner, db, another_app):
     assert auto["version"] == 3  # auto-rotated
     seen["deks"].append(auto["dek"])
     ok(client.post(f"/keys/{RAW_REF}/actions/retire", json={"belowVersion": 2}, headers=h))
-    ok(client.delete(f"/keys/{RAW_REF}/actions/delete", headers=h))
+    ok(client.delete(f"/keys/{RAW_REF}/actions/delete", headers=h), 204)
     ok(client.post(f"/keys/{RAW_REF}/actions/restore", headers=h))
-    ok(client.delete(f"/keys/{RAW_REF}/actions/delete", headers=h))
+    ok(client.delete(f"/keys/{RAW_REF}/actions/delete", headers=h), 204)
     with db.cursor() as cur:
         cur.execute("UPDATE keys SET destroy_after = now()")
     assert ", destroyed 1 keys" in cli_ok(runner.invoke(args=["kms", "keys", "rotate-due"])).output
     seen["deks"].append(ok(client.post("/keys/actions/generate", json={"keyReference": "rewrap-me"}, headers=h))
                         .json()["dek"])
-    ok(client.post("/auth/logout", headers=h))
+    ok(client.post("/auth/logout", headers=h), 204)
     assert client.post("/auth/login", json={"clientname": "audited-svc", "password": "Wrong-passw0rd!"}) \
         .status_code == 401
     client_id = auth.client_id("audited-svc")
     admin = bearer(auth.admin_token)
-    ok(client.post(f"/clients/{client_id}/role", json={"role": "admin"}, headers=admin))
-    ok(client.post(f"/clients/{client_id}/actions/disable", headers=admin))
-    ok(client.post(f"/clients/{client_id}/actions/enable", headers=admin))
-    ok(client.delete(f"/clients/{client_id}", headers=admin))
+    ok(client.post(f"/clients/{client_id}/role", json={"role": "admin"}, headers=admin), 204)
+    ok(client.post(f"/clients/{client_id}/actions/disable", headers=admin), 204)
+    ok(client.post(f"/clients/{client_id}/actions/enable", headers=admin), 204)
+    ok(client.delete(f"/clients/{client_id}", headers=admin), 204)
     cli_token = cli_ok(runner.invoke(args=["kms", "signup-token", "--name", "cli-svc"])).stdout.strip().splitlines()[-1]
     seen["tokens"].append(cli_token)
     # a second KEK, and the DEK still under the first moved to it
