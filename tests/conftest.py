@@ -1,9 +1,17 @@
-"""Fixtures: a real PostgreSQL (TEST_DATABASE_URL, or a private throwaway server), a fresh KMS
-app per test, and a real HTTP server (waitress on a free port) to send real requests to."""
-import http.client
+"""Fixtures: a real PostgreSQL (TEST_DATABASE_URL, or a private throwaway server), a KMS app and
+a real HTTP server (waitress on a free port) to send real requests to.
+
+The app and its server are shared by the whole session: before each test that uses them (`app`,
+`client`, `auth`, `live_server`, `runner`), the database's rows are put back as they were right
+after the app started (the first admin, the secrets' check values, its audit event), so every test
+starts from the same state. A test that needs an app of its own asks make_app() for one (with
+settings of its own) or is marked own_app (it reads the app's metrics, floods its login places);
+another_app() makes a second app over the shared one's database, as a second server process."""
 import io
 import logging
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -14,19 +22,49 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg2
 import pytest
 import requests
+from prometheus_client.mmap_dict import MmapedDict
 
 from kms.app import create_app
+from kms.auth import passwords
 from kms.cli import kms_cli
 from kms.config import SECRET_VARIABLES, generate_secret
 from kms.observability.logs import JsonFormatter
 from kms.serving.http import create_server
+from kms.serving.throwaway_postgres import _free_port
 
+ROOT = Path(__file__).resolve().parent.parent  # the checkout
 KMS_COMMAND = str(Path(sys.executable).parent / "kms")  # the console script `pip install` made
 ADMIN_NAME = "root-admin"
 ADMIN_PASSWORD = "Root-admin-passw0rd"
 CLIENT_PASSWORD = "Client-passw0rd!"
+WRONG_PASSWORD = "Wrong-passw0rd!"
 APP_TABLES = ("clients, sessions, signup_tokens, login_failures, keys, key_versions, secret_checks, audit_events, "
               "audit_refusals, legacy_signup_tokens_used, import_sources, imported_clients, imported_keys")
+
+
+# What kms.auth.passwords hashes with: OWASP's Argon2id parameters.
+REAL_PASSWORD_HASHING = {"MEMORY_KIB": passwords.MEMORY_KIB, "ITERATIONS": passwords.ITERATIONS}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cheap_password_hashing():
+    """Argon2id at its lowest cost (8 KiB, one pass) in this process. Nearly every test signs up and
+    logs in, and at OWASP's cost each hash took a core for 25 ms to 100 ms; the PHC string records
+    the cost, so hashes of either cost verify alike. Tests of hashing itself (its parameters, its
+    timing, floods of logins) are marked real_password_hashing and hash at the real cost, and so do
+    servers started as processes of their own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(passwords, "MEMORY_KIB", 8)
+        patch.setattr(passwords, "ITERATIONS", 1)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def password_hashing_as_marked(request, monkeypatch):
+    """OWASP's cost again, for a test marked real_password_hashing (set before its app is made)."""
+    if request.node.get_closest_marker("real_password_hashing"):
+        for name, value in REAL_PASSWORD_HASHING.items():
+            monkeypatch.setattr(passwords, name, value)
 
 
 def bare_env(**settings) -> dict:
@@ -99,7 +137,7 @@ def secrets_env():
     return {name: generate_secret() for name in SECRET_VARIABLES}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def base_env(database_url, secrets_env):
     return {
         **secrets_env,
@@ -124,27 +162,122 @@ def clear_tables(database_url: str):
         conn.close()
 
 
+def new_app(env: dict, **overrides):
+    app = create_app({**env, **{k: str(v) for k, v in overrides.items()}})
+    app.config["TESTING"] = True
+    app.cli.add_command(kms_cli)  # `kms ...` commands through app.test_cli_runner(), on this app's KMS
+    return app
+
+
+def close_app(app):
+    """Close the app's pool, once (a second close would wait for connections that never come back)."""
+    kms = app.extensions.pop("kms", None)
+    if kms is not None:
+        kms.close()
+
+
+USES_SHARED_APP = pytest.StashKey[bool]()
+
+
 @pytest.fixture
-def make_app(base_env):
-    """Build apps against the test database, emptied first; closed at the end of the test."""
+def make_app(request, base_env):
+    """Build apps against the test database, emptied first (at the first call); closed at the end
+    of the test. Not in a test that uses the shared app: another_app() builds over its rows."""
     apps = []
-    clear_tables(base_env["DATABASE_URL"])
 
     def make(**overrides):
-        app = create_app({**base_env, **{k: str(v) for k, v in overrides.items()}})
-        app.config["TESTING"] = True
-        app.cli.add_command(kms_cli)  # `kms ...` commands through app.test_cli_runner(), on this app's KMS
+        if request.node.stash.get(USES_SHARED_APP, False):
+            raise pytest.UsageError("make_app() would empty the shared app's database: use another_app()")
+        if not apps:
+            clear_tables(base_env["DATABASE_URL"])
+        app = new_app(base_env, **overrides)
         apps.append(app)
         return app
 
     yield make
     for app in apps:
-        app.extensions["kms"].close()
+        close_app(app)
 
 
 @pytest.fixture
-def app(make_app):
-    return make_app()
+def another_app(app, base_env):
+    """Build further apps over the database of this test's app, rows kept, as another server
+    process would (with settings of their own); closed at the end of the test."""
+    apps = []
+
+    def make(**overrides):
+        other = new_app({**base_env, "DATABASE_URL": app.extensions["kms"].settings.database_url}, **overrides)
+        apps.append(other)
+        return other
+
+    yield make
+    for other in apps:
+        close_app(other)
+
+
+class SharedApp:
+    """The app and server the tests share, and the database rows it had right after it started."""
+
+    def __init__(self, app, database_url: str):
+        self.app = app
+        self.server, self.base_url = serve_in_thread(app)
+        app.config["TEST_SERVER_URL"] = self.base_url
+        # The rows as they are now, kept in temporary tables of a connection of its own.
+        self._conn = psycopg2.connect(database_url)
+        tables = [table.strip() for table in APP_TABLES.split(",")]
+        restore = ["SET LOCAL session_replication_role = replica"]  # past audit_events' triggers
+        restore += [f"DELETE FROM {table}" for table in tables]
+        with self._conn, self._conn.cursor() as cur:
+            for table in tables:
+                # Columns the database fills in with the writing transaction's id (audit_events.txid)
+                # get the restoring transaction's, as the rows of a newly started app would have
+                # one just older than the test's: a row kept with its first id would make the
+                # sealer meet transaction ids of several digit counts, which it chains in text order.
+                cur.execute("SELECT string_agg(quote_ident(column_name), ', ' ORDER BY ordinal_position) "
+                            "FROM information_schema.columns WHERE table_schema = 'public' AND table_name = %s "
+                            "AND coalesce(column_default, '') NOT LIKE 'pg_current_xact_id()%%'", (table,))
+                columns = cur.fetchone()[0]
+                cur.execute(f"CREATE TEMPORARY TABLE kept_{table} AS SELECT {columns} FROM {table}")
+                if cur.rowcount:
+                    restore.append(f"INSERT INTO {table} ({columns}) OVERRIDING SYSTEM VALUE "
+                                   f"SELECT {columns} FROM kept_{table}")
+            cur.execute("SELECT format('SELECT setval(%L, %s, %L)', schemaname || '.' || sequencename, "
+                        "coalesce(last_value, start_value), last_value IS NOT NULL) FROM pg_sequences "
+                        "WHERE schemaname = 'public'")
+            restore += [row[0] for row in cur.fetchall()]
+        self._restore = ";\n".join(restore)
+
+    def reset(self):
+        """Every row of the app's tables as it was when the app had started, sequences too."""
+        with self._conn, self._conn.cursor() as cur:
+            cur.execute(self._restore)
+
+    def close(self):
+        stop_server(self.server)
+        self._conn.close()
+        close_app(self.app)
+
+
+@pytest.fixture(scope="session")
+def shared_app(base_env):
+    clear_tables(base_env["DATABASE_URL"])
+    shared = SharedApp(new_app(base_env), base_env["DATABASE_URL"])
+    yield shared
+    shared.close()
+
+
+@pytest.fixture
+def app(request):
+    """This test's app: the shared one, its rows put back as they were when it started; or, for a
+    test marked own_app (with the settings the marker names, if any) or real_password_hashing, one
+    of its own (see make_app)."""
+    own = request.node.get_closest_marker("own_app")
+    if own or request.node.get_closest_marker("real_password_hashing"):
+        return request.getfixturevalue("make_app")(**(own.kwargs if own else {}))
+    shared = request.getfixturevalue("shared_app")
+    request.node.stash[USES_SHARED_APP] = True
+    shared.reset()
+    return shared.app
 
 
 class HttpClient(requests.Session):
@@ -157,35 +290,6 @@ class HttpClient(requests.Session):
     def request(self, method, url, *args, **kwargs):
         kwargs.setdefault("timeout", 30)
         return super().request(method, self.base_url + url, *args, **kwargs)
-
-
-def resend_login_at_once(base_url: str, body: str, seconds: float = 3.0) -> tuple[list, float]:
-    """A client that ignores Retry-After: POST /auth/login with `body` on one keep-alive
-    connection, again the moment each answer comes, for `seconds`. Returns its answers as
-    (time, status, Retry-After) and how long a new connection waited for /healthz right after the
-    first answer."""
-    host, port = base_url.rsplit("/", 1)[1].split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=10)
-    answers, other_waited = [], None
-    try:
-        started = time.monotonic()
-        while time.monotonic() - started < seconds:
-            connection.request("POST", "/auth/login", body=body, headers={"Content-Type": "application/json"})
-            response = connection.getresponse()
-            response.read()
-            answers.append((time.monotonic(), response.status, response.headers.get("Retry-After")))
-            if other_waited is None:
-                with HttpClient(base_url) as other:
-                    asked = time.monotonic()
-                    assert other.get("/healthz").status_code == 200
-                    other_waited = time.monotonic() - asked
-    finally:
-        connection.close()
-    return answers, other_waited
-
-
-def gaps_between(answers: list) -> list[float]:
-    return [later[0] - earlier[0] for earlier, later in zip(answers, answers[1:])]
 
 
 def serve_in_thread(app, threads: int = 8):
@@ -216,6 +320,10 @@ def stop_server(server):
 
 @pytest.fixture
 def live_server(app):
+    """The base URL of a server for this test's app: the shared server, or one of its own."""
+    if "TEST_SERVER_URL" in app.config:
+        yield app.config["TEST_SERVER_URL"]
+        return
     server, base_url = serve_in_thread(app)
     yield base_url
     stop_server(server)
@@ -234,6 +342,28 @@ def runner(app):
 
 def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
+
+
+def tamper(db, statement, params=None):
+    """Run `statement` on the connection `db` as a database writer who also got past the triggers
+    (a superuser's replica role) would; returns the rows it returns, if any."""
+    with db.cursor() as cur:
+        cur.execute("SET session_replication_role = replica")
+        cur.execute(statement, params)
+        return cur.fetchall() if cur.description else None
+
+
+def envelope(response, status: int, code: str | None = None) -> dict:
+    """Assert that `response` is an error answer with `status`, in the envelope every error has:
+    error, message and requestId, the id the X-Request-ID header carries (and `code` as its error,
+    if given). Returns the body."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) >= {"error", "message", "requestId"}
+    assert body["requestId"] == response.headers["X-Request-ID"]
+    if code:
+        assert body["error"] == code
+    return body
 
 
 class AuthActions:
@@ -277,9 +407,9 @@ def auth(client):
 
 
 @pytest.fixture
-def db(app):
+def db(database_url):
     """A direct connection to the test database, for looking at (and tampering with) rows."""
-    conn = psycopg2.connect(app.extensions["kms"].settings.database_url)
+    conn = psycopg2.connect(database_url)
     conn.autocommit = True
     yield conn
     conn.close()
@@ -313,3 +443,90 @@ def auth_for():
         finally:
             stop_server(server)
     return run
+
+
+class ServerProcess:
+    """`kms serve` in a process of its own, on a free port."""
+
+    def __init__(self, env: dict, tmp_path: Path, workers: int = 1):
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.tmp_path = tmp_path
+        environment = bare_env()
+        environment.update(env, SERVER_PORT=str(self.port), TMPDIR=str(tmp_path))
+        self.log = open(tmp_path / f"server-{self.port}.log", "w")
+        self.process = subprocess.Popen([KMS_COMMAND, "serve", "--workers", str(workers)], env=environment,
+                                        stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.process.poll() is None, (tmp_path / f"server-{self.port}.log").read_text()
+            try:
+                if requests.get(self.base + "/readyz", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.1)
+        if workers > 1:
+            self.wait_for_workers(workers)
+            # and each serving: a worker samples its pool into the metrics as it starts its loop
+            threads = int(env.get("SERVER_THREADS", "16"))
+            while metric(self.base, "kms_db_pool_connections") != workers * threads:
+                assert time.monotonic() < deadline + 30, "the workers did not all start serving"
+                time.sleep(0.1)
+
+    def children(self, named: str) -> list[int]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    fields = (proc / "stat").read_text().rsplit(") ", 1)[1].split()
+                    comm = (proc / "comm").read_text().strip()
+                except OSError:
+                    continue
+                if int(fields[1]) == self.process.pid and fields[0] != "Z" and comm.startswith(named):
+                    found.append(int(proc.name))
+        return sorted(found)
+
+    def workers(self) -> list[int]:
+        return self.children("kms-worker-")
+
+    def wait_for_workers(self, count: int, exclude=(), timeout=30) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = self.workers()
+            if len(pids) == count and not set(pids) & set(exclude):
+                return pids
+            time.sleep(0.1)
+        raise AssertionError(f"workers: {self.workers()}")
+
+    def metrics_dir(self) -> Path:
+        return next(self.tmp_path.glob("kms-metrics-*"))
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def metric(base: str, line_start: str) -> float:
+    for line in requests.get(base + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def served_by_pid(metrics_dir: Path, route: str) -> dict[int, float]:
+    """Requests to `route` each worker counted, read from their own metric files."""
+    counts = {}
+    for path in metrics_dir.glob("counter_*.db"):
+        pid = int(path.stem.split("_")[1])
+        for key, value, *_rest in MmapedDict.read_all_values_from_file(str(path)):
+            if key.startswith('["kms_http_requests"') and f'"route": "{route}"' in key:
+                counts[pid] = counts.get(pid, 0) + value
+    return counts

@@ -2,14 +2,12 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from kms.config import ConfigError, generate_secret, load_settings
 from kms.runtime import StartupError
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 
 def test_valid_settings_load(base_env):

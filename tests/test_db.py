@@ -44,8 +44,9 @@ def test_an_exhausted_pool_answers_busy_and_recovers(pool):
     taken = [pool.acquire() for _ in range(3)]
     with pytest.raises(ServiceUnavailable):
         pool.acquire()
-    pool.release(taken.pop())
-    assert pool.acquire() is not None
+    released = taken.pop()
+    pool.release(released)
+    assert pool.acquire() is released
 
 
 def test_threads_never_share_a_connection(database_url):

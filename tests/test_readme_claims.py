@@ -4,16 +4,13 @@ import re
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import psycopg2
 import pytest
 
-from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, KMS_COMMAND as KMS, AuthActions,
-                            HttpClient, bare_env, bearer, create_database, drop_database, serve_in_thread,
-                            stop_server, with_database)
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, KMS_COMMAND as KMS, ROOT,
+                            AuthActions, HttpClient, bare_env, bearer, create_database, drop_database,
+                            serve_in_thread, stop_server, with_database)
 
 
 def count_events(db, action: str) -> int:
@@ -38,7 +35,7 @@ def test_audit_key_lookups_setting(make_app, auth_for, db, setting, recorded):
 
 def test_nothing_hangs_a_request_waiting_on_a_lock_gets_503_after_lock_timeout(client, auth, db):
     token = auth.new_client()
-    assert client.post("/keys/actions/generate", json={"keyReference": "k1"}, headers=bearer(token)).ok
+    assert client.post("/keys/actions/generate", json={"keyReference": "k1"}, headers=bearer(token)).status_code == 200
     with db.cursor() as cur:  # another transaction holds the key row and does not let go
         cur.execute("BEGIN")
         cur.execute("SELECT id FROM keys FOR UPDATE")

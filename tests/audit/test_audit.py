@@ -10,7 +10,7 @@ from kms.audit.service import record, seal_pending, verify_chain
 from kms.config import generate_secret
 from kms.context import Context
 from kms.db import connect, transaction
-from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, bearer
+from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, WRONG_PASSWORD, AuthActions, bearer, tamper
 
 RAW_REF = "ref-zq9-quartz-ledger"
 
@@ -27,8 +27,8 @@ def actions(db):
     return [row[1] for row in events(db)]
 
 
-def ok(response):
-    assert response.status_code < 300, (response.request.method, response.request.path_url, response.text)
+def ok(response, status=200):
+    assert response.status_code == status, (response.request.method, response.request.path_url, response.text)
     return response
 
 
@@ -37,7 +37,7 @@ def cli_ok(result):
     return result
 
 
-def full_workflow(client, auth, runner, db, make_app):
+def full_workflow(client, auth, runner, db, another_app):
     """Touch every kind of event once, each step checked to have done what it should; returns
     the secrets seen on the way."""
     seen = {"passwords": [ADMIN_PASSWORD, CLIENT_PASSWORD], "tokens": [], "deks": [], "refs": [RAW_REF]}
@@ -57,34 +57,34 @@ def full_workflow(client, auth, runner, db, make_app):
     assert auto["version"] == 3  # auto-rotated
     seen["deks"].append(auto["dek"])
     ok(client.post(f"/keys/{RAW_REF}/actions/retire", json={"belowVersion": 2}, headers=h))
-    ok(client.delete(f"/keys/{RAW_REF}/actions/delete", headers=h))
+    ok(client.delete(f"/keys/{RAW_REF}/actions/delete", headers=h), 204)
     ok(client.post(f"/keys/{RAW_REF}/actions/restore", headers=h))
-    ok(client.delete(f"/keys/{RAW_REF}/actions/delete", headers=h))
+    ok(client.delete(f"/keys/{RAW_REF}/actions/delete", headers=h), 204)
     with db.cursor() as cur:
         cur.execute("UPDATE keys SET destroy_after = now()")
     assert ", destroyed 1 keys" in cli_ok(runner.invoke(args=["kms", "keys", "rotate-due"])).output
     seen["deks"].append(ok(client.post("/keys/actions/generate", json={"keyReference": "rewrap-me"}, headers=h))
                         .json()["dek"])
-    ok(client.post("/auth/logout", headers=h))
+    ok(client.post("/auth/logout", headers=h), 204)
     assert client.post("/auth/login", json={"clientname": "audited-svc", "password": "Wrong-passw0rd!"}) \
         .status_code == 401
     client_id = auth.client_id("audited-svc")
     admin = bearer(auth.admin_token)
-    ok(client.post(f"/clients/{client_id}/role", json={"role": "admin"}, headers=admin))
-    ok(client.post(f"/clients/{client_id}/actions/disable", headers=admin))
-    ok(client.post(f"/clients/{client_id}/actions/enable", headers=admin))
-    ok(client.delete(f"/clients/{client_id}", headers=admin))
+    ok(client.post(f"/clients/{client_id}/role", json={"role": "admin"}, headers=admin), 204)
+    ok(client.post(f"/clients/{client_id}/actions/disable", headers=admin), 204)
+    ok(client.post(f"/clients/{client_id}/actions/enable", headers=admin), 204)
+    ok(client.delete(f"/clients/{client_id}", headers=admin), 204)
     cli_token = cli_ok(runner.invoke(args=["kms", "signup-token", "--name", "cli-svc"])).stdout.strip().splitlines()[-1]
     seen["tokens"].append(cli_token)
     # a second KEK, and the DEK still under the first moved to it
-    with_new_kek = make_app(KEK_2=generate_secret())
+    with_new_kek = another_app(KEK_2=generate_secret())
     rewrapped = cli_ok(with_new_kek.test_cli_runner().invoke(args=["kms", "kek", "rewrap"]))
     assert rewrapped.output.startswith("re-wrapped 1 DEK versions under KEK version 2")
     return seen
 
 
-def test_every_security_event_is_recorded_with_its_outcome(client, auth, runner, db, make_app):
-    full_workflow(client, auth, runner, db, make_app)
+def test_every_security_event_is_recorded_with_its_outcome(client, auth, runner, db, another_app):
+    full_workflow(client, auth, runner, db, another_app)
     for _ in range(5):
         assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": "Wrong-passw0rd!"}) \
             .status_code == 401
@@ -169,24 +169,21 @@ def test_verify_passes_on_an_intact_chain(client, auth, runner):
     assert "audit chain intact" in result.output
 
 
-@pytest.mark.parametrize("tamper", [
-    "UPDATE audit_events SET outcome = 'denied' WHERE seq = 3",
-    "UPDATE audit_events SET actor = 'cli' WHERE seq = 3",
-    "DELETE FROM audit_events WHERE seq = 3",
-    "UPDATE audit_events SET chain_pos = chain_pos + 1000 WHERE seq = 3",
+@pytest.mark.parametrize("statement,bad_seq", [
+    ("UPDATE audit_events SET outcome = 'denied' WHERE seq = 3", 3),  # the altered row
+    ("UPDATE audit_events SET actor = 'cli' WHERE seq = 3", 3),
+    ("DELETE FROM audit_events WHERE seq = 3", 4),  # the row after the deleted one
+    ("UPDATE audit_events SET chain_pos = chain_pos + 1000 WHERE seq = 3", 3),
 ])
-def test_verify_names_the_first_bad_row_after_tampering(client, auth, runner, db, tamper):
+def test_verify_names_the_first_bad_row_after_tampering(client, auth, runner, db, statement, bad_seq):
     for _ in range(3):
         auth.new_client()
     assert runner.invoke(args=["kms", "audit", "seal"]).exit_code == 0
-    with db.cursor() as cur:
-        cur.execute("SET session_replication_role = replica")  # a writer who got past the trigger
-        cur.execute(tamper)
+    tamper(db, statement)
     result = runner.invoke(args=["kms", "audit", "verify"])
     assert result.exit_code == 1
-    assert "BROKEN at seq" in result.output
-    bad_seq = int(result.output.split("BROKEN at seq ")[1].split(":")[0])
-    assert bad_seq in (3, 4)  # the altered row, or the row after a deleted one
+    assert f"BROKEN at seq {bad_seq}:" in result.output, result.output
+    assert result.output.count("BROKEN at seq") == 1
 
 
 def test_verify_catches_a_row_inserted_out_of_band(client, auth, runner, db):
@@ -250,8 +247,8 @@ def test_audit_export_writes_json_lines(client, auth, runner):
 
 
 def test_no_secret_reaches_a_log_line_or_an_audit_row(client, auth, runner, db, secrets_env, captured_logs,
-                                                     make_app):
-    seen = full_workflow(client, auth, runner, db, make_app)
+                                                     another_app):
+    seen = full_workflow(client, auth, runner, db, another_app)
     with db.cursor() as cur:
         cur.execute("SELECT string_agg(t::text, '\n') FROM audit_events t")
         audit_dump = cur.fetchone()[0]
@@ -264,3 +261,49 @@ def test_no_secret_reaches_a_log_line_or_an_audit_row(client, auth, runner, db, 
         assert secret not in audit_dump, secret[:6]
     for token in seen["tokens"]:  # not even a token's signature part
         assert token.split(".")[-1] not in logs
+
+
+# Floods of refusals are counted, not written row by row
+
+def test_a_flood_of_refused_signups_is_one_event_with_a_count(client, app, db):
+    from kms.audit.service import flush_refusals
+    from kms.context import Context
+    for _ in range(40):
+        assert client.post("/auth/signup", json={"token": "kms_st_forged", "password": CLIENT_PASSWORD}
+                           ).status_code == 401
+    # The first of each minute is recorded at once (the flood may straddle a minute) ...
+    with db.cursor() as cur:
+        cur.execute("SELECT repeats FROM audit_events WHERE action = 'signup' AND outcome = 'denied'")
+        at_once = cur.fetchall()
+    assert set(at_once) == {(None,)} and len(at_once) <= 2
+    # ... and the rest as one event per minute with a count, when the minute is over.
+    with app.extensions["kms"].pool.connection() as conn:
+        flush_refusals(Context(kms=app.extensions["kms"], conn=conn), everything=True)
+    with db.cursor() as cur:
+        cur.execute("SELECT repeats, source_ip FROM audit_events WHERE action = 'signup' AND outcome = 'denied'")
+        rows = cur.fetchall()
+    assert len(rows) <= 4 and {ip for _, ip in rows} == {"127.0.0.1"}
+    assert sum(1 if repeats is None else repeats for repeats, _ in rows) == 40
+    events = client.get("/audit?limit=1000", headers=bearer(AuthActions(client).admin_token)).json()["events"]
+    assert sum(1 if e["repeats"] is None else e["repeats"] for e in events if e["action"] == "signup" and e["outcome"] == "denied") == 40
+
+
+def test_throttled_logins_are_counted_and_the_chain_still_verifies(client, app, db, runner):
+    for _ in range(5):
+        client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": WRONG_PASSWORD})
+    for _ in range(30):  # each on a new connection: a 429's connection is not read for a second
+        assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": WRONG_PASSWORD},
+                           headers={"Connection": "close"}).status_code == 429
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM audit_events WHERE action = 'login' AND outcome = 'throttled'")
+        assert cur.fetchone()[0] == 1
+        cur.execute("UPDATE audit_refusals SET window_start = window_start - interval '5 minutes'")
+    result = runner.invoke(args=["kms", "audit", "verify"])  # flushes closed windows, then verifies
+    assert result.exit_code == 0, result.output
+    with db.cursor() as cur:
+        cur.execute("SELECT repeats FROM audit_events WHERE action = 'login' AND outcome = 'throttled' ORDER BY seq")
+        assert cur.fetchall() == [(None,), (29,)]
+        cur.execute("SET session_replication_role = replica")  # a writer who got past the trigger
+        cur.execute("UPDATE audit_events SET repeats = 1 WHERE repeats = 29")
+    tampered = runner.invoke(args=["kms", "audit", "verify"])
+    assert tampered.exit_code == 1 and "MAC" in tampered.output

@@ -13,8 +13,6 @@ import pytest
 from kms_client import Client, KmsError
 from tests.conftest import CLIENT_PASSWORD, bearer
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture
 def sdk(live_server, auth):
@@ -150,7 +148,7 @@ def flaky_server(answers):
             pass
 
     server = HTTPServer(("127.0.0.1", 0), Flaky)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()  # shutdown() in 50 ms
     return server, arrivals
 
 

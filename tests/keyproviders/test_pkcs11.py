@@ -9,7 +9,8 @@ import subprocess
 import pytest
 
 from kms.config import ConfigError
-from tests.conftest import AuthActions, HttpClient, bearer, serve_in_thread, stop_server
+from tests.conftest import (ROOT, AuthActions, HttpClient, ServerProcess, bearer, serve_in_thread, served_by_pid,
+                            stop_server)
 
 PIN = "4711-test-pin"
 TOKEN = "kms-test"
@@ -137,7 +138,7 @@ def test_a_wrong_pin_is_one_line_naming_the_setting_never_the_pin(make_app, hsm_
     kek = generate_kek(make_app, hsm_env, "kek-pin")
     env = {**os.environ, **base_env, **hsm_env, "KEK_2": kek, "PKCS11_PIN": "0000-wrong-pin"}
     result = subprocess.run([sys.executable, "app.py"], env=env, capture_output=True, text=True, timeout=60,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                            cwd=ROOT)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[-1] == "configuration error: PKCS11_PIN: was refused by the token"
@@ -244,7 +245,6 @@ def test_worker_processes_each_use_the_token_after_the_fork(make_app, hsm_env, s
     from concurrent.futures import ThreadPoolExecutor
 
     import requests
-    from tests.test_workers import ServerProcess, served_by_pid
     kek = generate_kek(make_app, hsm_env, "kek-workers")
     make_app(**hsm_env, KEK_2=kek)  # migrated, the KEK checked
     server = ServerProcess({**base_env, **hsm_env, "KEK_2": kek, "SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"],

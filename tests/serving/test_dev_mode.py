@@ -13,9 +13,7 @@ import pytest
 import requests
 
 from kms.serving.throwaway_postgres import _free_port
-from tests.conftest import KMS_COMMAND as KMS, bare_env
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import KMS_COMMAND as KMS, ROOT, bare_env
 
 
 def dev_env(tmp_path, **settings) -> dict:
@@ -127,24 +125,32 @@ def test_readme_walkthrough_does_what_its_comments_say_against_dev_mode(tmp_path
                     json={"rotationPeriod": 2592000000}).status_code == 200
         listed = call("GET", "/keys", token)
         assert listed.status_code == 200 and "dek" not in listed.text
-        assert call("DELETE", "/keys/invoices-db/actions/delete", token).status_code in (200, 204)
+        assert call("DELETE", "/keys/invoices-db/actions/delete", token).status_code == 204
         assert http.get(dev.base + "/keys/invoices-db", headers={"Authorization": f"Bearer {token}"}).status_code == 404
         restored = call("POST", "/keys/invoices-db/actions/restore", token)
         assert restored.status_code == 200, restored.text  # changed my mind: it works in dev mode too
         assert http.get(dev.base + "/keys/invoices-db", headers={"Authorization": f"Bearer {token}"}).status_code == 200
-        assert call("POST", "/auth/logout", token).ok
+        assert call("POST", "/auth/logout", token).status_code == 204
         assert http.get(dev.base + "/keys", headers={"Authorization": f"Bearer {token}"}).status_code == 401
         clients = call("GET", "/clients", admin).json()["clients"]
         billing = next(c["id"] for c in clients if c["clientname"] == "billing-service")
         live = http.post(dev.base + "/auth/login", json={"clientname": "billing-service",
                                                          "password": "Billing-passw0rd!"}).json()["token"]
-        assert call("POST", f"/clients/{billing}/actions/disable", admin).ok
+        assert call("POST", f"/clients/{billing}/actions/disable", admin).status_code == 204
         assert http.get(dev.base + "/keys", headers={"Authorization": f"Bearer {live}"}).status_code == 401
-        assert call("POST", f"/clients/{billing}/role", admin, json={"role": "admin"}).ok
-        assert call("POST", f"/clients/{billing}/actions/unlock", admin).ok
+        assert call("POST", f"/clients/{billing}/role", admin, json={"role": "admin"}).status_code == 204
+        roles = {c["clientname"]: c["role"] for c in http.get(dev.base + "/clients", headers={
+            "Authorization": f"Bearer {admin}"}).json()["clients"]}
+        assert roles["billing-service"] == "admin"
+        wrong = {"clientname": "billing-service", "password": "Wrong-passw0rd!"}
+        for _ in range(5):  # locked after five failures (a new connection each: a 429's is held)
+            http.post(dev.base + "/auth/login", json=wrong, headers={"Connection": "close"})
+        assert http.post(dev.base + "/auth/login", json=wrong, headers={"Connection": "close"}).status_code == 429
+        assert call("POST", f"/clients/{billing}/actions/unlock", admin).status_code == 204
+        assert http.post(dev.base + "/auth/login", json=wrong, headers={"Connection": "close"}).status_code == 401
         audit = call("GET", "/audit?after=0&limit=100", admin).json()
-        assert {"key.generate", "key.rotate", "key.delete", "key.restore", "client.disable"} <= \
-            {event["action"] for event in audit["events"]}
+        assert {"key.generate", "key.rotate", "key.delete", "key.restore", "client.disable", "client.role_change",
+                "client.unlock"} <= {event["action"] for event in audit["events"]}
     finally:
         dev.stop()
     assert dev.process.returncode == 0

@@ -1,17 +1,14 @@
-"""The KMS as a server process: `python app.py` (`kms serve`). Dev mode: tests/test_dev_mode.py."""
+"""The KMS as a server process: `python app.py` (`kms serve`). Dev mode: tests/serving/test_dev_mode.py."""
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import requests
 
 from kms.serving.throwaway_postgres import _free_port as free_port
-from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, ROOT
 
 
 def clean_env(**overrides):

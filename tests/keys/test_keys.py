@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.conftest import CLIENT_PASSWORD, AuthActions, HttpClient, bearer, serve_in_thread, stop_server
+from tests.conftest import CLIENT_PASSWORD, AuthActions, HttpClient, bearer, envelope, serve_in_thread, stop_server
 
 
 def b64(text):
@@ -66,6 +66,19 @@ def test_unknown_version_is_404_and_malformed_version_400(client, token):
     assert client.get("/keys/billing-db/7", headers=bearer(token)).status_code == 404
     assert client.get("/keys/billing-db/0", headers=bearer(token)).status_code == 400
     assert client.get("/keys/billing-db/two", headers=bearer(token)).status_code == 400
+
+
+@pytest.mark.parametrize("segment,status", [("%EF%BC%91", 400), ("%20%201", 400), ("1%20", 400), ("+1", 400),
+                                            ("01x", 400), ("-1", 400), ("0", 400), ("99999999999", 400)])
+def test_a_version_is_ascii_digits_only(client, auth, segment, status):
+    token = auth.new_client()
+    client.post("/keys/actions/generate", json={"keyReference": "k"}, headers=bearer(token))
+    assert client.get("/keys/k/1", headers=bearer(token)).status_code == 200
+    response = client.get(f"/keys/k/{segment}", headers=bearer(token))
+    body = envelope(response, status)
+    if status == 400:
+        assert body["fields"].keys() == {"version"}
+
 
 
 @pytest.mark.parametrize("ref", ["", "x" * 65, "naïve", "has space", "under_score", "ключ"])
@@ -332,3 +345,30 @@ def test_an_old_kek_can_be_left_out_once_nothing_is_wrapped_with_it(make_app, ba
     only_kek_2 = make_app(KEK="", KEK_2=kek_2)  # KEK (version 1) retired from the configuration
     assert only_kek_2.extensions["kms"].keyring.kek_versions == [2]
     assert current_dek_of_the_only_client(only_kek_2, "k") == served
+
+
+def test_rewrap_moves_every_good_row_and_reports_each_bad_one(make_app, auth_for, db):
+    from kms.config import generate_secret
+    app = make_app()
+
+    def make_keys(http, token):
+        for i in range(5):
+            assert http.post("/keys/actions/generate", json={"keyReference": f"k{i}"},
+                             headers=bearer(token)).status_code == 200
+    auth_for(app, make_keys)
+    with db.cursor() as cur:
+        cur.execute("SELECT key_id FROM key_versions ORDER BY key_id LIMIT 2")
+        bad, moved_into = [row[0] for row in cur.fetchall()]
+        cur.execute("UPDATE key_versions SET wrapped_dek = (SELECT wrapped_dek FROM key_versions WHERE key_id = %s)"
+                    " WHERE key_id = %s", (moved_into, bad))
+    new_app = make_app(KEK_2=generate_secret())
+    result = new_app.test_cli_runner().invoke(args=["kms", "kek", "rewrap"])
+    assert result.exit_code == 4, result.output
+    assert f"key {bad} version 1: stored DEK failed authentication" in result.output
+    assert "re-wrapped 4 DEK versions under KEK version 2" in result.output
+    assert "Traceback" not in result.output
+    with db.cursor() as cur:
+        cur.execute("SELECT key_id, kek_version FROM key_versions ORDER BY key_id")
+        assert [kek for key_id, kek in cur.fetchall() if key_id != bad] == [2, 2, 2, 2]
+        cur.execute("SELECT count(*) FROM audit_events WHERE action = 'kek.rewrap' AND outcome = 'integrity_error'")
+        assert cur.fetchone()[0] == 1

@@ -91,3 +91,13 @@ def test_deleted_client_name_can_be_registered_again_and_its_keys_are_scheduled_
         assert cur.fetchone()[0] is True
     new_token = auth.new_client("old-svc")
     assert client.get("/keys", headers=bearer(new_token)).json() == {"keys": []}
+
+
+def test_swapped_client_name_ciphertext_fails_instead_of_renaming(client, auth, db):
+    auth.new_client("svc-one")
+    auth.new_client("svc-two")
+    with db.cursor() as cur:
+        cur.execute("""UPDATE clients a SET name_enc = b.name_enc FROM clients b
+                       WHERE a.role = 'client' AND b.role = 'client' AND a.id <> b.id""")
+    response = client.get("/clients", headers=bearer(auth.admin_token))
+    assert response.status_code == 500 and response.json()["error"] == "integrity_error"
