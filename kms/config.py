@@ -88,6 +88,7 @@ class Settings:
     connection_limit_per_source: int = 100
     server_unverified_threads: int = 0  # 0: a quarter of server_threads, at least 1
     server_unverified_rate: int = 20
+    probe_cache_ms: int = 1000
     request_read_timeout_ms: int = 10_000
     audit_seal_interval_ms: int = 2000
     audit_refusal_interval_ms: int = 10_000
@@ -123,6 +124,7 @@ VARIABLES = {
     "SERVER_WORKERS": "server_workers", "SERVER_CONNECTION_LIMIT": "connection_limit",
     "SERVER_CONNECTION_LIMIT_PER_SOURCE": "connection_limit_per_source",
     "SERVER_UNVERIFIED_THREADS": "server_unverified_threads", "SERVER_UNVERIFIED_RATE": "server_unverified_rate",
+    "PROBE_CACHE": "probe_cache_ms",
     "REQUEST_READ_TIMEOUT": "request_read_timeout_ms", "MAX_BODY_BYTES": "max_body_bytes",
     "TRUSTED_PROXY_HOPS": "trusted_proxy_hops", "LOG_LEVEL": "log_level",
     "JWT_TTL": "jwt_ttl_ms", "MASTER_ADMIN_USERNAME": "master_admin_username",
@@ -348,6 +350,7 @@ def load_settings(env: Mapping | None = None) -> Settings:
                                         maximum=256),
         server_unverified_rate=check(_int, env, "SERVER_UNVERIFIED_RATE", DEFAULT.server_unverified_rate,
                                      maximum=100_000),
+        probe_cache_ms=check(_int, env, "PROBE_CACHE", DEFAULT.probe_cache_ms, maximum=60_000),
         request_read_timeout_ms=check(_int, env, "REQUEST_READ_TIMEOUT", DEFAULT.request_read_timeout_ms, minimum=1000, maximum=300_000),
         audit_seal_interval_ms=check(_int, env, "AUDIT_SEAL_INTERVAL", DEFAULT.audit_seal_interval_ms),
         audit_refusal_interval_ms=check(_int, env, "AUDIT_REFUSAL_INTERVAL", DEFAULT.audit_refusal_interval_ms,

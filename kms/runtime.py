@@ -52,7 +52,7 @@ class Kms:
             audit_key=crypto.keyed_hash(settings.db_secret, b"kms-audit-chain-v1"),
             verified_tokens=VerifiedTokenCache(),
             refusals=RefusalCounts(),
-            probes=ProbeAnswers(),
+            probes=ProbeAnswers(settings.probe_cache_ms / 1000),
             recent_logins=RecentLogins(settings.login_repeat_window_ms / 1000),
         )
 

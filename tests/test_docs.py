@@ -154,3 +154,10 @@ def test_every_test_a_document_names_exists():
     for doc in every_doc():
         for name in re.findall(r"`(test_\w+)`", doc.read_text()):
             assert name in defined, f"{doc.name} names {name}, which no test defines"
+
+
+def test_every_test_file_a_doc_names_exists():
+    root = Path(__file__).resolve().parent.parent
+    docs = [root / "README.md", root / "bench" / "README.md", *sorted((root / "docs").glob("*.md"))]
+    named = {match for doc in docs for match in re.findall(r"tests/[\w/]+\.py", doc.read_text())}
+    assert sorted(path for path in named if not (root / path).exists()) == []

@@ -3,8 +3,6 @@ much however often it is called."""
 import threading
 import time
 
-READY_CACHE_S = 1.0
-METRICS_CACHE_S = 1.0
 
 
 class ProbeAnswers:
@@ -12,9 +10,10 @@ class ProbeAnswers:
     One thread computes a stale one at a time; the others take the last one meanwhile (or wait
     for the first)."""
 
-    def __init__(self):
-        self._ready = _Reused(READY_CACHE_S)
-        self._metrics = _Reused(METRICS_CACHE_S)
+    def __init__(self, fresh_s: float):
+        """`fresh_s`: PROBE_CACHE, how long an answer is reused (0: never)."""
+        self._ready = _Reused(fresh_s)
+        self._metrics = _Reused(fresh_s)
 
     def readiness(self, compute):
         return self._ready.get(compute)

@@ -1,8 +1,8 @@
 """The probes and /metrics: public routes for the orchestrator and the monitoring system.
 
 Anyone may call them, so none may cost much: /healthz touches nothing, /readyz answers from a
-result at most a second old, /metrics renders at most once a second, one thread at a time, and
-every other scrape meanwhile gets that rendering (kms.observability.probes).
+result at most PROBE_CACHE (a second) old, /metrics renders at most once in that time, one thread
+at a time, and every other scrape meanwhile gets that rendering (kms.observability.probes).
 """
 from flask import Response, current_app, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST

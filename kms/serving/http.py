@@ -97,8 +97,9 @@ class ApplicationTask(WSGITask):
         super().execute()
         if self.status.startswith("429"):
             self.channel.hold_reading(min(_retry_after_s(self.response_headers), HOLD_AFTER_429_MAX_S))
-        elif self.status.startswith("401") and getattr(self.request, "kms_unverified_source", None) is not None:
-            # A caller nobody knows, refused: one who re-sends at once is answered once a second.
+        elif (self.status.startswith("401") and getattr(self.request, "kms_unverified_source", None) is not None
+              and "AUTHORIZATION" in self.request.headers):
+            # A bearer token nobody knows, refused: a caller re-sending it at once is answered once a second.
             self.channel.hold_reading(HOLD_AFTER_429_MAX_S)
 
 

@@ -49,7 +49,7 @@ SELECT min(seq) AS seq FROM audit_events WHERE chain_pos IS NULL AND txid < %(tx
 -- the order their transactions began, and only from transactions that have ended.
 SELECT seq, txid::text, row_mac FROM audit_events
 WHERE chain_pos IS NULL AND txid < %(horizon)s::xid8
-ORDER BY txid, seq LIMIT %(limit)s;
+ORDER BY audit_events.txid, seq LIMIT %(limit)s;  -- the column, not the text select-list one
 
 -- name: seal_audit_events
 -- A whole batch in one statement: the i-th seq gets the i-th chain position and hash.

@@ -141,3 +141,20 @@ def test_each_seal_records_the_head_outside_the_database(app, client, auth, capt
     assert head.mac.hex() in captured_logs.getvalue()
     result = runner.invoke(args=["kms", "audit", "verify", "--head", str(head)])
     assert result.exit_code == 0, result.output
+
+
+def test_the_sealer_chains_transactions_in_the_order_they_began_not_in_the_order_of_their_ids_as_text(app, db):
+    """Transaction ids of different lengths (99, 100, 1000): as text "1000" < "99"; the sealer
+    must take them in numeric order, or an older transaction's rows would be chained after a newer
+    one's and escape the "unsealed row behind the head" check."""
+    from kms import db as kms_db
+    with db.cursor() as cur:
+        cur.execute("SET session_replication_role = replica")
+        for txid in (1000, 99, 100):
+            cur.execute("INSERT INTO audit_events (event_id, at, actor, action, outcome, row_mac, txid) "
+                        "VALUES (gen_random_uuid(), now(), 'test', 'test.order', 'success', '\\x00', %s::text::xid8)",
+                        (txid,))
+    with app.extensions["kms"].pool.connection() as conn, kms_db.transaction(conn) as cur:
+        cur.execute(kms_db.sql.unsealed_audit_events, {"horizon": "2000", "limit": 10})
+        order = [int(row.txid) for row in cur.fetchall() if int(row.txid) in (99, 100, 1000)]
+    assert order == [99, 100, 1000]

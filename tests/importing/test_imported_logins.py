@@ -83,9 +83,9 @@ def test_while_imported_hashes_remain_every_login_does_a_bcrypt_check_and_then_n
     assert bcrypt_checks_of("ghost-svc", WRONG) == 0
 
 
-def test_login_timing_does_not_tell_an_imported_client_from_ours_or_from_no_client(imported, make_app):
+def test_login_timing_does_not_tell_an_imported_client_from_ours_or_from_no_client(imported, another_app):
     # Limits raised so that every failure below is checked (by default the 6th of one name is a 429).
-    server, base_url = serve_in_thread(make_app(LOGIN_MAX_FAILURES_PER_CLIENT=100,
+    server, base_url = serve_in_thread(another_app(LOGIN_MAX_FAILURES_PER_CLIENT=100,
                                                 LOGIN_MAX_FAILURES_PER_ADDRESS=1000))
     try:
         with HttpClient(base_url) as http:

@@ -123,7 +123,7 @@ def test_without_trusted_hops_a_forged_header_changes_nothing(proxied, db):
 # Slow clients
 
 def test_hundreds_of_slow_clients_do_not_stop_normal_requests(make_app):
-    app = make_app(REQUEST_READ_TIMEOUT=3000)
+    app = make_app(REQUEST_READ_TIMEOUT=3000, SERVER_CONNECTION_LIMIT_PER_SOURCE=1000)  # all from one address
     server, base_url = serve_in_thread(app, threads=4)
     port = server.effective_port
     slow = []
