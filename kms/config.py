@@ -87,7 +87,7 @@ class Settings:
     connection_limit: int = 1000
     connection_limit_per_source: int = 100
     server_unverified_threads: int = 0  # 0: a quarter of server_threads, at least 1
-    server_unverified_rate: int = 20
+    server_unverified_rate: int = 5
     probe_cache_ms: int = 1000
     request_read_timeout_ms: int = 10_000
     audit_seal_interval_ms: int = 2000

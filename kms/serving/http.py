@@ -98,8 +98,9 @@ class ApplicationTask(WSGITask):
         if self.status.startswith("429"):
             self.channel.hold_reading(min(_retry_after_s(self.response_headers), HOLD_AFTER_429_MAX_S))
         elif (self.status.startswith("401") and getattr(self.request, "kms_unverified_source", None) is not None
-              and "AUTHORIZATION" in self.request.headers):
-            # A bearer token nobody knows, refused: a caller re-sending it at once is answered once a second.
+              and self.request.path != self.channel.server.kms_login_path):
+            # A caller nobody knows, refused (a bad token, a bad signup token): one re-sending at once
+            # is answered once a second. (A failed login has throttles of its own.)
             self.channel.hold_reading(HOLD_AFTER_429_MAX_S)
 
 
@@ -163,6 +164,7 @@ class Server(TcpWSGIServer):
     read_timeout_s = 10.0
     kms_metrics = None
     kms_per_source_limit = 0  # open connections one source may hold (0: no limit)
+    kms_login_path = "/auth/login"  # read off the app's URL map in create_server
     kms_refused_connections = 0
     # Workers sharing one listening socket: (shared array of each worker's open connections, this
     # worker's slot). See readable().
@@ -282,6 +284,9 @@ def create_server(app, settings, *, host: str | None = None, port: int | None = 
     server.kms_balance = balance
     server.kms_metrics = kms.metrics if kms is not None else None
     server.kms_sources = SourceCounts()
+    url_map = getattr(app, "url_map", None)
+    if url_map is not None and "auth.login" in url_map._rules_by_endpoint:
+        server.kms_login_path = next(url_map.iter_rules("auth.login")).rule
     # Behind a proxy every connection comes from the proxy: the proxy limits connections per client.
     server.kms_per_source_limit = 0 if settings.trusted_proxy_hops else settings.connection_limit_per_source
     return server

@@ -41,7 +41,7 @@ def test_unknown_client_wrong_password_and_disabled_client_look_alike(client, au
 
 def test_a_login_makes_five_round_trips_to_the_database(client, monkeypatch):
     """Each round trip ends with the server thread queueing for the GIL behind every other request
-    of its process: a login used to make thirteen (bench/RESULTS.md, sessions 7 and 8)."""
+    of its process, so a login sends what it can together (kms.db's deferred statements)."""
     from kms import db
     trips = {}  # connection -> what was sent on it, one entry a round trip
     original = db._TransactionCursor.execute
