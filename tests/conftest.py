@@ -7,7 +7,9 @@ after the app started (the first admin, the secrets' check values, its audit eve
 starts from the same state. A test that needs an app of its own asks make_app() for one (with
 settings of its own) or is marked own_app (it reads the app's metrics, floods its login places);
 another_app() makes a second app over the shared one's database, as a second server process."""
+import http.client
 import io
+import json
 import logging
 import os
 import signal
@@ -534,3 +536,30 @@ def served_by_pid(metrics_dir: Path, route: str) -> dict[int, float]:
             if key.startswith('["kms_http_requests"') and f'"route": "{route}"' in key:
                 counts[pid] = counts.get(pid, 0) + value
     return counts
+
+
+def post_from(base_url: str, source: str, path: str, body: dict) -> int:
+    """POST `body` as JSON from another loopback address (Linux answers all of 127/8), on a
+    connection of its own: the answer's status."""
+    host, port = base_url.rsplit("/", 1)[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30, source_address=(source, 0))
+    try:
+        connection.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def closed_by_peer(sock) -> bool:
+    """Whether the server closed this connection (without blocking to find out)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.setblocking(True)

@@ -1,7 +1,6 @@
 """Key access survives floods: each flood runs here for real (bounded, loopback, from other
 127/8 addresses, in a process of its own) beside a client that holds a valid token, and that
 client must still be served, and served first."""
-import http.client
 import json
 import os
 import statistics
@@ -16,8 +15,8 @@ import pytest
 
 from bench.floods import request_bytes
 from kms.serving.dispatch import PriorityDispatcher
-from tests.conftest import (ADMIN_NAME, CLIENT_PASSWORD, AuthActions, HttpClient, bearer, serve_in_thread,
-                            stop_server)
+from tests.conftest import (ADMIN_NAME, CLIENT_PASSWORD, AuthActions, HttpClient, bearer, closed_by_peer, post_from,
+                            serve_in_thread, stop_server)
 
 ROOT = Path(__file__).resolve().parent.parent
 FORGED_JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.forged"
@@ -152,40 +151,21 @@ def test_idle_sockets_from_one_source_leave_others_served(make_app):
             sock = __import__("socket").create_connection((host, int(port)), source_address=("127.0.0.2", 0))
             idle.append(sock)
         time.sleep(0.3)
-        assert sum(1 for sock in idle if _closed_by_server(sock)) >= 240  # all but the source's share
+        assert sum(1 for sock in idle if closed_by_peer(sock)) >= 240  # all but the source's share
         with HttpClient(base_url) as http:  # another source is served at once
             started = time.monotonic()
             assert http.get("/healthz", headers={"Connection": "close"}).status_code == 200
             assert time.monotonic() - started < 0.5
         time.sleep(2.5)  # past REQUEST_READ_TIMEOUT (and a maintenance pass): the silent ones are gone too
-        assert all(_closed_by_server(sock) for sock in idle)
+        assert all(closed_by_peer(sock) for sock in idle)
     finally:
         for sock in idle:
             sock.close()
         stop_server(server)
 
 
-def _closed_by_server(sock) -> bool:
-    sock.setblocking(False)
-    try:
-        return sock.recv(1) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-
-
 def _login(base_url: str, name: str, password: str, source: str = "127.0.0.1") -> int:
-    host, port = base_url.rsplit("/", 1)[1].split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=30, source_address=(source, 0))
-    try:
-        connection.request("POST", "/auth/login", body=json.dumps({"clientname": name, "password": password}),
-                           headers={"Content-Type": "application/json"})
-        response = connection.getresponse()
-        response.read()
-        return response.status
-    finally:
-        connection.close()
+    return post_from(base_url, source, "/auth/login", {"clientname": name, "password": password})
 
 
 def test_a_client_logging_in_before_every_call_is_served_during_a_wrong_password_flood(flooded_kms):

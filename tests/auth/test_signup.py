@@ -1,32 +1,16 @@
 """Signup tokens (issued by an admin or `kms signup-token`) and signup with one: once, before it
 expires, with a password the policy accepts. (Tokens of the original's admin tool:
 tests/test_go_clients.py.)"""
-import http.client
-import json
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.conftest import CLIENT_PASSWORD, AuthActions, HttpClient, bearer, serve_in_thread, stop_server
+from tests.conftest import CLIENT_PASSWORD, AuthActions, HttpClient, bearer, post_from, serve_in_thread, stop_server
 
 
 def signup(client, token, password=CLIENT_PASSWORD):
     return client.post("/auth/signup", json={"token": token, "password": password})
-
-
-def signup_from(base_url: str, source: str, token: str) -> int:
-    """A signup from another loopback address (Linux answers all of 127/8): its status."""
-    host, port = base_url.rsplit("/", 1)[1].split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=30, source_address=(source, 0))
-    try:
-        connection.request("POST", "/auth/signup", body=json.dumps({"token": token, "password": CLIENT_PASSWORD}),
-                           headers={"Content-Type": "application/json"})
-        response = connection.getresponse()
-        response.read()
-        return response.status
-    finally:
-        connection.close()
 
 
 # Signup tokens
@@ -100,7 +84,7 @@ def test_parallel_signups_with_one_token_create_exactly_one_client(make_app):
         with HttpClient(base_url) as http:
             token = AuthActions(http).signup_token("billing")
             with ThreadPoolExecutor(10) as pool:  # from ten addresses: a source may hold only half the places
-                statuses = sorted(pool.map(lambda n: signup_from(base_url, f"127.0.0.{n + 2}", token), range(10)))
+                statuses = sorted(pool.map(lambda n: post_from(base_url, f"127.0.0.{n + 2}", "/auth/signup", {"token": token, "password": CLIENT_PASSWORD}), range(10)))
     finally:
         stop_server(server)
     assert statuses == [200] + [401] * 9

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, WRONG_PASSWORD as WRONG, HttpClient, serve_in_thread,
+from tests.conftest import (ADMIN_NAME, ADMIN_PASSWORD, WRONG_PASSWORD as WRONG, HttpClient, closed_by_peer, serve_in_thread,
                             stop_server)
 
 
@@ -145,7 +145,7 @@ def test_hundreds_of_slow_clients_do_not_stop_normal_requests(make_app):
             open_left = len(slow)
             while open_left and time.monotonic() < deadline:
                 time.sleep(0.5)
-                open_left = sum(1 for sock in slow if not _closed_by_peer(sock))
+                open_left = sum(1 for sock in slow if not closed_by_peer(sock))
             assert open_left == 0
             assert http.get("/healthz", timeout=5).status_code == 200
     finally:
@@ -185,18 +185,6 @@ def test_connections_opened_at_once_are_all_taken_in_a_turn_or_two_of_the_event_
         for sock in waiting:
             sock.close()
         stop_server(server)
-
-
-def _closed_by_peer(sock) -> bool:
-    sock.setblocking(False)
-    try:
-        return sock.recv(1) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    finally:
-        sock.setblocking(True)
 
 
 # Bodies over the limit are refused before they are read
