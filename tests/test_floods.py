@@ -289,3 +289,19 @@ def test_the_go_sdks_pattern_of_a_login_before_every_call_succeeds(flooded_kms):
     for thread in threads:
         thread.join()
     assert outcomes.count(200) == len(outcomes), Counter(outcomes)
+
+
+def test_a_caller_re_sending_a_bad_token_is_read_once_a_second(flooded_kms):
+    """A 401 to a caller nobody knows holds its connection for a second: a bad-token flood
+    re-sending at once is answered once a second per connection, not thousands of times."""
+    _, _, base_url, _ = flooded_kms
+    with HttpClient(base_url) as http:
+        started = time.monotonic()
+        for _ in range(3):
+            assert http.get("/keys/held-key", headers=bearer(FORGED_JWT)).status_code == 401
+        held = time.monotonic() - started
+    with HttpClient(base_url) as other:
+        started = time.monotonic()
+        assert other.get("/healthz").status_code == 200
+        assert time.monotonic() - started < 0.5  # a new connection is read at once
+    assert held >= 1.8  # the second and third waited for the hold

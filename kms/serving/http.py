@@ -97,7 +97,8 @@ class ApplicationTask(WSGITask):
         super().execute()
         if self.status.startswith("429"):
             self.channel.hold_reading(min(_retry_after_s(self.response_headers), HOLD_AFTER_429_MAX_S))
-        elif (self.status.startswith("401") and getattr(self.request, "kms_unverified_source", None) is not None
+        elif (self.status.startswith("401") and self.channel.server.kms_hold_unknown_refused
+              and getattr(self.request, "kms_unverified_source", None) is not None
               and self.request.path != self.channel.server.kms_login_path):
             # A caller nobody knows, refused (a bad token, a bad signup token): one re-sending at once
             # is answered once a second. (A failed login has throttles of its own.)
@@ -165,6 +166,7 @@ class Server(TcpWSGIServer):
     kms_metrics = None
     kms_per_source_limit = 0  # open connections one source may hold (0: no limit)
     kms_login_path = "/auth/login"  # read off the app's URL map in create_server
+    kms_hold_unknown_refused = True  # hold a refused unknown caller's connection (SERVER_UNVERIFIED_RATE > 0)
     kms_refused_connections = 0
     # Workers sharing one listening socket: (shared array of each worker's open connections, this
     # worker's slot). See readable().
@@ -284,6 +286,7 @@ def create_server(app, settings, *, host: str | None = None, port: int | None = 
     server.kms_balance = balance
     server.kms_metrics = kms.metrics if kms is not None else None
     server.kms_sources = SourceCounts()
+    server.kms_hold_unknown_refused = settings.server_unverified_rate > 0
     url_map = getattr(app, "url_map", None)
     if url_map is not None and "auth.login" in url_map._rules_by_endpoint:
         server.kms_login_path = next(url_map.iter_rules("auth.login")).rule
