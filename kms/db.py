@@ -40,7 +40,7 @@ class Connection(psycopg2.extensions.connection):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.kms_generation = 0
-        self.kms_prepared = set()  # names of server-side prepared statements on this session
+        self.kms_prepared = set()  # names of the statements prepared on this connection
 
 
 def connect(dsn: str, *, options: str = SESSION_OPTIONS, application_name: str = "kms"):

@@ -162,3 +162,17 @@ def test_openapi_documents_the_path_parameters_the_server_enforces(client):
     assert parameters["version"] == {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
     client_parameters = {p["name"]: p["schema"] for p in paths["/clients/{client_id}/role"]["parameters"]}
     assert client_parameters["client_id"]["format"] == "uuid"
+
+
+def test_the_callers_address_is_read_as_proxyfix_reads_it():
+    """One function for the dispatcher, the flood shedder and werkzeug's ProxyFix to agree on."""
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    from kms.web import caller_address
+    for hops, forwarded in ((0, "1.1.1.1"), (1, "1.1.1.1"), (1, "6.6.6.6, 1.1.1.1"), (2, "6.6.6.6, 1.1.1.1"),
+                            (2, "1.1.1.1"), (1, "")):
+        seen = {}
+        ProxyFix(lambda environ, _start: seen.update(addr=environ["REMOTE_ADDR"]) or [], x_for=hops)(
+            {"REMOTE_ADDR": "10.0.0.9", "HTTP_X_FORWARDED_FOR": forwarded, "wsgi.url_scheme": "http",
+             "HTTP_HOST": "kms", "SERVER_NAME": "kms", "SERVER_PORT": "80"}, None)
+        assert caller_address("10.0.0.9", forwarded, hops) == seen["addr"], (hops, forwarded)

@@ -8,7 +8,7 @@ every 429, kms.serving.http): a flood that re-sends at once is answered once a s
 connection.
 """
 from kms.auth.passwords import FLOOD_MESSAGE, FLOOD_RETRY_AFTER_S, PasswordHasher
-from kms.web import ANSWERED_ENDPOINT, REQUEST_ID, SHED
+from kms.web import ANSWERED_ENDPOINT, REQUEST_ID, SHED, caller_address
 from kms.web.envelope import envelope_json
 
 
@@ -22,11 +22,7 @@ class LoginFloodShedder:
 
     def _source(self, environ) -> str:
         """The caller's address as the application will see it (werkzeug's ProxyFix, inside)."""
-        if self.hops:
-            forwarded = [part.strip() for part in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if part.strip()]
-            if len(forwarded) >= self.hops:
-                return forwarded[-self.hops]
-        return environ.get("REMOTE_ADDR", "")
+        return caller_address(environ.get("REMOTE_ADDR", ""), environ.get("HTTP_X_FORWARDED_FOR"), self.hops)
 
     def __call__(self, environ, start_response):
         if (environ["PATH_INFO"] == self.login_path and environ["REQUEST_METHOD"] == "POST"

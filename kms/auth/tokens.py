@@ -61,8 +61,11 @@ def bearer_claims(kms, header: str) -> TokenClaims:
 def verify_bearer_first(kms, this_request):
     """Before a route parses its body or path: a caller without a valid token gets 401 and
     learns nothing of what the route would accept. The claims go in the environ for the route's
-    context (kms.web.routing.context)."""
-    this_request.environ[CLAIMS] = bearer_claims(kms, this_request.headers.get("Authorization", ""))
+    context (kms.web.routing.context). The server may have found them in the verified-token cache
+    already, when it chose which request to serve first (kms.serving.dispatch)."""
+    environ = this_request.environ
+    if CLAIMS not in environ:
+        environ[CLAIMS] = bearer_claims(kms, this_request.headers.get("Authorization", ""))
 
 
 def mint_token(grant: Grant) -> dict:

@@ -17,6 +17,8 @@ from collections import OrderedDict, deque
 
 from waitress.task import ThreadedTaskDispatcher
 
+from kms.web import caller_address
+
 
 class PriorityDispatcher(ThreadedTaskDispatcher):
     """waitress's dispatcher, with two queues instead of one (see the module's docstring).
@@ -112,8 +114,11 @@ def request_classifier(kms, trusted_proxy_hops: int):
         request = channel.requests[0]
         headers = request.headers
         authorization = headers.get("AUTHORIZATION")
-        if authorization and tokens.get(authorization) is not None:
-            return True, None
+        if authorization:
+            claims = tokens.get(authorization)
+            if claims is not None:
+                request.kms_claims = claims  # handed to the app (kms.serving.http): not looked up twice
+                return True, None
         source = request.kms_unverified_source = source_of(channel, headers, trusted_proxy_hops)
         return False, source
 
@@ -122,10 +127,7 @@ def request_classifier(kms, trusted_proxy_hops: int):
 
 def source_of(channel, headers: dict, trusted_proxy_hops: int) -> str:
     peer = channel.addr[0] if isinstance(channel.addr, tuple) else str(channel.addr)
-    if not trusted_proxy_hops:
-        return peer
-    forwarded = [part.strip() for part in headers.get("X_FORWARDED_FOR", "").split(",") if part.strip()]
-    return forwarded[-trusted_proxy_hops] if len(forwarded) >= trusted_proxy_hops else peer
+    return caller_address(peer, headers.get("X_FORWARDED_FOR"), trusted_proxy_hops)
 
 
 class SourceCounts:

@@ -35,7 +35,7 @@ from waitress.wasyncore import readwrite
 from kms.errors import ApiError
 from kms.ids import random_uuid
 from kms.serving.dispatch import PriorityDispatcher, SourceCounts, request_classifier
-from kms.web import UNVERIFIED_SOURCE
+from kms.web import CLAIMS, UNVERIFIED_SOURCE
 from kms.web.envelope import HTTP_CODES, envelope_json
 
 log = logging.getLogger("kms.http")
@@ -88,9 +88,13 @@ class JsonErrorTask(ErrorTask):
 class ApplicationTask(WSGITask):
     def get_environment(self):
         environ = super().get_environment()
-        source = getattr(self.request, "kms_unverified_source", None)
-        if source is not None:  # the dispatcher found no token this worker knows (kms.serving.dispatch)
-            environ[UNVERIFIED_SOURCE] = source
+        claims = getattr(self.request, "kms_claims", None)
+        if claims is not None:  # the dispatcher found the bearer token verified already (kms.serving.dispatch)
+            environ[CLAIMS] = claims
+        else:
+            source = getattr(self.request, "kms_unverified_source", None)
+            if source is not None:  # ... or found no token this worker knows
+                environ[UNVERIFIED_SOURCE] = source
         return environ
 
     def execute(self):

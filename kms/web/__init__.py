@@ -8,3 +8,12 @@ CLAIMS = "kms.claims"  # the request's verified bearer-token claims (kms.auth.to
 ANSWERED_ENDPOINT = "kms.endpoint"  # the endpoint of a request answered before Flask (its route)
 SHED = "kms.shed"  # a request refused in a flood before Flask ("login" or "unverified"): summed up in the log
 UNVERIFIED_SOURCE = "kms.unverified_source"  # a request without a token the worker knows: its source
+
+
+def caller_address(peer: str, x_forwarded_for: str | None, trusted_proxy_hops: int) -> str:
+    """The caller's address as the application sees it: the peer's, or with TRUSTED_PROXY_HOPS the
+    one X-Forwarded-For names that many hops from the right, as werkzeug's ProxyFix reads it."""
+    if not trusted_proxy_hops:
+        return peer
+    forwarded = [part.strip() for part in (x_forwarded_for or "").split(",") if part.strip()]
+    return forwarded[-trusted_proxy_hops] if len(forwarded) >= trusted_proxy_hops else peer

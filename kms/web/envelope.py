@@ -103,7 +103,7 @@ def register_error_handlers(app, report_integrity_failure: Callable[[str, str], 
 
     @app.errorhandler(psycopg2.errors.ReadOnlySqlTransaction)
     def _read_only(_error):
-        # The server this session is on was demoted to a standby: never use the session again.
+        # The server this connection reaches was demoted to a standby: never use the connection again.
         conn = g.get("db")
         if conn is not None:
             conn.close()  # the pool retires it, and its siblings, when it is given back
