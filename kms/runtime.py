@@ -3,6 +3,7 @@ import logging
 from dataclasses import dataclass
 
 from kms import crypto, db
+from kms.audit.chainstate import ChainTampered, read_state
 from kms.audit.refusals import RefusalCounts
 from kms.auth.passwords import PasswordHasher
 from kms.auth.recent import RecentLogins
@@ -14,7 +15,7 @@ from kms.keyproviders.opening import open_keks
 from kms.keys.imported import source_kek_versions
 from kms.observability.metrics import Metrics
 from kms.observability.probes import ProbeAnswers
-from kms.rows import backfill_row_macs
+from kms.rows import Revisions, backfill_row_macs
 
 log = logging.getLogger("kms")
 
@@ -35,6 +36,10 @@ class Kms:
     refusals: RefusalCounts
     probes: ProbeAnswers
     recent_logins: RecentLogins
+    revisions: Revisions
+    # AUDIT_FAIL_CLOSED_AFTER: set while the oldest unsealed audit event is older than that
+    # (kms.audit.freshness.ChangeFollower); audited work is then refused.
+    audit_behind: bool = False
 
     @classmethod
     def open(cls, settings: Settings, *, pool_size: int | None = None, hash_gate=None) -> "Kms":
@@ -54,6 +59,7 @@ class Kms:
             refusals=RefusalCounts(),
             probes=ProbeAnswers(settings.probe_cache_ms / 1000),
             recent_logins=RecentLogins(settings.login_repeat_window_ms / 1000),
+            revisions=Revisions(),
         )
 
     @classmethod
@@ -70,11 +76,14 @@ class Kms:
 
     def migrate(self) -> list[str]:
         """Apply pending migrations (computing row MACs where one needs them); returns their names."""
-        def row_macs(cur):  # migration 004: MACs of the stored rows, with secrets checked first
+        def check_secrets(cur):  # migration 004: the MACs come with 007, over the columns as they are then
+            _check_secrets(cur, self)
+
+        def row_macs(cur):  # migration 007: MACs of the stored rows, with secrets checked first
             _check_secrets(cur, self)
             backfill_row_macs(cur, self)
 
-        return db.migrate(self.settings.database_url, steps={"row_macs": row_macs})
+        return db.migrate(self.settings.database_url, steps={"row_macs_from_007": check_secrets, "row_macs": row_macs})
 
     def prepare(self) -> list[str]:
         """Once per server start, before serving: migrate, check the secrets against the stored
@@ -82,6 +91,10 @@ class Kms:
         applied = self.migrate()
         with self.pool.connection() as conn, db.transaction(conn) as cur:
             _check_secrets(cur, self)
+            try:
+                read_state(cur, self)  # signs the chain's state of a database migrated without secrets
+            except ChainTampered:
+                pass  # the sealer reports it
         ensure_master_admin(self)
         return applied
 

@@ -62,7 +62,7 @@ def issue_signup_token(ctx: Context, clientname: str, ttl_ms: int, role: str | N
             "name_enc": kms.keyring.encrypt_field(clientname, b"signup-name", token_id.bytes),
             "role": role, "expires_at": expires_at, "issued_by": ctx.actor,
             "row_mac": SIGNUP_TOKENS.mac(kms, id=token_id, token_hash=token_hash, name_hash=name_hash, role=role,
-                                         expires_at=expires_at, used=False),
+                                         expires_at=expires_at, used=False, revision=1),
         })
         record(cur, ctx, "signup_token.issue", target=str(token_id))
     return token, expires_at
@@ -73,9 +73,9 @@ def _open_session(cur, kms, client_id: uuid.UUID, role: str, epoch: int, *, defe
     grant = Grant(client_id=client_id, role=role, jti=uuid.uuid4(), ttl_ms=ttl_ms,
                   expires_at=datetime.now(timezone.utc) + timedelta(milliseconds=ttl_ms))
     (cur.defer if defer else cur.execute)(db.sql.insert_session, {
-        "jti": grant.jti, "client_id": client_id, "expires_at": grant.expires_at, "epoch": epoch,
+        "jti": grant.jti, "client_id": client_id, "expires_at": grant.expires_at, "epoch": epoch, "revision": 1,
         "row_mac": SESSIONS.mac(kms, jti=grant.jti, client_id=client_id, expires_at=grant.expires_at, epoch=epoch,
-                                revoked=False)})
+                                revoked=False, revision=1)})
     return grant
 
 
@@ -103,9 +103,9 @@ def signup(ctx: Context, token: str, password: str) -> Grant:
         # A token row made, re-roled, re-named, extended or un-used in the database is refused.
         SIGNUP_TOKENS.check(kms, row)
         name_hash = bytes(row.name_hash)
-        cur.execute(db.sql.use_signup_token, {"id": row.id, "row_mac": SIGNUP_TOKENS.mac(
-            kms, id=row.id, token_hash=bytes(row.token_hash), name_hash=name_hash, role=row.role,
-            expires_at=row.expires_at, used=True)})
+        cur.execute(db.sql.use_signup_token, {"id": row.id, "revision": row.revision + 1, "row_mac": SIGNUP_TOKENS.sign(
+            cur, kms, id=row.id, token_hash=bytes(row.token_hash), name_hash=name_hash, role=row.role,
+            expires_at=row.expires_at, used=True, revision=row.revision + 1)})
         clientname = kms.keyring.decrypt_field(bytes(row.name_enc), b"signup-name", row.id.bytes)
         record(cur, ctx, "signup_token.use", target=str(row.id))
         return _register(cur, ctx, client_id, name_hash, clientname, password_hash, row.role)
@@ -157,7 +157,7 @@ def _insert_client(cur, kms, client_id: uuid.UUID, name_hash: bytes, clientname:
         "name_enc": kms.keyring.encrypt_field(clientname, b"client-name", client_id.bytes),
         "password_hash": password_hash, "role": role,
         "row_mac": CLIENTS.mac(kms, id=client_id, name_hash=name_hash, password_hash=password_hash, role=role,
-                               status="active", session_epoch=0),
+                               status="active", session_epoch=0, revision=1),
     })
     return cur.fetchone() is not None
 
@@ -277,12 +277,13 @@ def _password_matches(kms, password: str, row, recent: Verified | None) -> tuple
 
 def _replace_imported_password(cur, kms, row, password_hash: str):
     """In the login's transaction (its last round trip): the bcrypt hash gives way to Argon2id."""
+    revision = row.client_revision + 1
     cur.defer(db.sql.replace_imported_password, {
         "id": row.client_id, "password_hash": password_hash, "imported_hash": row.client_password_hash,
-        "old_row_mac": bytes(row.client_row_mac),
-        "row_mac": CLIENTS.mac(kms, id=row.client_id, name_hash=bytes(row.client_name_hash),
-                               password_hash=password_hash, role=row.client_role, status=row.client_status,
-                               session_epoch=row.client_session_epoch)})
+        "old_row_mac": bytes(row.client_row_mac), "revision": revision,
+        "row_mac": CLIENTS.sign(cur, kms, id=row.client_id, name_hash=bytes(row.client_name_hash),
+                                password_hash=password_hash, role=row.client_role, status=row.client_status,
+                                session_epoch=row.client_session_epoch, revision=revision)})
 
 
 def insert_imported_client(cur, kms, client_id: uuid.UUID, clientname: str, password_hash: str, role: str) -> bool:
@@ -316,10 +317,11 @@ def unlock_client(ctx: Context, clientname: str | None = None, client_id: uuid.U
 def logout(ctx: Context):
     with db.transaction(ctx.conn) as cur:
         caller = authenticate(cur, ctx)
-        jti, client_id, expires_at, epoch = caller.session
+        jti, client_id, expires_at, epoch, revision = caller.session
         cur.execute(db.sql.revoke_session, {
-            "jti": jti, "row_mac": SESSIONS.mac(ctx.kms, jti=jti, client_id=client_id, expires_at=expires_at,
-                                                epoch=epoch, revoked=True)})
+            "jti": jti, "revision": revision + 1,
+            "row_mac": SESSIONS.sign(cur, ctx.kms, jti=jti, client_id=client_id, expires_at=expires_at, epoch=epoch,
+                                     revoked=True, revision=revision + 1)})
         record(cur, ctx, "logout", target=str(ctx.claims.client_id))
 
 

@@ -74,6 +74,10 @@ class Metrics:
                                          registry=registry, multiprocess_mode="max")
         self.audit_chain_tampered = Gauge("kms_audit_chain_tampered", "1 once the sealer found the chain tampered with",
                                           registry=registry, multiprocess_mode="max")
+        self.audit_sealing_stalled = Gauge("kms_audit_sealing_stalled",
+                                           "1 while the oldest unsealed audit event is older than 5 seal intervals "
+                                           "(the log names what blocks sealing)", registry=registry,
+                                           multiprocess_mode="max")
         self._head: dict | None = None
         self._collectors: list = []
         self._children: dict = {}
