@@ -232,6 +232,8 @@ class _TransactionCursor(psycopg2.extras.NamedTupleCursor):
         # Rows changed past their first revision and not yet named by an audit event (kms.rows):
         # the transaction does not commit while one is left.
         self.row_changes: list[str] = []
+        # Called once the transaction has committed (never when it rolls back).
+        self.after_commit: list = []
 
     def defer(self, query: str, vars=None):
         """Send `query` in the same round trip as the block's next statement (or its COMMIT), in
@@ -274,6 +276,8 @@ def transaction(conn):
                 raise UnrecordedChange(f"a change of {len(cur.row_changes)} row(s) that no audit event records")
             if cur.has_work:  # a block that ran no statement began nothing
                 cur.execute("COMMIT")
+            for committed in cur.after_commit:
+                committed()
         except BaseException:
             cur.discard_deferred()
             if not cur.begin_pending and not conn.closed:

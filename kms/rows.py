@@ -24,20 +24,33 @@ import operator
 import uuid
 from datetime import datetime
 
+import logging
 import threading
 
 from kms import db
 from kms.errors import IntegrityFailure
 
+log = logging.getLogger("kms.errors")
+
 
 class Revisions:
     """The newest revision this process knows of each row changed past its first (a row at
-    revision 1 has no older copy). Rows are named by table and identity as text. A row destroyed
-    is remembered one revision past its last, so no copy of it is ever believed again."""
+    revision 1 has no older copy), with the audit event that recorded it. Rows are named by table
+    and identity as text. A row destroyed is remembered one revision past its last, so no copy of
+    it is ever believed again.
 
-    def __init__(self):
-        self._newest: dict[tuple[str, str], int] = {}
+    Only committed changes are learned (this process's own, once their transaction commits, and
+    other processes' from the audit trail), never a row merely read. When a row turns up older
+    than known, `confirm(table, row_id, known_revision, event_id)` asks the database afresh: a
+    read whose snapshot began before the change committed (a look-up racing a rotation) finds the
+    row at the newer revision now, and is no put-back; a change whose audit event is gone with it
+    (a failover to a standby that never received that transaction) leaves the row as stored the
+    newest there is. Only a row still older, with the change's event still stored, is refused."""
+
+    def __init__(self, confirm=None):
+        self._newest: dict[tuple[str, str], tuple[int, object]] = {}
         self._lock = threading.Lock()
+        self.confirm = confirm  # -> "older copy" | "raced" | "lost"; None: every older row refused
         # The transaction id below which every audit event's changes are learned (kms.audit.freshness).
         self.followed_to = "0"
 
@@ -45,23 +58,36 @@ class Revisions:
         return len(self._newest)
 
     def admits(self, table: str, row_id, revision: int) -> bool:
-        """False when a newer revision of the row is known: the row read is an older copy."""
-        key = (table, str(row_id))
-        known = self._newest.get(key)
-        if known is None or revision > known:
-            if revision > 1:
-                self.learn(table, row_id, revision)
+        """False when a newer revision of the row is known, still recorded: the row read is an
+        older copy put back."""
+        known = self._newest.get((table, str(row_id)))
+        if known is None or revision >= known[0]:
             return True
-        return revision == known
+        verdict = "older copy" if self.confirm is None else self.confirm(table, str(row_id), known[0], known[1])
+        if verdict == "raced":  # read on a snapshot from before the change: an answer from just before it
+            return True
+        if verdict == "lost":
+            log.warning("a change recorded earlier is no longer in the database (a failover, or its audit event "
+                        "deleted); the row as stored is believed", extra={"table": table, "rowId": str(row_id),
+                                                                          "revision": revision})
+            with self._lock:
+                self._newest.pop((table, str(row_id)), None)
+            return True
+        return False
 
-    def learn(self, table: str, row_id, revision: int):
+    def learn(self, table: str, row_id, revision: int, event_id=None):
         key = (table, str(row_id))
         with self._lock:
-            if revision > self._newest.get(key, 1):
-                self._newest[key] = revision
+            if revision > self._newest.get(key, (1, None))[0]:
+                self._newest[key] = (revision, event_id)
+
+    def learn_changes(self, changes: str, event_id):
+        for table, row_id, revision in parse_changes(changes):
+            self.learn(table, row_id, revision, event_id)
 
     def newest(self, table: str, row_id) -> int | None:
-        return self._newest.get((table, str(row_id)))
+        known = self._newest.get((table, str(row_id)))
+        return None if known is None else known[0]
 
     def forget_all(self):
         with self._lock:
@@ -107,19 +133,21 @@ class MacdTable:
     def sign(self, cur, kms, **columns) -> bytes:
         """The MAC of a row being written in `cur`'s transaction. A change past revision 1 is
         named on the cursor for the audit event that must record it (kms.audit.service.record;
-        the transaction refuses to commit a change no event recorded) and learned at once."""
+        the transaction refuses to commit a change no event recorded), and learned once the
+        transaction commits."""
         revision = columns["revision"]
         if revision > 1:
-            row_id = columns[self.columns[0]]
-            cur.row_changes.append(change_text(self.name, row_id, revision))
-            kms.revisions.learn(self.name, row_id, revision)
+            self._changed(cur, kms, columns[self.columns[0]], revision)
         return self.mac(kms, **columns)
+
+    def _changed(self, cur, kms, row_id, revision: int):
+        # Learned with the event that records it, once committed (kms.audit.service.record).
+        cur.row_changes.append(change_text(self.name, row_id, revision))
 
     def destroyed(self, cur, kms, row_id, last_revision: int):
         """A row deleted for good: remembered one revision past its last, so a copy put back
         is refused."""
-        cur.row_changes.append(change_text(self.name, row_id, last_revision + 1))
-        kms.revisions.learn(self.name, row_id, last_revision + 1)
+        self._changed(cur, kms, row_id, last_revision + 1)
 
     def check(self, kms, row, *, prefix: str = "", refused_with: int | None = None, typed=None):
         """Believe `row` (named columns, as read) only if its MAC checks out. `typed` turns the
@@ -145,7 +173,7 @@ KEYS = MacdTable("keys", ("id", "client_id", "ref_hash", "current_version", "ret
                           "rotation_period_ms", "revision"), 500, {"deleted": "deleted_at IS NOT NULL"})
 # The audit chain's own state: whether a chain was ever started (so "no chain yet" can be told
 # from "chain wiped") and a tampering found and not yet acknowledged (kms.audit.chainstate).
-AUDIT_CHAIN_STATE = MacdTable("audit_chain_state", ("id", "started", "tampered", "revision"), 500)
+AUDIT_CHAIN_STATE = MacdTable("audit_chain_state", ("id", "chain_id", "started", "tampered", "revision"), 500)
 TABLES = (CLIENTS, SESSIONS, SIGNUP_TOKENS, KEYS, AUDIT_CHAIN_STATE)
 
 

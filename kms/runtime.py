@@ -1,6 +1,9 @@
 """What a running KMS holds: settings, keys, the connection pool, metrics, the hashing limiter."""
 import logging
+import threading
 from dataclasses import dataclass
+
+import psycopg2
 
 from kms import crypto, db
 from kms.audit.chainstate import ChainTampered, read_state
@@ -10,6 +13,7 @@ from kms.auth.recent import RecentLogins
 from kms.auth.service import ensure_master_admin
 from kms.auth.tokens import VerifiedTokenCache
 from kms.config import ConfigError, Settings, kek_variable
+from kms.errors import ServiceUnavailable
 from kms.keyproviders.base import key_check_value
 from kms.keyproviders.opening import open_keks
 from kms.keys.imported import source_kek_versions
@@ -44,7 +48,7 @@ class Kms:
     @classmethod
     def open(cls, settings: Settings, *, pool_size: int | None = None, hash_gate=None) -> "Kms":
         """Keys, pool and metrics, without touching the database (see prepare() and check())."""
-        return cls(
+        kms = cls(
             settings=settings,
             keyring=crypto.Keyring(open_keks(settings), settings.kek_active, settings.db_secret,
                                    dek_cache=crypto.DekCache(settings.hsm_dek_cache_ms / 1000, settings.hsm_dek_cache_size)
@@ -61,6 +65,8 @@ class Kms:
             recent_logins=RecentLogins(settings.login_repeat_window_ms / 1000),
             revisions=Revisions(),
         )
+        kms.revisions.confirm = OlderCopyCheck(settings.database_url)
+        return kms
 
     @classmethod
     def start(cls, settings: Settings, **kwargs) -> "Kms":
@@ -110,7 +116,41 @@ class Kms:
                 _check_secrets(cur, self)
 
     def close(self):
+        self.revisions.confirm.close()
         self.pool.close()
+
+
+class OlderCopyCheck:
+    """kms.rows.Revisions's second look, when a row turns up older than its newest known revision:
+    on a connection of its own (the asking request holds one of the pool's already), one at a
+    time; rare, so one connection, opened when first needed."""
+
+    def __init__(self, dsn: str):
+        self.dsn = dsn
+        self._conn = None
+        self._lock = threading.Lock()
+
+    def __call__(self, table: str, row_id: str, known: int, event_id) -> str:
+        with self._lock:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = db.connect(self.dsn, application_name="kms-freshness")
+                with db.transaction(self._conn) as cur:
+                    cur.execute(getattr(db.sql, f"{table}_revisions"), {"ids": [row_id]})
+                    row = cur.fetchone()
+                    if row is not None and row.revision >= known:
+                        return "raced"
+                    cur.execute(db.sql.audit_event_exists, {"event_id": event_id})
+                    return "older copy" if cur.fetchone() is not None else "lost"
+            except psycopg2.Error:
+                if self._conn is not None:
+                    self._conn.close()
+                raise ServiceUnavailable() from None
+
+    def close(self):
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
 
 
 def _check_values(kms) -> dict:

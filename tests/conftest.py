@@ -74,6 +74,9 @@ def bare_env(**settings) -> dict:
     the KMS's commands as a user would."""
     env = {name: value for name, value in os.environ.items()
            if name in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")}
+    # Not the default file in the working directory, which every test's database would share: a
+    # test that serves names a file of its own (ServerProcess does).
+    env["AUDIT_HEAD_FILE"] = "off"
     env.update(settings)
     return env
 
@@ -466,6 +469,8 @@ class ServerProcess:
         self.tmp_path = tmp_path
         environment = bare_env()
         environment.update(env, SERVER_PORT=str(self.port), TMPDIR=str(tmp_path))
+        if env.get("AUDIT_HEAD_FILE") is None:
+            environment["AUDIT_HEAD_FILE"] = str(tmp_path / "audit-head")
         self.log = open(tmp_path / f"server-{self.port}.log", "w")
         self.process = subprocess.Popen([KMS_COMMAND, "serve", "--workers", str(workers)], env=environment,
                                         stdout=self.log, stderr=self.log)

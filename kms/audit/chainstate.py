@@ -9,6 +9,7 @@ reach: the `audit_chain_state` row (under its MAC and revision, kms.rows) and th
   chain on a head the operator checked: after a restore from backup, for example.
 """
 import os
+import uuid
 from dataclasses import dataclass
 
 from kms import db
@@ -46,12 +47,19 @@ class ChainHead:
 
 @dataclass(frozen=True)
 class HeadFile:
-    """What the head file holds: the newest head this host saw sealed, and a tampering found."""
+    """What the head file holds: the newest head this host saw sealed, the chain it belongs to,
+    and a tampering found."""
     head: ChainHead | None = None
     tampered: str | None = None
+    chain_id: str | None = None
+
+
+class HeadFileOfAnotherChain(Exception):
+    """AUDIT_HEAD_FILE names another database's chain: a deployment's file shared by mistake."""
 
 
 TAMPERED_PREFIX = "tampered: "
+CHAIN_PREFIX = "chain: "
 
 
 def read_head_file(path: str | None) -> HeadFile:
@@ -65,18 +73,22 @@ def read_head_file(path: str | None) -> HeadFile:
         return HeadFile()
     except (OSError, UnicodeDecodeError) as error:
         raise HeadFileUnreadable(f"AUDIT_HEAD_FILE {path} cannot be read ({type(error).__name__})") from None
-    if not lines or len(lines) > 2:
-        raise HeadFileUnreadable(f"AUDIT_HEAD_FILE {path} does not hold a chain head (empty or garbled)")
+    garbled = HeadFileUnreadable(f"AUDIT_HEAD_FILE {path} does not hold a chain head (empty or garbled)")
+    if not lines or len(lines) > 3:
+        raise garbled
     try:
         head = None if lines[0] == "none" else ChainHead.parse(lines[0])
     except ValueError:
-        raise HeadFileUnreadable(f"AUDIT_HEAD_FILE {path} does not hold a chain head (garbled)") from None
-    tampered = None
-    if len(lines) == 2:
-        if not lines[1].startswith(TAMPERED_PREFIX):
-            raise HeadFileUnreadable(f"AUDIT_HEAD_FILE {path} does not hold a chain head (garbled)")
-        tampered = lines[1][len(TAMPERED_PREFIX):] or "tampering found"
-    return HeadFile(head, tampered)
+        raise garbled from None
+    tampered = chain_id = None
+    for line in lines[1:]:
+        if line.startswith(TAMPERED_PREFIX) and tampered is None:
+            tampered = line[len(TAMPERED_PREFIX):] or "tampering found"
+        elif line.startswith(CHAIN_PREFIX) and chain_id is None:
+            chain_id = line[len(CHAIN_PREFIX):].strip()
+        else:
+            raise garbled
+    return HeadFile(head, tampered, chain_id)
 
 
 def write_head_file(path: str, content: HeadFile):
@@ -87,6 +99,8 @@ def write_head_file(path: str, content: HeadFile):
         os.makedirs(directory, mode=0o700, exist_ok=True)
     temporary = f"{path}.tmp"
     text = f"{content.head or 'none'}\n"
+    if content.chain_id:
+        text += f"{CHAIN_PREFIX}{content.chain_id}\n"
     if content.tampered:
         text += f"{TAMPERED_PREFIX}{' '.join(content.tampered.split())}\n"
     with open(temporary, "w") as file:
@@ -98,9 +112,23 @@ def write_head_file(path: str, content: HeadFile):
 
 @dataclass(frozen=True)
 class ChainState:
+    chain_id: str
     started: bool
     tampered: str | None
     revision: int
+
+
+def check_chain(recorded: HeadFile, state: ChainState):
+    """A head file written for another database's chain is not this chain's record."""
+    if recorded.chain_id is not None and recorded.chain_id != state.chain_id:
+        raise HeadFileOfAnotherChain(f"AUDIT_HEAD_FILE belongs to another database's audit chain ({recorded.chain_id}, "
+                                     f"not {state.chain_id}): give each deployment a head file of its own")
+
+
+def chain_id_of(conn, kms) -> str:
+    """This database's chain id (its state row, checked)."""
+    with db.transaction(conn) as cur:
+        return read_state(cur, kms, lock=False).chain_id
 
 
 def read_state(cur, kms, *, lock: bool = True) -> ChainState:
@@ -115,21 +143,21 @@ def read_state(cur, kms, *, lock: bool = True) -> ChainState:
         if cur.fetchone().exist:
             raise ChainTampered("the chain's state record has no MAC (written in the database)")
         # A database migrated without the service's secrets, nothing audited yet: a sealer signs it.
-        state = ChainState(False, None, 0)
+        state = ChainState(str(row.chain_id), False, None, 0)
         return write_state(cur, kms, state) if lock else state
     try:
         AUDIT_CHAIN_STATE.check(kms, row)
     except IntegrityFailure as failure:
         raise ChainTampered("the chain's state record was put back from an older copy" if failure.rolled_back
                             else "the chain's state record was altered in the database") from None
-    return ChainState(row.started, row.tampered, row.revision)
+    return ChainState(str(row.chain_id), row.started, row.tampered, row.revision)
 
 
 def write_state(cur, kms, state: ChainState, **changes) -> ChainState:
     """The state at its next revision; past the first, the caller's audit event records it."""
     new = ChainState(**{**state.__dict__, **changes, "revision": state.revision + 1})
     cur.execute(db.sql.write_audit_chain_state, {
-        "started": new.started, "tampered": new.tampered, "revision": new.revision,
-        "row_mac": AUDIT_CHAIN_STATE.sign(cur, kms, id=True, started=new.started, tampered=new.tampered,
-                                          revision=new.revision)})
+        "chain_id": new.chain_id, "started": new.started, "tampered": new.tampered, "revision": new.revision,
+        "row_mac": AUDIT_CHAIN_STATE.sign(cur, kms, id=True, chain_id=uuid.UUID(new.chain_id), started=new.started,
+                                          tampered=new.tampered, revision=new.revision)})
     return new

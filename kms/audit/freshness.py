@@ -41,7 +41,7 @@ def catch_up(kms, conn) -> dict[tuple[str, str], int]:
             continue
         for table, row_id, revision in parse_changes(event.changes):
             if table in _TABLE_NAMES:
-                revisions.learn(table, row_id, revision)
+                revisions.learn(table, row_id, revision, event.event_id)
                 key = (table, row_id)
                 learned[key] = max(revision, learned.get(key, 0))
     revisions.followed_to = horizon

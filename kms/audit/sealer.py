@@ -4,8 +4,8 @@ import logging
 import threading
 
 from kms import db
-from kms.audit.chainstate import (ChainTampered, HeadFile, HeadFileUnreadable, read_head_file, read_state,
-                                  write_head_file, write_state)
+from kms.audit.chainstate import (ChainTampered, HeadFile, HeadFileOfAnotherChain, HeadFileUnreadable, chain_id_of,
+                                  read_head_file, read_state, write_head_file, write_state)
 from kms.audit.freshness import catch_up
 from kms.audit.service import flush_refusals, record, record_alone, seal_pending
 from kms.context import Context
@@ -34,6 +34,7 @@ class Sealer(threading.Thread):
         self.head = None
         self.tampered: str | None = None  # the problem found, once flagged in this process
         self._failing: str | None = None
+        self.chain_id: str | None = None
 
     def run(self):
         conn = None
@@ -74,16 +75,22 @@ class Sealer(threading.Thread):
         known = max((head for head in (self.head, recorded.head) if head is not None),
                     key=lambda head: head.position, default=None)
         try:
-            sealed, head = seal_pending(conn, self.kms, known=known)
+            self.chain_id = self.chain_id or chain_id_of(conn, self.kms)
+            sealed, head = seal_pending(conn, self.kms, known=known, chain_id=recorded.chain_id)
         except ChainTampered as tampered:
             self._flag(conn, tampered, recorded)
+            return
+        except HeadFileOfAnotherChain as foreign:
+            if self._failing != "foreign":  # a mistake of configuration: said once, nothing written
+                log.error("audit sealing stopped", extra={"problem": str(foreign)})
+            self._failing = "foreign"
             return
         metrics.audit_chain_tampered.set(0)
         if head is not None and head != self.head:
             self.head = head
             metrics.publish_audit_head(head.position, head.mac.hex())
             if self.kms.settings.audit_head_file:
-                write_head_file(self.kms.settings.audit_head_file, HeadFile(head))
+                write_head_file(self.kms.settings.audit_head_file, HeadFile(head, chain_id=self.chain_id))
             log.info("audit chain head", extra={"position": head.position, "mac": head.mac.hex(), "sealed": sealed})
         self._watch_progress(conn)
 
@@ -120,7 +127,7 @@ class Sealer(threading.Thread):
                    actor="kms")
         if self.kms.settings.audit_head_file and not recorded.tampered:
             write_head_file(self.kms.settings.audit_head_file,
-                            HeadFile(recorded.head or self.head, tampered.problem))
+                            HeadFile(recorded.head or self.head, tampered.problem, recorded.chain_id or self.chain_id))
 
     def _watch_progress(self, conn):
         """Sealing that does not keep up (its lock held elsewhere, or an old transaction holding

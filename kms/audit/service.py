@@ -12,7 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from kms import crypto, db
 from kms.access import require_admin
-from kms.audit.chainstate import ChainHead, ChainTampered, read_state, write_state
+from kms.audit.chainstate import ChainHead, ChainTampered, HeadFile, check_chain, read_state, write_state
 from kms.context import Context
 from kms.ids import time_ordered_uuid
 from kms.rows import parse_changes, stale_rows
@@ -56,6 +56,8 @@ def record(cur, ctx: Context, action: str, outcome: str = "success", *, target: 
     changes = " ".join(cur.row_changes) or None
     cur.row_changes.clear()
     event = new_event(ctx, action, outcome, target=target, version=version, actor=actor, changes=changes)
+    if changes:  # known here once committed: a change rolled back must not make the row look old
+        cur.after_commit.append(lambda: ctx.kms.revisions.learn_changes(changes, event["event_id"]))
     db.execute_prepared(cur, "insert_audit_event", event, defer=defer)
 
 
@@ -165,7 +167,8 @@ def _checked_head(cur, key: bytes, known: ChainHead | None) -> tuple[int, bytes,
     return position, bytes(head.chain_hash), int(head.txid)
 
 
-def seal_pending(conn, kms, *, wait: bool = False, known: ChainHead | None = None) -> tuple[int, ChainHead | None]:
+def seal_pending(conn, kms, *, wait: bool = False, known: ChainHead | None = None,
+                 chain_id: str | None = None) -> tuple[int, ChainHead | None]:
     """Seal every unsealed event of ended transactions into the chain: (how many, the new head).
     One sealer at a time: without `wait`, a caller that finds another sealer at work returns at
     once. It never chains a row older than the head: it checks the head first (and against
@@ -183,6 +186,7 @@ def seal_pending(conn, kms, *, wait: bool = False, known: ChainHead | None = Non
             horizon = cur.fetchone().horizon
             position, previous, _ = _checked_head(cur, key, head)
             state = read_state(cur, kms)
+            check_chain(HeadFile(chain_id=chain_id), state)  # `known` came from this chain's head file
             if state.tampered:
                 raise ChainTampered(f"tampering found earlier and not acknowledged: {state.tampered}")
             if position == 0 and state.started and not starting:

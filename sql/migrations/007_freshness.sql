@@ -30,11 +30,14 @@ CREATE TRIGGER audit_events_append_only BEFORE UPDATE ON audit_events FOR EACH R
                   OLD.request_id, OLD.source_ip, OLD.repeats, OLD.changes, OLD.row_mac, OLD.txid)))
   EXECUTE FUNCTION audit_events_append_only();
 
--- The chain's own state, one row under its MAC and revision: whether a chain was ever started, so
--- that "no chain yet" can be told from "chain wiped", and a tampering found and not yet
--- acknowledged by an operator (`kms audit acknowledge`), so that it outlives restarts.
+-- The chain's own state, one row under its MAC and revision: which chain this is (a head file
+-- names it, so a file of another deployment's chain is never taken for this one's), whether a
+-- chain was ever started, so that "no chain yet" can be told from "chain wiped", and a tampering
+-- found and not yet acknowledged by an operator (`kms audit acknowledge`), so that it outlives
+-- restarts.
 CREATE TABLE audit_chain_state (
     id       boolean PRIMARY KEY DEFAULT true CHECK (id),
+    chain_id uuid NOT NULL DEFAULT gen_random_uuid(),
     started  boolean NOT NULL,
     tampered text,
     revision integer NOT NULL DEFAULT 1 CHECK (revision >= 1),

@@ -101,16 +101,16 @@ SELECT id::text AS id, revision FROM keys WHERE id::text = ANY(%(ids)s);
 SELECT 'True' AS id, revision FROM audit_chain_state WHERE 'True' = ANY(%(ids)s);  -- its id as kms.rows names it
 
 -- name: audit_chain_state
-SELECT id, started, tampered, revision, row_mac FROM audit_chain_state;
+SELECT id, chain_id, started, tampered, revision, row_mac FROM audit_chain_state;
 
 -- name: lock_audit_chain_state
-SELECT id, started, tampered, revision, row_mac FROM audit_chain_state FOR UPDATE;
+SELECT id, chain_id, started, tampered, revision, row_mac FROM audit_chain_state FOR UPDATE;
 
 -- name: write_audit_chain_state
-INSERT INTO audit_chain_state (id, started, tampered, revision, row_mac)
-VALUES (true, %(started)s, %(tampered)s, %(revision)s, %(row_mac)s)
-ON CONFLICT (id) DO UPDATE SET started = excluded.started, tampered = excluded.tampered,
-                               revision = excluded.revision, row_mac = excluded.row_mac;
+INSERT INTO audit_chain_state (id, chain_id, started, tampered, revision, row_mac)
+VALUES (true, %(chain_id)s, %(started)s, %(tampered)s, %(revision)s, %(row_mac)s)
+ON CONFLICT (id) DO UPDATE SET chain_id = excluded.chain_id, started = excluded.started,
+                               tampered = excluded.tampered, revision = excluded.revision, row_mac = excluded.row_mac;
 
 -- name: audit_events_exist
 SELECT EXISTS (SELECT 1 FROM audit_events) AS exist;
@@ -138,3 +138,6 @@ LEFT JOIN (SELECT pid, datname, xact_start FROM pg_stat_activity
 SELECT seq, event_id, at, actor, action, target, version, outcome, request_id, source_ip, repeats, changes, row_mac,
        txid::text
 FROM audit_events WHERE chain_pos IS NULL AND seq > %(after)s ORDER BY seq LIMIT %(limit)s;
+
+-- name: audit_event_exists
+SELECT 1 FROM audit_events WHERE event_id = %(event_id)s;

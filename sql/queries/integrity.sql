@@ -26,7 +26,7 @@ FROM keys WHERE row_mac IS NULL;
 UPDATE keys SET row_mac = %(row_mac)s WHERE id = %(id)s;
 
 -- name: audit_chain_state_for_row_macs
-SELECT id, started, tampered, revision FROM audit_chain_state WHERE row_mac IS NULL;
+SELECT id, chain_id, started, tampered, revision FROM audit_chain_state WHERE row_mac IS NULL;
 
 -- name: set_audit_chain_state_row_mac
 UPDATE audit_chain_state SET row_mac = %(row_mac)s WHERE id = %(id)s;

@@ -194,3 +194,56 @@ def test_admin_login_still_works_after_its_own_changes(client, auth):
     """The master admin's row changes (a password rehash, a role change of another admin) leave
     it usable: revisions only refuse older copies."""
     assert client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": ADMIN_PASSWORD}).status_code == 200
+
+
+def test_a_change_rolled_back_is_not_learned(client, auth, db, app):
+    """A rotation whose transaction fails (here: its audit record refused by a trigger, as a lost
+    connection or a failover would fail it) leaves the key as it was, and the key keeps working."""
+    token = auth.new_client()
+    client.post("/keys/actions/generate", json={"keyReference": "k"}, headers=bearer(token))
+    with db.cursor() as cur:
+        cur.execute("CREATE FUNCTION refuse_rotate() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                    "IF NEW.action = 'key.rotate' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$")
+        cur.execute("CREATE TRIGGER refuse_rotate BEFORE INSERT ON audit_events FOR EACH ROW "
+                    "EXECUTE FUNCTION refuse_rotate()")
+    try:
+        assert client.post("/keys/k/actions/rotate", headers=bearer(token)).status_code == 500
+    finally:
+        with db.cursor() as cur:
+            cur.execute("DROP TRIGGER refuse_rotate ON audit_events")
+            cur.execute("DROP FUNCTION refuse_rotate()")
+    assert client.get("/keys/k", headers=bearer(token)).status_code == 200
+    assert client.post("/keys/k/actions/rotate", headers=bearer(token)).status_code == 200
+
+
+def test_look_ups_racing_rotations_are_never_taken_for_put_backs(client, auth, app):
+    """A look-up whose statement began before a rotation committed reads the key row one revision
+    behind what its process learned when the rotation committed: an answer from just before the
+    rotation, not a row put back. Many of each, at once: never a 500."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+    token = auth.new_client()
+    client.post("/keys/actions/generate", json={"keyReference": "busy"}, headers=bearer(token))
+    base = app.config["TEST_SERVER_URL"]
+    stop = threading.Event()
+
+    def rotate():
+        with requests.Session() as session:
+            while not stop.is_set():
+                assert session.post(base + "/keys/busy/actions/rotate", headers=bearer(token), timeout=30).status_code == 200
+
+    def look_up(_):
+        with requests.Session() as session:
+            return [session.get(base + "/keys/busy", headers=bearer(token), timeout=30).status_code for _ in range(40)]
+
+    rotator = threading.Thread(target=rotate)
+    rotator.start()
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            statuses = [status for batch in pool.map(look_up, range(6)) for status in batch]
+    finally:
+        stop.set()
+        rotator.join()
+    assert set(statuses) == {200}
