@@ -119,8 +119,9 @@ def _refuse_signup(ctx: Context):
 def _signup_legacy(ctx: Context, token: str, password: str) -> Grant:
     kms = ctx.kms
     legacy = read_legacy_signup_token(kms.settings.signup_secret, token, time.time_ns() // 1_000_000)
-    token_hash = crypto.keyed_hash(kms.settings.signup_secret, b"kms-legacy-signup-token-v1", token.encode())
     if legacy is not None:
+        token_hash = crypto.keyed_hash(kms.settings.signup_secret, b"kms-legacy-signup-token-v1",
+                                       legacy.canonical.encode())
         with ctx.conn.cursor() as cur:
             cur.execute(db.sql.legacy_signup_token_used, {"token_hash": token_hash})
             if cur.fetchone() is not None:
