@@ -531,6 +531,8 @@ def served_by_pid(metrics_dir: Path, route: str) -> dict[int, float]:
     """Requests to `route` each worker counted, read from their own metric files."""
     counts = {}
     for path in metrics_dir.glob("counter_*.db"):
+        if not path.stem.split("_")[1].isdigit():  # what dead workers counted, merged
+            continue
         pid = int(path.stem.split("_")[1])
         for key, value, *_rest in MmapedDict.read_all_values_from_file(str(path)):
             if key.startswith('["kms_http_requests"') and f'"route": "{route}"' in key:
