@@ -41,7 +41,7 @@ ADMIN_PASSWORD = "Root-admin-passw0rd"
 CLIENT_PASSWORD = "Client-passw0rd!"
 WRONG_PASSWORD = "Wrong-passw0rd!"
 APP_TABLES = ("clients, sessions, signup_tokens, login_failures, keys, key_versions, secret_checks, audit_events, "
-              "audit_refusals, legacy_signup_tokens_used, import_sources, imported_clients, imported_keys, audit_chain_state")
+              "legacy_signup_tokens_used, import_sources, imported_clients, imported_keys, audit_chain_state")
 
 
 # What kms.auth.passwords hashes with: OWASP's Argon2id parameters.
@@ -542,6 +542,8 @@ def served_by_pid(metrics_dir: Path, route: str) -> dict[int, float]:
     """Requests to `route` each worker counted, read from their own metric files."""
     counts = {}
     for path in metrics_dir.glob("counter_*.db"):
+        if not path.stem.split("_")[1].isdigit():  # what dead workers counted, merged
+            continue
         pid = int(path.stem.split("_")[1])
         for key, value, *_rest in MmapedDict.read_all_values_from_file(str(path)):
             if key.startswith('["kms_http_requests"') and f'"route": "{route}"' in key:

@@ -69,14 +69,11 @@ def record_refusal(ctx: Context, action: str, outcome: str):
 
 def flush_refusals(ctx: Context) -> int:
     """Write this process's counted refusals, one event per action, outcome and source with
-    `repeats` (how many refusals it stands for; none for one), in one transaction; and any left in
-    audit_refusals, where versions before the in-memory counts kept them. Returns the events written."""
+    `repeats` (how many refusals it stands for; none for one), in one transaction, each under its
+    row MAC from the moment it is written. Returns the events written."""
     counts = ctx.kms.refusals.take()
     try:
         with db.transaction(ctx.conn) as cur:
-            cur.execute(db.sql.take_closed_refusal_windows, {"window_s": 0, "all": True})
-            for window in cur.fetchall():
-                counts[(window.action, window.outcome, window.source_ip)] += window.count
             for (action, outcome, source), count in sorted(counts.items()):
                 event = new_event(replace(ctx, source_ip=source, request_id=None), action, outcome,
                                   actor="anonymous", repeats=count if count > 1 else None)

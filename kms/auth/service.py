@@ -6,10 +6,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+import psycopg2
 from psycopg2.errors import LockNotAvailable
 
 from kms import crypto, db
-from kms.audit.service import record, record_refusal
+from kms.audit.service import record, record_alone, record_refusal
 from kms.access import authenticate, require_admin
 from kms.auth.legacy import looks_legacy, read_legacy_signup_token
 from kms.auth.recent import Verified
@@ -119,8 +120,9 @@ def _refuse_signup(ctx: Context):
 def _signup_legacy(ctx: Context, token: str, password: str) -> Grant:
     kms = ctx.kms
     legacy = read_legacy_signup_token(kms.settings.signup_secret, token, time.time_ns() // 1_000_000)
-    token_hash = crypto.keyed_hash(kms.settings.signup_secret, b"kms-legacy-signup-token-v1", token.encode())
     if legacy is not None:
+        token_hash = crypto.keyed_hash(kms.settings.signup_secret, b"kms-legacy-signup-token-v1",
+                                       legacy.canonical.encode())
         with ctx.conn.cursor() as cur:
             cur.execute(db.sql.legacy_signup_token_used, {"token_hash": token_hash})
             if cur.fetchone() is not None:
@@ -213,7 +215,7 @@ def _login(ctx: Context, name_hash: bytes, password: str, recent: Verified | Non
     retry_after, reservation = _reserve_address_attempt(ctx, address)
     if retry_after is not None:
         raise Throttled(retry_after, "Too many failed logins; wait before trying again.")
-    failed = True
+    failed, denied = True, None  # denied: the target of a password checked and refused
     try:
         with db.transaction(ctx.conn) as cur:
             cur.defer(db.sql.lock_login_client, {"client": subject})
@@ -251,9 +253,15 @@ def _login(ctx: Context, name_hash: bytes, password: str, recent: Verified | Non
                     record(cur, ctx, "login", target=str(client_id), actor=str(client_id), defer=True)
                     failed = False
                 else:  # the address's reservation stays, as the failure, and the name's is added
+                    denied = str(client_id) if client_id else ""
                     cur.defer(db.sql.insert_login_failure, {"scope": "client", "subject": subject})
-                    record(cur, ctx, "login", "denied", target=str(client_id) if client_id else None, defer=True)
+                    record(cur, ctx, "login", "denied", target=denied or None, defer=True)
         reservation = None
+    except Exception:
+        if denied is not None:  # the password was checked: the failure counts though its COMMIT failed
+            reservation = None  # the address's reservation stays, as the failure
+            _count_login_failure_alone(ctx, subject, denied or None)
+        raise
     finally:
         if reservation is not None:  # the check never happened (no hashing slot, a lock wait)
             with db.transaction(ctx.conn) as cur:
@@ -263,6 +271,22 @@ def _login(ctx: Context, name_hash: bytes, password: str, recent: Verified | Non
     if failed:
         raise Unauthorized(LOGIN_FAILED, code="invalid_credentials")
     return grant
+
+
+def _count_login_failure_alone(ctx: Context, subject: str, target: str | None):
+    """A refused password whose transaction failed (its deferred writes run at COMMIT): the name's
+    failure in a transaction of its own, then its audit event in another, so the count does not
+    depend on the event, which may be what failed."""
+    try:
+        with db.transaction(ctx.conn) as cur:
+            cur.execute(db.sql.insert_login_failure, {"scope": "client", "subject": subject})
+    except psycopg2.Error as error:
+        log.error("a failed login was not counted", extra={"error_code": type(error).__name__})
+        return
+    try:
+        record_alone(ctx, "login", "denied", target=target)
+    except psycopg2.Error as error:
+        log.error("a failed login's audit event was not written", extra={"error_code": type(error).__name__})
 
 
 def _password_matches(kms, password: str, row, recent: Verified | None) -> tuple[bool, str | None]:

@@ -4,19 +4,6 @@ INSERT INTO audit_events (event_id, at, actor, action, target, version, outcome,
 VALUES (%(event_id)s, %(at)s, %(actor)s, %(action)s, %(target)s, %(version)s, %(outcome)s,
         %(request_id)s, %(source_ip)s, %(repeats)s, %(changes)s, %(row_mac)s);
 
--- name: count_refusal
--- This refusal's count in its window (per action, outcome and source): 1 means it is the first.
-INSERT INTO audit_refusals AS r (action, outcome, source_ip, window_start, count)
-VALUES (%(action)s, %(outcome)s, %(source_ip)s,
-        to_timestamp(floor(extract(epoch FROM now()) / %(window_s)s) * %(window_s)s), 1)
-ON CONFLICT (action, outcome, source_ip, window_start) DO UPDATE SET count = r.count + 1
-RETURNING count;
-
--- name: take_closed_refusal_windows
-DELETE FROM audit_refusals
-WHERE window_start <= now() - %(window_s)s * interval '1 second' OR %(all)s::boolean
-RETURNING action, outcome, source_ip, window_start, count;
-
 -- name: audit_events_after
 SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip, repeats
 FROM audit_events WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s;
