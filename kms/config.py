@@ -98,6 +98,7 @@ class Settings:
     # Relative to the working directory of `kms serve` (created owner-only); "off" turns it off.
     audit_head_file: str | None = "kms-state/audit-head"
     audit_fail_closed_after_ms: int = 0
+    audit_sink: str | None = None  # file:PATH, syslog, syslog:/dev/log, syslog:HOST:PORT (kms.audit.sink)
     hsm_dek_cache_ms: int = 60_000
     hsm_dek_cache_size: int = 10_000
     pkcs11_module: str | None = None
@@ -137,7 +138,7 @@ VARIABLES = {
     "LOGIN_FAILURE_WINDOW": "login_failure_window_ms", "LOGIN_REPEAT_WINDOW": "login_repeat_window_ms",
     "AUDIT_SEAL_INTERVAL": "audit_seal_interval_ms", "AUDIT_REFUSAL_INTERVAL": "audit_refusal_interval_ms", "AUDIT_KEY_LOOKUPS": "audit_key_lookups",
     "AUDIT_KEY_LOOKUPS_DURABLE": "audit_key_lookups_durable", "AUDIT_HEAD_FILE": "audit_head_file",
-    "AUDIT_FAIL_CLOSED_AFTER": "audit_fail_closed_after_ms",
+    "AUDIT_FAIL_CLOSED_AFTER": "audit_fail_closed_after_ms", "AUDIT_SINK": "audit_sink",
     "LEGACY_SIGNUP_TOKENS": "legacy_signup_tokens",
 }
 
@@ -312,6 +313,15 @@ def _choice(env: Mapping, variable: str, default: str, choices: tuple[str, ...],
     return value
 
 
+def _audit_sink(env: Mapping, variable: str, default: str | None) -> str | None:
+    value = (env.get(variable) or "").strip()
+    if not value:
+        return default
+    if re.fullmatch(r"file:/.+|syslog|syslog:/.+|syslog:[\w.\-\[\]:]+:\d{1,5}", value):
+        return value
+    raise ConfigError(variable, "must be file:/ABSOLUTE/PATH, syslog, syslog:/dev/log or syslog:HOST:PORT")
+
+
 def _head_file(value: str | None) -> str | None:
     value = (value or "").strip()
     if value.lower() == "off":
@@ -369,6 +379,7 @@ def load_settings(env: Mapping | None = None) -> Settings:
         audit_key_lookups_durable=check(_bool, env, "AUDIT_KEY_LOOKUPS_DURABLE", DEFAULT.audit_key_lookups_durable),
         legacy_signup_tokens=check(_bool, env, "LEGACY_SIGNUP_TOKENS", DEFAULT.legacy_signup_tokens),
         audit_head_file=_head_file(env.get("AUDIT_HEAD_FILE")),
+        audit_sink=check(_audit_sink, env, "AUDIT_SINK", None),
         audit_fail_closed_after_ms=check(_int, env, "AUDIT_FAIL_CLOSED_AFTER", DEFAULT.audit_fail_closed_after_ms,
                                          maximum=86_400_000),
         pkcs11_module=pkcs11_module,

@@ -8,6 +8,7 @@ from kms.audit.chainstate import (ChainTampered, HeadFile, HeadFileOfAnotherChai
                                   read_head_file, read_state, write_head_file, write_state)
 from kms.audit.freshness import catch_up
 from kms.audit.service import flush_refusals, record, record_alone, seal_pending
+from kms.audit.sink import open_sink, ship
 from kms.context import Context
 from kms.rows import stale_rows
 
@@ -35,6 +36,8 @@ class Sealer(threading.Thread):
         self.tampered: str | None = None  # the problem found, once flagged in this process
         self._failing: str | None = None
         self.chain_id: str | None = None
+        self.sink = open_sink(kms.settings.audit_sink, kms.settings.audit_head_file)
+        self._sink_failing: str | None = None
 
     def run(self):
         conn = None
@@ -53,6 +56,7 @@ class Sealer(threading.Thread):
                 conn = None
         if conn is not None:
             conn.close()
+        self.close()
 
     def _head_file(self) -> HeadFile:
         try:
@@ -92,7 +96,21 @@ class Sealer(threading.Thread):
             if self.kms.settings.audit_head_file:
                 write_head_file(self.kms.settings.audit_head_file, HeadFile(head, chain_id=self.chain_id))
             log.info("audit chain head", extra={"position": head.position, "mac": head.mac.hex(), "sealed": sealed})
+        self._ship(conn)
         self._watch_progress(conn)
+
+    def _ship(self, conn):
+        """AUDIT_SINK: what was sealed, streamed; a sink that fails is tried again next interval."""
+        if self.sink is None:
+            return
+        try:
+            ship(self.sink, conn)
+            self._sink_failing = None
+        except OSError as error:
+            if self._sink_failing != type(error).__name__:
+                log.warning("audit stream failed; will retry", extra={"error_code": type(error).__name__,
+                                                                      "problem": error.strerror or str(error)})
+            self._sink_failing = type(error).__name__
 
     def _report_stale(self, conn, learned: dict):
         if not learned:
@@ -151,6 +169,10 @@ class Sealer(threading.Thread):
 
     def stop(self):
         self.stopping.set()
+
+    def close(self):
+        if self.sink is not None:
+            self.sink.close()
 
 
 def start_sealer(kms) -> Sealer | None:

@@ -128,3 +128,10 @@ FROM audit_events WHERE chain_pos IS NULL AND seq > %(after)s ORDER BY seq LIMIT
 
 -- name: audit_event_exists
 SELECT 1 FROM audit_events WHERE event_id = %(event_id)s;
+
+-- name: sealed_events_after
+-- For the audit stream (AUDIT_SINK): sealed events in chain order, with what lets a reader outside
+-- the database check them (the row MAC and the chain hash).
+SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip, repeats, changes, row_mac,
+       chain_pos, chain_hash
+FROM audit_events WHERE chain_pos > %(after)s ORDER BY chain_pos LIMIT %(limit)s;

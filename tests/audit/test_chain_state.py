@@ -203,3 +203,66 @@ def test_fail_closed_refuses_audited_work_while_sealing_is_that_far_behind(app, 
     with kms.pool.connection() as conn:
         follower._watch_backlog(conn)
     assert client.get("/keys", headers=bearer(token)).status_code == 200
+
+
+@pytest.mark.own_app(AUDIT_SEAL_INTERVAL="100")
+def test_the_audit_stream_gets_every_sealed_event_once_in_order_across_restarts(make_app, tmp_path, db):
+    """AUDIT_SINK=file:…: each sealed event as one JSON line with its position, chain hash and row
+    MAC; a restart (a new sealer) goes on where the file ends, sending nothing twice."""
+    stream = tmp_path / "audit.jsonl"
+    app = make_app(AUDIT_SINK=f"file:{stream}", AUDIT_HEAD_FILE=str(tmp_path / "head"))
+    runner = app.test_cli_runner()
+    for name in ("svc-one", "svc-two"):
+        runner.invoke(args=["kms", "signup-token", "--name", name])
+    kms = app.extensions["kms"]
+    with kms.pool.connection() as conn:
+        Sealer(kms).seal_once(conn)
+    first = [json.loads(line) for line in stream.read_text().splitlines()]
+    assert [event["chainPos"] for event in first] == list(range(1, len(first) + 1))
+    assert all(len(event["rowMac"]) > 0 and len(event["chainHash"]) == 64 for event in first)
+    runner.invoke(args=["kms", "signup-token", "--name", "svc-three"])
+    with stream.open("a") as file:
+        file.write('{"chainPos": 99, "cut sh')  # a line cut short by a crash
+    restarted = make_app(AUDIT_SINK=f"file:{stream}", AUDIT_HEAD_FILE=str(tmp_path / "head"))
+    with restarted.extensions["kms"].pool.connection() as conn:
+        Sealer(restarted.extensions["kms"]).seal_once(conn)
+    lines = [line for line in stream.read_text().splitlines() if not line.startswith('{"chainPos": 99')]
+    positions = [json.loads(line)["chainPos"] for line in lines]
+    assert positions == list(range(1, len(positions) + 1)) and len(positions) > len(first)
+    with db.cursor() as cur:
+        cur.execute("SELECT max(chain_pos) FROM audit_events")
+        assert positions[-1] == cur.fetchone()[0]
+
+
+def test_a_bad_audit_sink_is_a_configuration_error(base_env):
+    from kms.config import ConfigError
+    with pytest.raises(ConfigError) as refused:
+        load_settings({**base_env, "AUDIT_SINK": "kafka://somewhere"})
+    assert "AUDIT_SINK" in str(refused.value)
+
+
+def test_the_audit_stream_to_syslog_sends_each_event_as_one_message(make_app, tmp_path):
+    import socket
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(5)
+    port = receiver.getsockname()[1]
+    try:
+        app = make_app(AUDIT_SINK=f"syslog:127.0.0.1:{port}", AUDIT_HEAD_FILE=str(tmp_path / "head"))
+        app.test_cli_runner().invoke(args=["kms", "signup-token", "--name", "svc-one"])
+        kms = app.extensions["kms"]
+        sealer = Sealer(kms)
+        with kms.pool.connection() as conn:
+            sealer.seal_once(conn)
+        sealer.close()
+        messages = []
+        while True:
+            try:
+                messages.append(receiver.recv(65536).decode())
+            except socket.timeout:
+                break
+        events = [json.loads(message.split("kms-audit: ", 1)[1]) for message in messages]
+        assert [event["chainPos"] for event in events] == list(range(1, len(events) + 1)) and events
+        assert (tmp_path / "head.sink-position").read_text().strip() == str(len(events))
+    finally:
+        receiver.close()
