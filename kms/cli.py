@@ -25,9 +25,9 @@ from kms.auth import cli as auth_cli
 from kms.clients import cli as clients_cli
 from kms.clients.service import purge_stale_records
 from kms.config import DEFAULT, generate_secret, load_settings
-from kms.console import OPENER, IntegrityProblem, Progress, Unreachable, cli_context, open_kms
+from kms.console import OPENER, IntegrityProblem, OneLineFailure, Progress, Unreachable, cli_context, open_kms
 from kms.db import MigrationNeedsSecrets
-from kms.errors import IntegrityFailure, ServiceUnavailable
+from kms.errors import ApiError, IntegrityFailure, ServiceUnavailable, StoredDataCorrupt
 from kms.importing import cli as importing_cli
 from kms.keys import cli as keys_cli
 from kms.keys.service import destroy_due_keys, rotate_due_keys
@@ -58,11 +58,13 @@ class KmsGroup(AppGroup):
             raise Unreachable("database unavailable: check DATABASE_URL and that PostgreSQL is running") from None
         except PortTaken as error:
             raise Unreachable(str(error)) from None
-        except IntegrityFailure:
+        except (IntegrityFailure, StoredDataCorrupt):
             raise IntegrityProblem("stored data failed an integrity check (see the log line above; the audit "
                                    "trail records it as integrity.failure)") from None
         except MigrationNeedsSecrets as error:
             raise click.ClickException(str(error)) from None
+        except ApiError as refused:  # what the service refuses: a name taken, no such client, the last admin
+            raise OneLineFailure(refused.message) from None
 
 
 def open_runtime(check: bool) -> Kms:
@@ -165,6 +167,8 @@ class KmsCommand(FlaskGroup, KmsGroup):
         super().__init__(create_app=command_app, add_default_commands=False, add_version_option=False,
                          **kwargs)
         self.params = [param for param in self.params if param.name == "env_file"]
+        self.params[0].help = ("Read settings from this file (NAME=value lines, as .env); they take precedence over "
+                               ".env, and variables set in the environment over both.")
 
 
 main = KmsCommand(name="kms", help="KMS: serve (`kms serve`, `kms dev`) and administer (every other command) "

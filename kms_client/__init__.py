@@ -40,10 +40,14 @@ class KmsError(Exception):
 
 
 class KmsUnreachable(KmsError):
-    """No answer from the KMS: refused, timed out, a name that does not resolve, TLS failing."""
+    """No answer from the KMS: refused, timed out, a name that does not resolve, TLS failing.
+    Its status is 0: no HTTP answer came."""
 
     def __init__(self, base_url: str, reason: str):
         super().__init__(0, "unreachable", f"no answer from {base_url} ({reason})")
+
+    def __str__(self):
+        return self.message
 
 
 class BlobError(KmsError):
@@ -51,6 +55,9 @@ class BlobError(KmsError):
 
     def __init__(self, message: str):
         super().__init__(400, "bad_blob", message)
+
+    def __str__(self):
+        return self.message
 
 
 @dataclass(frozen=True, repr=False)
@@ -171,6 +178,16 @@ class Client:
             self._send("POST", "/auth/logout", None, self._token)
         self._token = None
 
+    def login(self) -> None:
+        """Log in now (otherwise the first call does): a wrong password shows here."""
+        with self._lock:
+            self._token = None
+        self._token_for_request()
+
+    def ping(self) -> None:
+        """Raise KmsUnreachable unless the KMS answers its liveness probe (needs no credentials)."""
+        self._send("GET", "/healthz", None, None)
+
     # Keys
 
     def _remember(self, cache_key, value):
@@ -207,6 +224,28 @@ class Client:
     def delete_key(self, reference: str) -> None:
         self._forget(reference)
         self._call("DELETE", f"/keys/{_segment(reference)}/actions/delete")
+
+    def list_keys(self) -> list[dict]:
+        """Metadata of this client's keys (reference, current version, state, rotation period)."""
+        return self._call("GET", "/keys")["keys"]
+
+    def key_versions(self, reference: str) -> list[dict]:
+        """Every version of a key and its state (in-use, deprecated, retired)."""
+        return self._call("GET", f"/keys/{_segment(reference)}/versions")["versions"]
+
+    def retire_versions(self, reference: str, below_version: int) -> dict:
+        """Retire every version below `below_version`: never served again."""
+        self._forget(reference)
+        return self._call("POST", f"/keys/{_segment(reference)}/actions/retire", {"belowVersion": below_version})
+
+    def restore_key(self, reference: str) -> dict:
+        """Cancel a pending deletion."""
+        return self._call("POST", f"/keys/{_segment(reference)}/actions/restore")
+
+    def set_rotation_period(self, reference: str, period_ms: int | None) -> dict:
+        """Rotate the key by itself once its current version is older than `period_ms`; None stops it."""
+        return self._call("POST", f"/keys/{_segment(reference)}/actions/set-rotation-period",
+                          {"rotationPeriod": period_ms})
 
     # Encryption with the key's DEK
 

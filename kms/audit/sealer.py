@@ -6,6 +6,7 @@ from kms import db
 from kms.audit.service import (ChainTampered, flush_refusals, read_head_file, record_alone, seal_pending,
                                write_head_file)
 from kms.context import Context
+from kms.observability.logs import OncePer, log_failure
 
 log = logging.getLogger("kms.audit")
 
@@ -25,6 +26,7 @@ class Sealer(threading.Thread):
         # does not contain it, and is not built upon.
         self.head = read_head_file(kms.settings.audit_head_file)
         self.tampered = False
+        self.failures = OncePer()
 
     def run(self):
         conn = None
@@ -34,7 +36,7 @@ class Sealer(threading.Thread):
                     conn = db.connect(self.kms.settings.database_url, application_name="kms-audit-sealer")
                 self.seal_once(conn)
             except Exception as error:  # noqa: BLE001 - keep sealing after an outage
-                log.warning("audit sealing failed; will retry", extra={"error_code": type(error).__name__})
+                log_failure(log, logging.WARNING, "audit sealing failed; will retry", error, self.failures)
                 if conn is not None:
                     conn.close()
                 conn = None

@@ -29,7 +29,7 @@ from prometheus_client import multiprocess
 from kms.app import create_app
 from kms.audit.sealer import start_sealer
 from kms.auth.passwords import HashGate
-from kms.config import ConfigError
+from kms.observability.logs import cause
 from kms.observability.metrics import use_multiprocess_metrics
 from kms.runtime import Kms
 from kms.serving.lifecycle import bind_listener, die_with_parent, name_this_process, stop_on_signals
@@ -101,11 +101,13 @@ class Supervisor:
                 self._reap()
                 self._respawn_due()
                 self.stopping.wait(REAP_INTERVAL_S)
-            self._stop_workers()
+            stopped, killed = self._stop_workers()
         finally:
             self.sock.close()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
-        log.info("stopped")
+        log.info("stopped", extra={"did": "stopped the workers (each drained its requests first), closed the "
+                                          "listening socket, removed the metrics directory",
+                                   "workersStopped": stopped, "workersKilled": killed})
         return 0
 
     def _spawn(self, slot: int):
@@ -120,7 +122,7 @@ class Supervisor:
                     code = run_worker(self.settings, self.sock, slot, self.hash_gate, (self.connections, slot))
             except BaseException as error:  # noqa: BLE001 - report, then exit with a code the parent sees
                 log.error("worker failed", extra={"slot": slot, "error_code": type(error).__name__,
-                                                  "problem": _safe_message(error)})
+                                                  "cause": cause(error)})
             finally:
                 logging.shutdown()
                 os._exit(code)
@@ -154,7 +156,9 @@ class Supervisor:
                 del self.respawn_at[slot]
                 self._spawn(slot)
 
-    def _stop_workers(self):
+    def _stop_workers(self) -> tuple[int, int]:
+        """(how many stopped, how many of them were killed after the drain timeout)."""
+        count = len(self.workers)
         for pid in self.workers:
             _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + DRAIN_TIMEOUT_S + 10
@@ -167,11 +171,13 @@ class Supervisor:
                 self.workers.pop(pid, None)
             else:
                 time.sleep(0.05)
+        killed = len(self.workers)
         for pid in self.workers:  # stuck past its drain: no choice left
             log.error("worker did not stop; killing it", extra={"pid": pid})
             _signal(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         self.workers.clear()
+        return count, killed
 
     def _forget_metrics(self, pid: int):
         """A dead worker's counters stay in the sums; its live gauges (pool in use) go."""
@@ -233,9 +239,3 @@ def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return signal.Signals(os.WTERMSIG(status)).name
     return f"exit {os.WEXITSTATUS(status)}"
-
-
-def _safe_message(error: BaseException) -> str:
-    """ConfigError and the like say what to fix and never carry secrets; anything else is named
-    by its type alone."""
-    return error.format_message() if isinstance(error, ConfigError) else type(error).__name__
