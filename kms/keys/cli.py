@@ -1,6 +1,5 @@
-"""`kms kek ...` and `kms keys ...`: KEK rotation and the keys' commands (the cron job that
-spans the domains, `kms keys rotate-due`, is kms/cli.py's)."""
-import json
+"""`kms kek ...` and `kms keys ...`: KEK rotation and the keys' commands (those that span the
+domains, the cron job `kms keys rotate-due` and `kms keys list`, are kms/cli.py's)."""
 import sys
 
 import click
@@ -8,11 +7,10 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from kms.config import load_settings, parse_pkcs11_uri
-from kms.clients.service import find_client, list_clients
-from kms.console import EXIT_INTEGRITY, OneLineFailure, Progress, cli_context, print_table
+from kms.console import EXIT_INTEGRITY, Progress, cli_context
 from kms.keyproviders.opening import load_module
 from kms.keyproviders.pkcs11 import generate_key
-from kms.keys.service import kek_usage, list_client_keys, rewrap_keys
+from kms.keys.service import kek_usage, rewrap_keys
 
 
 @click.group("kek", cls=AppGroup)
@@ -76,39 +74,6 @@ def kek_rewrap():
 @click.group("keys", cls=AppGroup)
 def keys():
     """Data encryption keys."""
-
-
-@keys.command("list")
-@click.argument("client", required=False)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of a table.")
-def keys_list(client, as_json):
-    """Every key of CLIENT (a name or id; default: of every client): its reference, current version,
-    state, rotation period. Metadata only, never DEK material."""
-    with cli_context() as ctx:
-        if client is None:
-            owners = [(found["clientname"], found["id"]) for found in list_clients(ctx)]
-        else:
-            client_id = find_client(ctx, client)
-            if client_id is None:
-                raise OneLineFailure(f"no client named {client} (see `kms clients list`)")
-            owners = [(client, client_id)]
-        listed = [(name, key) for name, owner_id in owners for key in list_client_keys(ctx, owner_id)]
-    if as_json:
-        for name, key in listed:
-            click.echo(json.dumps({"client": name, **key}, default=str))
-        return
-    print_table(["CLIENT", "REFERENCE", "VERSION", "STATE", "ROTATION PERIOD", "ROTATED", "DESTROY AT"],
-                [[name, key["keyReference"] or "(imported, not yet named)", key["currentVersion"], key["state"],
-                  _period(key["rotationPeriod"]), key["rotatedAt"], key["destroyAt"]] for name, key in listed])
-
-
-def _period(milliseconds: int | None) -> str | None:
-    if milliseconds is None:
-        return None
-    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-        if milliseconds % size == 0:
-            return f"{milliseconds // size}{unit}"
-    return f"{milliseconds}ms"
 
 
 COMMANDS = (kek, keys)
