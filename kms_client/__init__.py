@@ -1,7 +1,7 @@
 """Python SDK for the KMS: log in, fetch and cache DEKs, and encrypt/decrypt with them.
 
     from kms_client import Client
-    kms = Client()                                  # KMS_BASE_URL, KMS_USER, KMS_PASS
+    kms = Client()                                  # KMS_BASE_URL (required), KMS_USER, KMS_PASS
     blob = kms.encrypt("invoices-db", b"secret", aad=b"invoice:42")
     kms.decrypt("invoices-db", blob, aad=b"invoice:42")
 
@@ -94,7 +94,10 @@ def _segment(reference: str) -> str:
 class Client:
     def __init__(self, base_url: str | None = None, clientname: str | None = None, password: str | None = None,
                  verify: bool | str = True, cache_size: int = 1024, retries: int = 3, timeout: float = 10.0):
-        self.base_url = (base_url or os.environ.get("KMS_BASE_URL") or "http://127.0.0.1:8080").rstrip("/")
+        base_url = base_url or os.environ.get("KMS_BASE_URL")
+        if not base_url:  # no silent default: a client talking to the wrong KMS would only fail later
+            raise ValueError("no KMS address: pass base_url or set KMS_BASE_URL (such as https://kms.internal)")
+        self.base_url = base_url.rstrip("/")
         self.clientname = clientname or os.environ.get("KMS_USER")
         self._password = password or os.environ.get("KMS_PASS")
         self.retries, self.timeout = retries, timeout
@@ -177,6 +180,10 @@ class Client:
         if self._token:
             self._send("POST", "/auth/logout", None, self._token)
         self._token = None
+
+    def use_password(self, password: str) -> None:
+        """The password for the next login (the command line reads it only once the KMS answers)."""
+        self._password = password
 
     def login(self) -> None:
         """Log in now (otherwise the first call does): a wrong password shows here."""

@@ -230,7 +230,7 @@ def main(argv=None) -> int:
         client = Client(base_url=args.url, clientname=args.user, password="", verify=not args.insecure)
         client.ping()  # before asking for anything
         if args.command != "signup":
-            client._password = _read_password(args, new=False)
+            client.use_password(_read_password(args, new=False))
             client.login()
         args.run(client, args)
     except Refused as problem:

@@ -173,3 +173,21 @@ def test_stops_retrying_after_its_retries():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_sdk_has_no_default_address(monkeypatch):
+    monkeypatch.delenv("KMS_BASE_URL", raising=False)
+    with pytest.raises(ValueError, match="pass base_url or set KMS_BASE_URL"):
+        Client(clientname="svc-x", password="p")
+    monkeypatch.setenv("KMS_BASE_URL", "https://kms.internal/")
+    assert Client().base_url == "https://kms.internal"
+
+
+def test_an_unreachable_kms_reads_as_its_reason():
+    from kms.serving.throwaway_postgres import _free_port
+    from kms_client import KmsUnreachable
+    port = _free_port()
+    with pytest.raises(KmsUnreachable) as error:
+        Client(base_url=f"http://127.0.0.1:{port}", clientname="svc-x", password="p").ping()
+    assert str(error.value).startswith(f"no answer from http://127.0.0.1:{port} (")
+    assert error.value.status == 0 and error.value.code == "unreachable"
