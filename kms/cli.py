@@ -25,7 +25,7 @@ from kms.audit.service import flush_refusals
 from kms.auth import cli as auth_cli
 from kms.clients import cli as clients_cli
 from kms.clients.service import find_client, list_clients, purge_stale_records
-from kms.config import DEFAULT, generate_secret, load_settings
+from kms.config import DEFAULT, LOG_LEVELS, ConfigError, generate_secret, load_settings
 from kms.console import (OPENER, IntegrityProblem, OneLineFailure, Progress, Unreachable, cli_context, open_kms,
                          print_table)
 from kms.db import MigrationNeedsSecrets
@@ -182,7 +182,10 @@ def serve(workers):
 @click.command("dev")
 def dev():
     """A throwaway KMS: embedded PostgreSQL, generated secrets, an admin and a signup token."""
-    log_writer = configure_logging(os.environ.get("LOG_LEVEL", DEFAULT.log_level).upper())
+    level = os.environ.get("LOG_LEVEL", DEFAULT.log_level).upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError("LOG_LEVEL", f"must be {', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}")
+    log_writer = configure_logging(level)
     try:
         code = run_dev()
     except DevModeRefused as refused:

@@ -149,3 +149,14 @@ def test_the_checkout_entry_points_say_the_same(app, base_env, entry):
         [str(Path(sys.executable).parent / "flask"), "--app", str(ROOT / "app.py"), "kms"]
     result = run(["signup-token", "--name", ADMIN_NAME], bare_env(**base_env), command=command)
     assert result.returncode == 1 and said(result) == ["A client with that name already exists."]
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("SERVER_PORT=abc", "SERVER_PORT: 'abc' is not a port"), ("SERVER_PORT=99999", "SERVER_PORT: '99999' is not a port"),
+    ("LOG_LEVEL=nonsense", "LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR")])
+def test_dev_mode_with_a_bad_setting_is_exit_2_before_starting_anything(tmp_path, setting, message):
+    name, value = setting.split("=", 1)
+    result = run(["dev"], bare_env(**{name: value}), cwd=tmp_path)
+    lines = said(result)
+    assert result.returncode == 2 and any(message in line for line in lines), lines
+    assert not (tmp_path / ".env.dev").exists() and result.stdout == b""
