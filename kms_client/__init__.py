@@ -97,6 +97,14 @@ class Client:
         base_url = base_url or os.environ.get("KMS_BASE_URL")
         if not base_url:  # no silent default: a client talking to the wrong KMS would only fail later
             raise ValueError("no KMS address: pass base_url or set KMS_BASE_URL (such as https://kms.internal)")
+        try:
+            parts = urllib.parse.urlsplit(base_url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:  # a malformed IPv6 address or port
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{base_url!r} is not a KMS address: give http(s)://host[:port], such as "
+                             "https://kms.internal")
         self.base_url = base_url.rstrip("/")
         self.clientname = clientname or os.environ.get("KMS_USER")
         self._password = password or os.environ.get("KMS_PASS")
@@ -126,8 +134,11 @@ class Client:
         for attempt in range(self.retries + 1):
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout, context=self._ssl) as response:
-                    text = response.read()
+                    text, status = response.read(), response.status
+                try:
                     return json.loads(text) if text else None
+                except ValueError:
+                    raise KmsError(status, "error", f"the answer from {self.base_url} is not JSON: is it the KMS?") from None
             except urllib.error.HTTPError as error:
                 payload = error.read()
                 error.close()

@@ -228,6 +228,9 @@ def main(argv=None) -> int:
         top.error(f"{args.command} reads its input from stdin: give the password in KMS_PASS instead")
     try:
         client = Client(base_url=args.url, clientname=args.user, password="", verify=not args.insecure)
+    except ValueError as problem:  # a URL that is not one
+        top.error(str(problem))
+    try:
         client.ping()  # before asking for anything
         if args.command != "signup":
             client.use_password(_read_password(args, new=False))

@@ -182,6 +182,20 @@ class Busy(BaseHTTPRequestHandler):
         pass
 
 
+class NotTheKms(BaseHTTPRequestHandler):
+    """Some other web server: HTML for everything."""
+
+    def do_GET(self):  # noqa: N802
+        body = b"<html>hello</html>"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
 def test_exit_codes_tell_unreachable_and_busy_from_refused(live_server):
     unreachable = run_cli(f"http://127.0.0.1:{_free_port()}", "get", "k")
     assert unreachable.returncode == 3
@@ -205,6 +219,17 @@ def test_exit_codes_tell_unreachable_and_busy_from_refused(live_server):
     assert bare.returncode == 2 and "not a duration" in one_line(bare)
     unknown = run_cli(live_server, "frobnicate")
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr.decode()
+    for url in ("kms.internal", "ftp://kms.internal", "http://[::1", "http://kms.internal:port"):
+        not_a_url = run_cli(url, "list")
+        assert not_a_url.returncode == 2 and "is not a KMS address" in one_line(not_a_url), url
+    server = HTTPServer(("127.0.0.1", 0), NotTheKms)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        elsewhere = run_cli(f"http://127.0.0.1:{server.server_port}", "list")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert elsewhere.returncode == 1 and "is not JSON: is it the KMS?" in one_line(elsewhere)
     missing_file = run_cli(live_server, "signup", "--token-file", "/nonexistent/token")
     assert missing_file.returncode == 2 and "/nonexistent/token" in one_line(missing_file)
 
