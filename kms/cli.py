@@ -3,13 +3,14 @@ database directly, without the HTTP server: host access is the authority, and ev
 audited as `cli`. Each domain brings its commands (kms/<domain>/cli.py); this module gathers
 them, maps what goes wrong outside a command's control to one line and an exit code
 (kms.console), and holds the commands of no one domain: migrate, gen-secret, serve, dev and the
-cron job `keys rotate-due`, which works in several.
+cron job `keys rotate-due` and `keys list`, which work in several.
 
 Nothing needs configuration or a database until a command does: `kms --help` and `kms
 gen-secret` work anywhere. An admin command opens one database connection, checks that the
 schema is current and the secrets fit the stored data, and changes nothing else (`kms migrate`
 migrates).
 """
+import json
 import os
 import sys
 
@@ -23,14 +24,15 @@ from kms.audit import cli as audit_cli
 from kms.audit.service import flush_refusals
 from kms.auth import cli as auth_cli
 from kms.clients import cli as clients_cli
-from kms.clients.service import purge_stale_records
-from kms.config import DEFAULT, generate_secret, load_settings
-from kms.console import OPENER, IntegrityProblem, Progress, Unreachable, cli_context, open_kms
+from kms.clients.service import find_client, list_clients, purge_stale_records
+from kms.config import DEFAULT, LOG_LEVELS, ConfigError, generate_secret, load_settings
+from kms.console import (OPENER, IntegrityProblem, OneLineFailure, Progress, Unreachable, cli_context, open_kms,
+                         print_table)
 from kms.db import MigrationNeedsSecrets
-from kms.errors import IntegrityFailure, ServiceUnavailable
+from kms.errors import ApiError, IntegrityFailure, ServiceUnavailable, StoredDataCorrupt
 from kms.importing import cli as importing_cli
 from kms.keys import cli as keys_cli
-from kms.keys.service import destroy_due_keys, rotate_due_keys
+from kms.keys.service import destroy_due_keys, list_client_keys, rotate_due_keys
 from kms.observability.logs import configure_logging
 from kms.runtime import Kms
 from kms.serving.dev import DevModeRefused, run_dev
@@ -58,11 +60,13 @@ class KmsGroup(AppGroup):
             raise Unreachable("database unavailable: check DATABASE_URL and that PostgreSQL is running") from None
         except PortTaken as error:
             raise Unreachable(str(error)) from None
-        except IntegrityFailure:
+        except (IntegrityFailure, StoredDataCorrupt):
             raise IntegrityProblem("stored data failed an integrity check (see the log line above; the audit "
                                    "trail records it as integrity.failure)") from None
         except MigrationNeedsSecrets as error:
             raise click.ClickException(str(error)) from None
+        except ApiError as refused:  # what the service refuses: a name taken, no such client, the last admin
+            raise OneLineFailure(refused.message) from None
 
 
 def open_runtime(check: bool) -> Kms:
@@ -128,6 +132,39 @@ def rotate_due():
                f"cleared {purged} expired sessions")
 
 
+@keys_cli.keys.command("list")
+@click.argument("client", required=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of a table.")
+def keys_list(client, as_json):
+    """Every key of CLIENT (a name or id; default: of every client): its reference, current version,
+    state, rotation period. Metadata only, never DEK material."""
+    with cli_context() as ctx:
+        if client is None:
+            owners = [(found["clientname"], found["id"]) for found in list_clients(ctx)]
+        else:
+            client_id = find_client(ctx, client)
+            if client_id is None:
+                raise OneLineFailure(f"no client named {client} (see `kms clients list`)")
+            owners = [(client, client_id)]
+        listed = [(name, key) for name, owner_id in owners for key in list_client_keys(ctx, owner_id)]
+    if as_json:
+        for name, key in listed:
+            click.echo(json.dumps({"client": name, **key}, default=str))
+        return
+    print_table(["CLIENT", "REFERENCE", "VERSION", "STATE", "ROTATION PERIOD", "ROTATED", "DESTROY AT"],
+                [[name, key["keyReference"] or "(imported, not yet named)", key["currentVersion"], key["state"],
+                  _period(key["rotationPeriod"]), key["rotatedAt"], key["destroyAt"]] for name, key in listed])
+
+
+def _period(milliseconds: int | None) -> str | None:
+    if milliseconds is None:
+        return None
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if milliseconds % size == 0:
+            return f"{milliseconds // size}{unit}"
+    return f"{milliseconds}ms"
+
+
 @click.command("serve")
 @click.option("--workers", type=click.IntRange(1, 64), default=None,
               help="Worker processes sharing the port (default: SERVER_WORKERS, else 1).")
@@ -145,7 +182,10 @@ def serve(workers):
 @click.command("dev")
 def dev():
     """A throwaway KMS: embedded PostgreSQL, generated secrets, an admin and a signup token."""
-    log_writer = configure_logging(os.environ.get("LOG_LEVEL", DEFAULT.log_level).upper())
+    level = os.environ.get("LOG_LEVEL", DEFAULT.log_level).upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError("LOG_LEVEL", f"must be {', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}")
+    log_writer = configure_logging(level)
     try:
         code = run_dev()
     except DevModeRefused as refused:
@@ -165,6 +205,8 @@ class KmsCommand(FlaskGroup, KmsGroup):
         super().__init__(create_app=command_app, add_default_commands=False, add_version_option=False,
                          **kwargs)
         self.params = [param for param in self.params if param.name == "env_file"]
+        self.params[0].help = ("Read settings from this file (NAME=value lines, as .env); they take precedence over "
+                               ".env, and variables set in the environment over both.")
 
 
 main = KmsCommand(name="kms", help="KMS: serve (`kms serve`, `kms dev`) and administer (every other command) "

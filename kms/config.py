@@ -329,6 +329,9 @@ def _head_file(value: str | None) -> str | None:
     return value or DEFAULT.audit_head_file
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def load_settings(env: Mapping | None = None) -> Settings:
     """Every problem is reported at once, in one ConfigError (a fresh .env shows all it lacks)."""
     env = os.environ if env is None else env
@@ -350,7 +353,7 @@ def load_settings(env: Mapping | None = None) -> Settings:
         server_port=check(_int, env, "SERVER_PORT", DEFAULT.server_port, minimum=1, maximum=65535),
         server_threads=check(_int, env, "SERVER_THREADS", DEFAULT.server_threads, minimum=1, maximum=256),
         server_workers=check(_int, env, "SERVER_WORKERS", DEFAULT.server_workers, minimum=1, maximum=64),
-        log_level=check(_choice, env, "LOG_LEVEL", DEFAULT.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
+        log_level=check(_choice, env, "LOG_LEVEL", DEFAULT.log_level, LOG_LEVELS, upper=True),
         jwt_ttl_ms=check(_int, env, "JWT_TTL", DEFAULT.jwt_ttl_ms, minimum=1000, maximum=DAY_MS),
         master_admin_username=admin_user,
         master_admin_password=admin_password,

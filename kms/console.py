@@ -29,6 +29,11 @@ class OneLineError(click.ClickException):
         click.echo(self.format_message(), err=True, file=file)
 
 
+class OneLineFailure(OneLineError):
+    """The command's own failure (no such client, a name taken): exit 1."""
+    exit_code = EXIT_FAILED
+
+
 class Unreachable(OneLineError):
     exit_code = EXIT_UNREACHABLE
 
@@ -38,11 +43,28 @@ class IntegrityProblem(OneLineError):
 
 
 def parse_duration_ms(text: str) -> int:
-    """`24h`, `30m`, `7d`, `90s`, `1500ms`, or a bare number of milliseconds."""
-    match = re.fullmatch(r"\s*(\d+)\s*(ms|s|m|h|d)?\s*", text)
+    """`24h`, `30m`, `7d`, `90s`, `1500ms`. A bare number is refused: `--ttl 10` would be read as
+    10 ms by some and 10 s or 10 h by others."""
+    match = re.fullmatch(r"\s*(\d+)\s*(ms|s|m|h|d)\s*", text)
     if not match:
-        raise click.BadParameter("use a number with a unit: 90s, 30m, 24h, 7d (bare numbers are milliseconds)")
-    return int(match.group(1)) * DURATION_UNITS[match.group(2) or "ms"]
+        raise click.BadParameter(f"{text!r} is not a duration: give a number with a unit, such as 90s, 30m, 24h "
+                                 "or 7d")
+    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def print_table(header: list[str], rows: list[list]):
+    """Rows as columns aligned under a header; None shows as -, datetimes to the second."""
+    def text(value) -> str:
+        if value is None:
+            return "-"
+        if hasattr(value, "isoformat"):
+            return value.isoformat(timespec="seconds")
+        return str(value)
+
+    cells = [header, *[[text(value) for value in row] for row in rows]]
+    widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
+    for row in cells:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 OPENER = "kms.open"  # the command line app's extension: (check: bool) -> a running KMS (kms.cli)

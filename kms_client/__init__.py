@@ -1,7 +1,7 @@
 """Python SDK for the KMS: log in, fetch and cache DEKs, and encrypt/decrypt with them.
 
     from kms_client import Client
-    kms = Client()                                  # KMS_BASE_URL, KMS_USER, KMS_PASS
+    kms = Client()                                  # KMS_BASE_URL (required), KMS_USER, KMS_PASS
     blob = kms.encrypt("invoices-db", b"secret", aad=b"invoice:42")
     kms.decrypt("invoices-db", blob, aad=b"invoice:42")
 
@@ -40,10 +40,14 @@ class KmsError(Exception):
 
 
 class KmsUnreachable(KmsError):
-    """No answer from the KMS: refused, timed out, a name that does not resolve, TLS failing."""
+    """No answer from the KMS: refused, timed out, a name that does not resolve, TLS failing.
+    Its status is 0: no HTTP answer came."""
 
     def __init__(self, base_url: str, reason: str):
         super().__init__(0, "unreachable", f"no answer from {base_url} ({reason})")
+
+    def __str__(self):
+        return self.message
 
 
 class BlobError(KmsError):
@@ -51,6 +55,9 @@ class BlobError(KmsError):
 
     def __init__(self, message: str):
         super().__init__(400, "bad_blob", message)
+
+    def __str__(self):
+        return self.message
 
 
 @dataclass(frozen=True, repr=False)
@@ -87,7 +94,18 @@ def _segment(reference: str) -> str:
 class Client:
     def __init__(self, base_url: str | None = None, clientname: str | None = None, password: str | None = None,
                  verify: bool | str = True, cache_size: int = 1024, retries: int = 3, timeout: float = 10.0):
-        self.base_url = (base_url or os.environ.get("KMS_BASE_URL") or "http://127.0.0.1:8080").rstrip("/")
+        base_url = base_url or os.environ.get("KMS_BASE_URL")
+        if not base_url:  # no silent default: a client talking to the wrong KMS would only fail later
+            raise ValueError("no KMS address: pass base_url or set KMS_BASE_URL (such as https://kms.internal)")
+        try:
+            parts = urllib.parse.urlsplit(base_url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:  # a malformed IPv6 address or port
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{base_url!r} is not a KMS address: give http(s)://host[:port], such as "
+                             "https://kms.internal")
+        self.base_url = base_url.rstrip("/")
         self.clientname = clientname or os.environ.get("KMS_USER")
         self._password = password or os.environ.get("KMS_PASS")
         self.retries, self.timeout = retries, timeout
@@ -116,8 +134,11 @@ class Client:
         for attempt in range(self.retries + 1):
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout, context=self._ssl) as response:
-                    text = response.read()
+                    text, status = response.read(), response.status
+                try:
                     return json.loads(text) if text else None
+                except ValueError:
+                    raise KmsError(status, "error", f"the answer from {self.base_url} is not JSON: is it the KMS?") from None
             except urllib.error.HTTPError as error:
                 payload = error.read()
                 error.close()
@@ -171,6 +192,20 @@ class Client:
             self._send("POST", "/auth/logout", None, self._token)
         self._token = None
 
+    def use_password(self, password: str) -> None:
+        """The password for the next login (the command line reads it only once the KMS answers)."""
+        self._password = password
+
+    def login(self) -> None:
+        """Log in now (otherwise the first call does): a wrong password shows here."""
+        with self._lock:
+            self._token = None
+        self._token_for_request()
+
+    def ping(self) -> None:
+        """Raise KmsUnreachable unless the KMS answers its liveness probe (needs no credentials)."""
+        self._send("GET", "/healthz", None, None)
+
     # Keys
 
     def _remember(self, cache_key, value):
@@ -207,6 +242,28 @@ class Client:
     def delete_key(self, reference: str) -> None:
         self._forget(reference)
         self._call("DELETE", f"/keys/{_segment(reference)}/actions/delete")
+
+    def list_keys(self) -> list[dict]:
+        """Metadata of this client's keys (reference, current version, state, rotation period)."""
+        return self._call("GET", "/keys")["keys"]
+
+    def key_versions(self, reference: str) -> list[dict]:
+        """Every version of a key and its state (in-use, deprecated, retired)."""
+        return self._call("GET", f"/keys/{_segment(reference)}/versions")["versions"]
+
+    def retire_versions(self, reference: str, below_version: int) -> dict:
+        """Retire every version below `below_version`: never served again."""
+        self._forget(reference)
+        return self._call("POST", f"/keys/{_segment(reference)}/actions/retire", {"belowVersion": below_version})
+
+    def restore_key(self, reference: str) -> dict:
+        """Cancel a pending deletion."""
+        return self._call("POST", f"/keys/{_segment(reference)}/actions/restore")
+
+    def set_rotation_period(self, reference: str, period_ms: int | None) -> dict:
+        """Rotate the key by itself once its current version is older than `period_ms`; None stops it."""
+        return self._call("POST", f"/keys/{_segment(reference)}/actions/set-rotation-period",
+                          {"rotationPeriod": period_ms})
 
     # Encryption with the key's DEK
 

@@ -1,4 +1,5 @@
 """The database going away turns requests into 503s; its return heals the server, no restart."""
+import json
 import threading
 import time
 
@@ -27,7 +28,7 @@ def wait_for(check, timeout=20.0):
     return False
 
 
-def test_database_outage_gives_503_then_recovers_without_restart(own_database, secrets_env):
+def test_database_outage_gives_503_then_recovers_without_restart(own_database, secrets_env, captured_logs):
     app = create_app({**secrets_env, "DATABASE_URL": own_database.dsn, "SERVER_THREADS": "4",
                       "MASTER_ADMIN_USERNAME": ADMIN_NAME, "MASTER_ADMIN_PASSWORD": ADMIN_PASSWORD})
     server, base_url = serve_in_thread(app, threads=4)
@@ -45,6 +46,11 @@ def test_database_outage_gives_503_then_recovers_without_restart(own_database, s
                 assert response.json()["error"] == "service_unavailable"
             assert client.get("/readyz").status_code == 503
             assert client.get("/healthz").status_code == 200
+            # each line says why, once per cause (libpq's first line: host and port, no credentials)
+            down = [json.loads(line) for line in captured_logs.getvalue().splitlines()
+                    if '"database unavailable"' in line]
+            assert down and len(down) == len({line["cause"] for line in down}) < 6, down
+            assert any("port" in line["cause"] for line in down), down
             # A look-up waits up to LOOKUP_PATIENCE_S for a database before its 503 ...
             started = time.monotonic()
             assert client.get("/keys/k", headers=bearer(token)).status_code == 503

@@ -5,9 +5,11 @@ import logging
 from flask import has_request_context
 
 from kms.audit.service import record_alone
+from kms.observability.logs import OncePer, log_failure
 from kms.web.routing import context
 
 log = logging.getLogger("kms.errors")
+_FAILURES = OncePer()
 
 
 def report_integrity_failure(table: str, row_id: str, *, rolled_back: bool = False):
@@ -26,4 +28,4 @@ def report_integrity_failure(table: str, row_id: str, *, rolled_back: bool = Fal
         record_alone(ctx, "integrity.failure", "rolled_back" if rolled_back else "detected",
                      target=f"{table}:{row_id}", actor="kms")
     except Exception as failure:  # noqa: BLE001 - the answer to the caller must not depend on this
-        log.error("could not record an integrity failure", extra={"error_code": type(failure).__name__})
+        log_failure(log, logging.ERROR, "could not record an integrity failure", failure, _FAILURES)

@@ -11,8 +11,10 @@ import threading
 from collections import Counter
 
 from kms.context import Context
+from kms.observability.logs import OncePer, log_failure
 
 log = logging.getLogger("kms.audit")
+_FAILURES = OncePer()
 
 
 class RefusalCounts:
@@ -58,7 +60,7 @@ class RefusalWriter(threading.Thread):
             with self.kms.pool.connection() as conn:
                 self.write(Context(kms=self.kms, conn=conn))
         except Exception as error:  # noqa: BLE001 - the counts are kept for the next time
-            log.warning("refusal counts not written; will retry", extra={"error_code": type(error).__name__})
+            log_failure(log, logging.WARNING, "refusal counts not written; will retry", error, _FAILURES)
 
     def stop(self):
         self.stopping.set()

@@ -11,6 +11,7 @@ from kms.audit.service import flush_refusals, record, record_alone, seal_pending
 from kms.audit.sink import open_sink, ship
 from kms.context import Context
 from kms.rows import stale_rows
+from kms.observability.logs import OncePer, log_failure
 
 log = logging.getLogger("kms.audit")
 
@@ -38,6 +39,7 @@ class Sealer(threading.Thread):
         self.chain_id: str | None = None
         self.sink = open_sink(kms.settings.audit_sink, kms.settings.audit_head_file)
         self._sink_failing: str | None = None
+        self.failures = OncePer()
 
     def run(self):
         conn = None
@@ -48,9 +50,7 @@ class Sealer(threading.Thread):
                 self.seal_once(conn)
                 self._failing = None
             except Exception as error:  # noqa: BLE001 - keep sealing after an outage
-                if self._failing != type(error).__name__:  # once per cause, not every interval
-                    log.warning("audit sealing failed; will retry", extra={"error_code": type(error).__name__})
-                self._failing = type(error).__name__
+                log_failure(log, logging.WARNING, "audit sealing failed; will retry", error, self.failures)
                 if conn is not None:
                     conn.close()
                 conn = None

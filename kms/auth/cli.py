@@ -6,7 +6,7 @@ import click
 from flask.cli import with_appcontext
 
 from kms.auth.service import create_client, issue_signup_token
-from kms.console import cli_context, parse_duration_ms
+from kms.console import cli_context, open_kms, parse_duration_ms
 from kms.rules import CLIENTNAME_PATTERN, CLIENTNAME_PROBLEM, SIGNUP_TOKEN_MAX_TTL_MS, password_problem
 
 
@@ -33,13 +33,17 @@ def signup_token(clientname, ttl, role):
 
 @click.command("create-admin")
 @with_appcontext
-@click.option("--name", "clientname", default="admin", show_default=True)
+@click.option("--name", "clientname", default="admin", show_default=True, help="The admin's client name.")
 def create_admin(clientname):
-    """Create an admin client. The password is prompted for, or read from stdin when piped."""
+    """Create an admin client. The password is asked twice on a terminal, or read from the first
+    line of stdin when piped."""
+    open_kms()  # configuration and database first: nobody types a password for nothing
     if sys.stdin.isatty():
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     else:
-        password = sys.stdin.readline().rstrip("\n")
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise click.UsageError("no password: pipe it on stdin (one line), or run on a terminal to be asked")
     problem = password_problem(password)
     if problem:
         raise click.ClickException(f"password: {problem}")

@@ -369,6 +369,10 @@ def ensure_master_admin(kms):
         with db.transaction(conn) as cur:
             cur.execute(db.sql.active_admin_exists)
             if cur.fetchone().found:
+                if settings.master_admin_password:
+                    log.warning("MASTER_ADMIN_PASSWORD is still set though an admin exists: remove it from .env and "
+                                "the environment (it is read only to create the first admin, and anyone who can "
+                                "read the file can log in as that admin while the password is unchanged)")
                 return
         if not settings.master_admin_username:
             log.warning("no active admin exists, so nobody can issue signup tokens over HTTP: create one with "

@@ -1,6 +1,7 @@
 """Client management (admin): list, change role, disable, enable, delete.
 
-Every change that reduces a client's rights revokes its sessions in the same transaction, so its
+From the API the caller must be an admin; from the command line (`kms clients ...`), host access
+is the authority and the audit records the actor `cli`. Every change that reduces a client's rights revokes its sessions in the same transaction, so its
 tokens stop working at once. The last active admin cannot be demoted, disabled or deleted.
 """
 import uuid
@@ -9,6 +10,7 @@ from datetime import timedelta
 from kms import crypto, db
 from kms.audit.service import record
 from kms.access import require_admin
+from kms.auth.service import hash_clientname
 from kms.context import Context
 from kms.keys.service import schedule_owner_keys_deletion
 from kms.errors import Conflict, NotFound, StoredDataCorrupt
@@ -18,9 +20,29 @@ NO_SUCH_CLIENT = "No client with that id."
 LAST_ADMIN = "This is the last active admin; promote another client first."
 
 
+def _require_admin(cur, ctx: Context):
+    if ctx.origin != "cli":  # the command line: host access is the authority
+        require_admin(cur, ctx)
+
+
+def find_client(ctx: Context, name_or_id: str) -> uuid.UUID | None:
+    """The command line's way to name a client: its id as `kms clients list` shows it, or its
+    name. None when neither names a client that is not deleted."""
+    with db.transaction(ctx.conn) as cur:
+        _require_admin(cur, ctx)
+        try:
+            client_id = uuid.UUID(name_or_id)
+        except ValueError:
+            cur.execute(db.sql.client_for_login, {"name_hash": hash_clientname(ctx.kms, name_or_id)})
+            row = cur.fetchone()
+            return row.id if row and row.status != "deleted" else None
+        cur.execute(db.sql.lock_client, {"client_id": client_id})
+        return client_id if cur.fetchone() else None
+
+
 def list_clients(ctx: Context) -> list[dict]:
     with db.transaction(ctx.conn) as cur:
-        require_admin(cur, ctx)
+        _require_admin(cur, ctx)
         cur.execute(db.sql.list_clients)
         found = cur.fetchall()
     clients = []
@@ -38,7 +60,7 @@ def _lock_target(cur, ctx: Context, client_id: uuid.UUID) -> tuple[dict, bool]:
     """Lock the active admins (always in the same order, so concurrent changes queue rather than
     deadlock), then the target, whose MAC must check out. Returns its MAC'd columns and whether it
     is the last active admin."""
-    require_admin(cur, ctx)
+    _require_admin(cur, ctx)
     cur.execute(db.sql.lock_active_admins)
     admins = [admin.id for admin in cur.fetchall()]
     cur.execute(db.sql.lock_client, {"client_id": client_id})

@@ -1,5 +1,5 @@
-"""`kms kek ...` and `kms keys ...`: KEK rotation and the keys' commands (the cron job that
-spans the domains, `kms keys rotate-due`, is kms/cli.py's)."""
+"""`kms kek ...` and `kms keys ...`: KEK rotation and the keys' commands (those that span the
+domains, the cron job `kms keys rotate-due` and `kms keys list`, are kms/cli.py's)."""
 import sys
 
 import click

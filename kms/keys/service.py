@@ -16,7 +16,7 @@ from kms import crypto, db
 from kms.audit.service import new_event, record, record_alone
 from kms.access import TOKEN_NOT_LIVE, authenticate
 from kms.context import Context
-from kms.errors import Conflict, Gone, IntegrityFailure, NotFound, StoredDataCorrupt, Unauthorized
+from kms.errors import Conflict, Forbidden, Gone, IntegrityFailure, NotFound, StoredDataCorrupt, Unauthorized
 from kms.keys.imported import claim_imported_key, imported_key_named, rewrap_source_secrets
 from kms.rows import CLIENTS, KEYS, SESSIONS, typed_client, typed_session
 from kms.timefmt import rfc3339_from_now
@@ -391,6 +391,15 @@ def list_keys(ctx: Context) -> list[dict]:
     with db.transaction(ctx.conn) as cur:
         caller = authenticate(cur, ctx)
         return _metadata(cur, ctx, caller.id, None)
+
+
+def list_client_keys(ctx: Context, owner_id: uuid.UUID) -> list[dict]:
+    """One client's keys, for the command line (`kms keys list`), where host access is the
+    authority: metadata only, never DEK material."""
+    if ctx.origin != "cli":
+        raise Forbidden()
+    with db.transaction(ctx.conn) as cur:
+        return _metadata(cur, ctx, owner_id, None)
 
 
 def list_versions(ctx: Context, reference: str) -> list[dict]:

@@ -17,6 +17,8 @@ from prometheus_client import values as prometheus_values
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
+from kms.observability.logs import OncePer, log_failure
+
 log = logging.getLogger("kms")
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -248,6 +250,7 @@ def database_collector(read, every_s: float = 10.0):
     by the app factory); it is not asked again for `every_s`, nor waited for when the database
     does not answer: a scrape always answers."""
     cached = {"at": float("-inf"), "families": []}
+    failures = OncePer()
     lock = threading.Lock()
 
     def collect():
@@ -258,7 +261,7 @@ def database_collector(read, every_s: float = 10.0):
                     cached["families"] = read()
                     cached["at"] = now
                 except Exception as error:  # noqa: BLE001 - a scrape must answer even with the database down
-                    log.warning("metrics from the database unavailable", extra={"error_code": type(error).__name__})
+                    log_failure(log, logging.WARNING, "metrics from the database unavailable", error, failures)
                     cached["families"], cached["at"] = [], now - every_s + 1  # retry in a second
             families = cached["families"]
         yield GaugeMetricFamily("kms_metrics_database_up", "1 when the database gauges below are current",

@@ -84,6 +84,8 @@ class RequestObserver:
         if SHED in environ:  # a refusal in a flood: counted above, summed up in the log
             self._shed_summaries[environ[SHED]].count(route, status)
         elif access_log.isEnabledFor(logging.INFO):
-            access_log.info("request", extra={"requestId": request_id, "method": method, "route": route,
-                                              "status": status, "durationMs": round(elapsed * 1000, 2)})
+            # REMOTE_ADDR as the application saw it: the caller's, behind TRUSTED_PROXY_HOPS too
+            access_log.info("request", extra={"requestId": request_id, "client": environ.get("REMOTE_ADDR"),
+                                              "method": method, "route": route, "status": status,
+                                              "durationMs": round(elapsed * 1000, 2)})
         return body

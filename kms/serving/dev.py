@@ -78,7 +78,10 @@ def run_dev() -> int:
     if not _is_loopback(host):
         raise DevModeRefused(f"dev mode refuses to listen on {host}: it has throwaway secrets and an open admin. "
                              "Use 127.0.0.1, or run `kms serve` with a real configuration.")
-    port = int(os.environ.get("SERVER_PORT", str(DEFAULT.server_port)))
+    port_text = os.environ.get("SERVER_PORT", str(DEFAULT.server_port))
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise DevModeRefused(f"SERVER_PORT: {port_text!r} is not a port (0 to 65535; 0 picks a free one)")
+    port = int(port_text)
     sock = bind_listener(host, port)  # before anything is started or printed
     stopping = threading.Event()
     stop_on_signals(stopping)  # installed now: SIGINT may have been inherited as ignored

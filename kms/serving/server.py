@@ -28,8 +28,9 @@ def _in_flight(server) -> int:
                if channel.requests or channel.request is not None or channel.total_outbufs_len)
 
 
-def serve_until(server, stopping: threading.Event, drain_timeout: float = DRAIN_TIMEOUT_S):
-    """Run `server` until `stopping` is set, drain it, close it."""
+def serve_until(server, stopping: threading.Event, drain_timeout: float = DRAIN_TIMEOUT_S) -> int:
+    """Run `server` until `stopping` is set, drain it, close it. Returns how many connections
+    still had a request in flight when the drain timed out."""
     while not stopping.is_set():
         server.poll(LOOP_TIMEOUT_S)
     server.accepting = False  # readable() is now False: other workers take new connections
@@ -41,6 +42,7 @@ def serve_until(server, stopping: threading.Event, drain_timeout: float = DRAIN_
         log.warning("stopped with requests still in flight", extra={"connections": left})
     server.task_dispatcher.shutdown(timeout=5)
     wasyncore.close_all(server._map)
+    return left
 
 
 def _sample_pool(kms, stopping: threading.Event, every_s: float = 1.0):
@@ -63,15 +65,19 @@ def serve_app(app, sock, stopping: threading.Event, *, run_sealer: bool = True, 
     follower.start()
     sampler = threading.Thread(target=_sample_pool, args=(kms, stopping), name="pool-sampler", daemon=True)
     sampler.start()
-    log.info("serving", extra={"host": kms.settings.server_host, "port": server.effective_port,
+    log.info("serving", extra={"host": kms.settings.server_host, "port": int(server.effective_port),
                                "threads": kms.settings.server_threads})
+    started, unanswered = time.monotonic(), None
     try:
-        serve_until(server, stopping)
+        unanswered = serve_until(server, stopping)
     finally:
         follower.stop()
         refusals.stop()
         if sealer:
             sealer.stop()
         kms.close()
-        log.info("stopped")
+        log.info("stopped", extra={
+            "did": "stopped accepting, answered the requests in flight, wrote the refusal counts, stopped the "
+                   "audit sealer, closed the database pool",
+            "unansweredConnections": unanswered, "servedSeconds": round(time.monotonic() - started, 1)})
 

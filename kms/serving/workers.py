@@ -28,6 +28,7 @@ from kms.app import create_app
 from kms.audit.sealer import start_sealer
 from kms.auth.passwords import HashGate
 from kms.config import ConfigError
+from kms.observability.logs import cause
 from kms.observability.metrics import fold_dead_process, use_multiprocess_metrics
 from kms.runtime import Kms
 from kms.serving.lifecycle import bind_listener, die_with_parent, name_this_process, stop_on_signals
@@ -99,11 +100,13 @@ class Supervisor:
                 self._reap()
                 self._respawn_due()
                 self.stopping.wait(REAP_INTERVAL_S)
-            self._stop_workers()
+            stopped, killed = self._stop_workers()
         finally:
             self.sock.close()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
-        log.info("stopped")
+        log.info("stopped", extra={"did": "stopped the workers (each drained its requests first), closed the "
+                                          "listening socket, removed the metrics directory",
+                                   "workersStopped": stopped, "workersKilled": killed})
         return 0
 
     def _spawn(self, slot: int):
@@ -118,7 +121,7 @@ class Supervisor:
                     code = run_worker(self.settings, self.sock, slot, self.hash_gate, (self.connections, slot))
             except BaseException as error:  # noqa: BLE001 - report, then exit with a code the parent sees
                 log.error("worker failed", extra={"slot": slot, "error_code": type(error).__name__,
-                                                  "problem": _safe_message(error)})
+                                                  "cause": cause(error)})
             finally:
                 logging.shutdown()
                 os._exit(code)
@@ -152,7 +155,9 @@ class Supervisor:
                 del self.respawn_at[slot]
                 self._spawn(slot)
 
-    def _stop_workers(self):
+    def _stop_workers(self) -> tuple[int, int]:
+        """(how many stopped, how many of them were killed after the drain timeout)."""
+        count = len(self.workers)
         for pid in self.workers:
             _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + DRAIN_TIMEOUT_S + 10
@@ -165,11 +170,13 @@ class Supervisor:
                 self.workers.pop(pid, None)
             else:
                 time.sleep(0.05)
+        killed = len(self.workers)
         for pid in self.workers:  # stuck past its drain: no choice left
             log.error("worker did not stop; killing it", extra={"pid": pid})
             _signal(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         self.workers.clear()
+        return count, killed
 
     def _forget_metrics(self, pid: int):
         """A dead worker's counters stay in the sums, merged with those of the dead before it; its
@@ -236,9 +243,3 @@ def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return signal.Signals(os.WTERMSIG(status)).name
     return f"exit {os.WEXITSTATUS(status)}"
-
-
-def _safe_message(error: BaseException) -> str:
-    """ConfigError and the like say what to fix and never carry secrets; anything else is named
-    by its type alone."""
-    return error.format_message() if isinstance(error, ConfigError) else type(error).__name__

@@ -15,9 +15,11 @@ from werkzeug.exceptions import HTTPException
 
 from kms.errors import ApiError, IntegrityFailure, ServiceUnavailable
 from kms.keyproviders.base import KekUnavailable
+from kms.observability.logs import OncePer, log_failure
 from kms.web import REQUEST_ID
 
 log = logging.getLogger("kms.errors")
+_FAILURES = OncePer()
 
 HTTP_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
@@ -88,7 +90,7 @@ def register_error_handlers(app, report_integrity_failure: Callable[..., None]):
     @app.errorhandler(ApiError)
     def _api_error(error: ApiError):
         if error.status >= 500:
-            log.error("request failed", extra={"error_code": error.code})
+            log_failure(log, logging.ERROR, "request failed", error, _FAILURES)
         return error_response(error.status, error.code, error.message, error.fields, error.headers)
 
     @app.errorhandler(IntegrityFailure)
@@ -98,7 +100,7 @@ def register_error_handlers(app, report_integrity_failure: Callable[..., None]):
 
     @app.errorhandler(KekUnavailable)
     def _kek_unavailable(_error):
-        log.warning("a KEK's token does not answer", extra={"error_code": "KekUnavailable"})
+        log_failure(log, logging.WARNING, "a KEK's token does not answer", _error, _FAILURES)
         return _api_error(ServiceUnavailable("The key encryption key's HSM does not answer; retry shortly."))
 
     @app.errorhandler(psycopg2.errors.ReadOnlySqlTransaction)
@@ -107,22 +109,22 @@ def register_error_handlers(app, report_integrity_failure: Callable[..., None]):
         conn = g.get("db")
         if conn is not None:
             conn.close()  # the pool retires it, and its siblings, when it is given back
-        log.warning("database session on a read-only server", extra={"error_code": "ReadOnlySqlTransaction"})
+        log_failure(log, logging.WARNING, "database session on a read-only server", _error, _FAILURES)
         return _api_error(ServiceUnavailable())
 
     @app.errorhandler(psycopg2.OperationalError)
     @app.errorhandler(psycopg2.InterfaceError)
     def _database_down(error):
         # Lock or statement time-outs are OperationalErrors too: both mean "try again".
-        log.warning("database unavailable", extra={"error_code": type(error).__name__})
+        log_failure(log, logging.WARNING, "database unavailable", error, _FAILURES)
         return _api_error(ServiceUnavailable())
 
     @app.errorhandler(Exception)
     def _unexpected(error):
         if isinstance(error, HTTPException):
             return handle_http_exception(error)
-        # The exception's text may quote data; log the type and where, never the message.
-        log.error("unhandled exception", extra={"error_code": type(error).__name__, "where": _where(error)})
+        # The exception's text may quote data: its cause is scrubbed (kms.observability.logs.cause).
+        log_failure(log, logging.ERROR, "unhandled exception", error, _FAILURES, where=_where(error))
         return error_response(500, "internal_error", ApiError.message)
 
 

@@ -1,12 +1,8 @@
-"""The Python SDK and its command line, against a live KMS."""
+"""The Python SDK against a live KMS (its command line: test_command_line.py)."""
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -179,53 +175,19 @@ def test_stops_retrying_after_its_retries():
         server.server_close()
 
 
-KMS_CLIENT = str(Path(sys.executable).parent / "kms-client")  # the console script `pip install` made
+def test_the_sdk_has_no_default_address(monkeypatch):
+    monkeypatch.delenv("KMS_BASE_URL", raising=False)
+    with pytest.raises(ValueError, match="pass base_url or set KMS_BASE_URL"):
+        Client(clientname="svc-x", password="p")
+    monkeypatch.setenv("KMS_BASE_URL", "https://kms.internal/")
+    assert Client().base_url == "https://kms.internal"
 
 
-def run_cli(live_server, *args, stdin=b"", user="sdk-svc"):
-    env = {**os.environ, "KMS_BASE_URL": live_server, "KMS_USER": user, "KMS_PASS": CLIENT_PASSWORD}
-    return subprocess.run([KMS_CLIENT, *args], cwd="/", env=env, input=stdin, capture_output=True, timeout=60)
-
-
-def test_command_line_covers_every_command(live_server, auth):
-    signup_token = auth.signup_token("cli-svc")
-    signed_up = run_cli(live_server, "signup", stdin=signup_token.encode() + b"\n", user="cli-svc")
-    assert signed_up.returncode == 0 and signed_up.stderr == b"signed up\n", signed_up.stderr
-    generated = run_cli(live_server, "generate", "cli-key", user="cli-svc")
-    assert generated.returncode == 0, generated.stderr
-    first = json.loads(generated.stdout)
-    assert first["version"] == 1 and len(first["dek"]) == 43
-    rotated = json.loads(run_cli(live_server, "rotate", "cli-key", user="cli-svc").stdout)
-    assert rotated["version"] == 2 and rotated["dek"] != first["dek"]
-    latest = json.loads(run_cli(live_server, "get", "cli-key", user="cli-svc").stdout)
-    assert latest["encryptWith"] == rotated
-    old = json.loads(run_cli(live_server, "get", "cli-key", "--version", "1", user="cli-svc").stdout)
-    assert old["decryptWith"] == first and old["encryptWith"] == rotated
-    blob = run_cli(live_server, "encrypt", "cli-key", "--aad", "ctx", stdin=b"hello", user="cli-svc")
-    assert blob.returncode == 0
-    plain = run_cli(live_server, "decrypt", "cli-key", "--aad", "ctx", stdin=blob.stdout, user="cli-svc")
-    assert plain.returncode == 0 and plain.stdout == b"hello"
-    deleted = run_cli(live_server, "delete", "cli-key", user="cli-svc")
-    assert deleted.returncode == 0 and deleted.stdout == b""
-    gone = run_cli(live_server, "get", "cli-key", user="cli-svc")
-    assert gone.returncode == 1 and gone.stderr.startswith(b"kms-client: 404 not_found: ")
-    assert gone.stderr.count(b"\n") == 1
-    everything = b"".join(r.stderr for r in (signed_up, generated, blob, plain, deleted, gone))
-    assert CLIENT_PASSWORD.encode() not in everything and signup_token.encode() not in everything
-
-
-def test_command_line_errors_are_one_line_with_their_exit_code(sdk, live_server):
+def test_an_unreachable_kms_reads_as_its_reason():
     from kms.serving.throwaway_postgres import _free_port
-    unreachable = run_cli(f"http://127.0.0.1:{_free_port()}", "get", "k")
-    assert unreachable.returncode == 3
-    assert unreachable.stderr.count(b"\n") == 1 and b"check --url or KMS_BASE_URL" in unreachable.stderr
-    garbage = run_cli(live_server, "decrypt", "k", stdin=b"this is not a blob at all")
-    assert garbage.returncode == 2 and garbage.stderr == b"kms-client: not a KMS blob\n"
-    sdk.generate_key("k")
-    blob = run_cli(live_server, "encrypt", "k", stdin=b"hello").stdout.strip()
-    altered = blob[:-6] + (b"AAAA" if blob[-6:-2] != b"AAAA" else b"BBBB") + blob[-2:]
-    tampered = run_cli(live_server, "decrypt", "k", stdin=altered)
-    assert tampered.returncode == 4
-    assert tampered.stderr == b"kms-client: the blob was altered, or the key or aad differs\n"
-    usage = run_cli(live_server, "frobnicate")
-    assert usage.returncode == 2
+    from kms_client import KmsUnreachable
+    port = _free_port()
+    with pytest.raises(KmsUnreachable) as error:
+        Client(base_url=f"http://127.0.0.1:{port}", clientname="svc-x", password="p").ping()
+    assert str(error.value).startswith(f"no answer from http://127.0.0.1:{port} (")
+    assert error.value.status == 0 and error.value.code == "unreachable"

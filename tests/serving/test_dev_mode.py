@@ -74,7 +74,8 @@ def wait_for_no_leftovers(tmp_path, database_dir: Path, timeout=30) -> list:
 
 
 def readme_walkthrough() -> list[tuple[str, str]]:
-    """(method, path) of every curl line of README's walkthrough, in order."""
+    """(method, path) of every curl line of README's walkthrough, in order (a line that fetches an
+    id for the lines after it too)."""
     text = (ROOT / "README.md").read_text()
     block = text.split("## A walkthrough", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     calls = []
@@ -134,10 +135,12 @@ def test_readme_walkthrough_does_what_its_comments_say_against_dev_mode(tmp_path
         assert http.get(dev.base + "/keys", headers={"Authorization": f"Bearer {token}"}).status_code == 401
         clients = call("GET", "/clients", admin).json()["clients"]
         billing = next(c["id"] for c in clients if c["clientname"] == "billing-service")
-        live = http.post(dev.base + "/auth/login", json={"clientname": "billing-service",
-                                                         "password": "Billing-passw0rd!"}).json()["token"]
+        login = {"clientname": "billing-service", "password": "Billing-passw0rd!"}
+        live = http.post(dev.base + "/auth/login", json=login).json()["token"]
         assert call("POST", f"/clients/{billing}/actions/disable", admin).status_code == 204
         assert http.get(dev.base + "/keys", headers={"Authorization": f"Bearer {live}"}).status_code == 401
+        assert call("POST", f"/clients/{billing}/actions/enable", admin).status_code == 204
+        assert http.post(dev.base + "/auth/login", json=login).status_code == 200
         assert call("POST", f"/clients/{billing}/role", admin, json={"role": "admin"}).status_code == 204
         roles = {c["clientname"]: c["role"] for c in http.get(dev.base + "/clients", headers={
             "Authorization": f"Bearer {admin}"}).json()["clients"]}
@@ -149,12 +152,14 @@ def test_readme_walkthrough_does_what_its_comments_say_against_dev_mode(tmp_path
         assert call("POST", f"/clients/{billing}/actions/unlock", admin).status_code == 204
         assert http.post(dev.base + "/auth/login", json=wrong, headers={"Connection": "close"}).status_code == 401
         audit = call("GET", "/audit?after=0&limit=100", admin).json()
-        assert {"key.generate", "key.rotate", "key.delete", "key.restore", "client.disable", "client.role_change",
-                "client.unlock"} <= {event["action"] for event in audit["events"]}
+        assert {"key.generate", "key.rotate", "key.delete", "key.restore", "client.disable", "client.enable",
+                "client.role_change", "client.unlock"} <= {event["action"] for event in audit["events"]}
+        assert call("DELETE", f"/clients/{billing}", admin).status_code == 204
+        assert http.post(dev.base + "/auth/login", json=login).status_code == 401
     finally:
         dev.stop()
     assert dev.process.returncode == 0
-    walked = [(method, re.sub(r"/clients/[0-9a-f-]{36}/", "/clients/<id>/", path)) for method, path in done]
+    walked = [(method, re.sub(r"/clients/[0-9a-f-]{36}", "/clients/$BILLING", path)) for method, path in done]
     assert walked == readme_walkthrough()
     assert wait_for_no_leftovers(tmp_path, dev.database_dir) == []
 
