@@ -173,8 +173,9 @@ def seal_pending(conn, kms, *, wait: bool = False, known: ChainHead | None = Non
     is not started again over rows whose chain was wiped; a tampering found and not acknowledged
     stops it), and raises ChainTampered instead of building on a chain that was cut or re-written."""
     key = kms.audit_key
-    sealed, head, starting = 0, known, False
+    sealed, head = 0, known
     while True:
+        starting = False
         with db.transaction(conn) as cur:
             cur.execute(db.sql.lock_audit_sealer if wait else db.sql.try_lock_audit_sealer)
             if not wait and not cur.fetchone().locked:
@@ -186,18 +187,18 @@ def seal_pending(conn, kms, *, wait: bool = False, known: ChainHead | None = Non
             check_chain(HeadFile(chain_id=chain_id), state)  # `known` came from this chain's head file
             if state.tampered:
                 raise ChainTampered(f"tampering found earlier and not acknowledged: {state.tampered}")
-            if position == 0 and state.started and not starting:
+            if position == 0 and state.started:
                 raise ChainTampered("the chain was started before and is empty now (its rows unchained in the "
                                     "database)")
             cur.execute(db.sql.unsealed_audit_events, {"horizon": horizon, "limit": SEAL_BATCH})
             unsealed = cur.fetchall()
             if unsealed and not state.started:
-                # The chain starts: said in the state row and recorded first, so that the next
-                # round (this transaction then ended) chains that record with the rest.
+                # The chain starts: said in the state row, in the transaction that seals its first
+                # rows (so no sealer ever sees it started and empty); the record of it is sealed
+                # in the next round, once this transaction has ended.
                 write_state(cur, kms, state, started=True)
                 record(cur, Context(kms=kms, conn=conn), "audit.chain_start", actor="kms")
                 starting = True
-                continue
             seqs, positions, hashes = [], [], []
             for event in unsealed:
                 position += 1
@@ -210,7 +211,7 @@ def seal_pending(conn, kms, *, wait: bool = False, known: ChainHead | None = Non
             if position:
                 head = ChainHead(position, previous)
         sealed += len(unsealed)
-        if len(unsealed) < SEAL_BATCH:
+        if len(unsealed) < SEAL_BATCH and not starting:
             return sealed, head
 
 
