@@ -22,6 +22,7 @@ ARGUMENTS = {
     ("clients", "unlock"): ["some-svc"], ("signup-token",): ["--name", "some-svc"],
     ("kek", "generate"): ["--pkcs11", "pkcs11:token=kms;object=kek-2"],
     ("import-seed",): ["--from", "postgresql://kms@127.0.0.1:1/kms", "--seed-env", "SEED_ENV"],
+    ("audit", "acknowledge"): ["--head", "1:" + "0" * 64],
 }
 NEEDS_NO_DATABASE = {("gen-secret",), ("dev",)}
 
