@@ -150,7 +150,7 @@ def wait_until(check, timeout: float, what: str):
         except Exception:  # noqa: BLE001 - not up yet, whatever the way it says so
             pass
         time.sleep(0.25)
-    raise SystemExit(f"drill failed: {what} within {timeout:.0f} s")
+    raise SystemExit(f"DRILL FAILED: waited {timeout:.0f} s for this, and it did not happen: {what}")
 
 
 def cluster(stack) -> list[dict]:
@@ -172,6 +172,25 @@ def healthy(stack) -> bool:
             and any(m["role"] == "sync_standby" and m["state"] in ("running", "streaming") for m in members))
 
 
+def standby_caught_up(stack) -> bool:
+    """The leader's PostgreSQL has a synchronous standby streaming, less than 1 MB behind: only then
+    can Patroni promote it when the leader is lost (after a restart of the leader's PostgreSQL the
+    standby must first reconnect; Patroni's member list says "sync_standby" meanwhile)."""
+    import psycopg2
+    current = leader(stack)
+    if current is None:
+        return False
+    conn = psycopg2.connect(host="127.0.0.1", port=stack.ports[f"pg{current[-1]}"], user="postgres",
+                            dbname="postgres", connect_timeout=2)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND sync_state = 'sync' "
+                        "AND pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn) < 1048576")
+            return cur.fetchone()[0] > 0
+    finally:
+        conn.close()
+
+
 class Load:
     """A bounded mixed load through haproxy's TLS frontend; every answer recorded with its request id."""
 
@@ -190,7 +209,7 @@ class Load:
             answer = self.requests.request(method, self.base + path, json=json_body, verify=self.ca, timeout=60,
                                            headers={"Authorization": f"Bearer {token}"} if token else {})
             status, request_id = answer.status_code, answer.headers.get("X-Request-ID")
-        except self.requests.RequestException:
+        except Exception:  # noqa: BLE001 - a refused connection, or the stack being torn down
             answer, status, request_id = None, 0, None
         with self.lock:
             self.answers.append((self.phase, started, time.monotonic(), operation, status, request_id))
@@ -231,7 +250,7 @@ class Load:
 
     def finish(self):
         self.stop.set()
-        for thread in self.threads:
+        for thread in getattr(self, "threads", []):
             thread.join(120)
 
 
@@ -262,6 +281,7 @@ def main() -> int:
     ensure_packages()
     stack = Stack()
     ports = stack.ports
+    load = None
     say(f"working in {stack.work}; ports {ports}")
     try:
         stack.start("etcd", ["etcd", "--name", "drill", "--data-dir", str(stack.work / "etcd"),
@@ -350,6 +370,7 @@ def main() -> int:
         report(load, "postgres crash", crashed_at)
 
         # 1. Failover: the leader node is lost.
+        wait_until(lambda: standby_caught_up(stack), 120, "the synchronous standby streaming again, caught up")
         lost = leader(stack)
         load.phase = "failover"
         pid = int((stack.work / lost / "postmaster.pid").read_text().split()[0])
@@ -372,6 +393,7 @@ def main() -> int:
         time.sleep(2)
 
         # 2. Switchover, planned.
+        wait_until(lambda: standby_caught_up(stack), 120, "the synchronous standby streaming, caught up")
         load.phase = "switchover"
         current = leader(stack)
         candidate = next(m["name"] for m in cluster(stack) if m["name"] != current)
@@ -416,6 +438,8 @@ def main() -> int:
             print(f"--- {log.name}\n" + "\n".join(tail), file=sys.stderr)
         raise
     finally:
+        if load is not None:  # before the files it uses go
+            load.finish()
         stack.stop_all()
         say("stopped everything the drill started and removed its files")
 
