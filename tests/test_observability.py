@@ -2,10 +2,14 @@
 """Metrics and log lines: what an operator watches, labelled by route template, never by raw path,
 and never grown by what a caller invents."""
 import http.client
+import json
+import logging
+import time
 import uuid
 
 import pytest
 
+from kms.observability.logs import JsonFormatter
 from tests.conftest import bearer
 
 
@@ -123,3 +127,22 @@ def test_folding_dead_processes_keeps_counts_and_max_gauges_and_drops_live_gauge
     assert scrape()["kms_head"] == "9.0"  # a max gauge of the dead is kept, as prometheus-client keeps it
     assert sorted(path.name for path in tmp_path.glob("*.db")) == [
         "counter_dead.db", "gauge_max_dead.db", "histogram_dead.db"]
+
+
+def test_a_log_line_is_the_json_it_always_was():
+    """The formatter's cached C encoder and once-a-second timestamp write the same bytes as
+    json.dumps(default=str) over the record, non-ASCII and values JSON cannot hold included."""
+    formatter = JsonFormatter()
+    stranger = object()
+    for created_offset in (0.0, 0.999, 1.0, 3600.5):
+        record = logging.getLogger("kms.access").makeRecord(
+            "kms.access", logging.INFO, None, 0, "request", (), None,
+            extra={"requestId": "r-1", "status": 200, "durationMs": 1.25, "route": "/keys/<ref>", "note": "é\u2028\"",
+                   "odd": stranger, "nothing": None, "nested": {"a": [1, 2.5, True]}})
+        record.created += created_offset
+        record.msecs = (record.created - int(record.created)) * 1000
+        entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                 + f".{int(record.msecs):03d}+00:00", "level": "info", "logger": "kms.access", "msg": "request",
+                 "requestId": "r-1", "status": 200, "durationMs": 1.25, "route": "/keys/<ref>", "note": "é\u2028\"",
+                 "odd": stranger, "nothing": None, "nested": {"a": [1, 2.5, True]}}
+        assert formatter.format(record) == json.dumps(entry, default=str)

@@ -24,6 +24,7 @@ import resource
 import select
 import socket
 import time
+from collections import deque
 
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
@@ -141,6 +142,21 @@ class Channel(HTTPChannel):
             self.server.kms_sources.closed(self.counted_source)
             self.counted_source = None
         super().del_channel(map)
+        self.server.changed_connections()
+
+    def service(self):
+        """A server thread serves this connection's request (see _Interest)."""
+        interest, fd = self.server._interest, self._fileno
+        if interest is None or fd is None:
+            return super().service()
+        interest.serving.add(fd)
+        try:
+            return super().service()
+        finally:
+            # waitress woke the loop at the end of service(), after the last change to this
+            # connection; until the loop's next turn asks it, it is in `serving` or in `done`.
+            interest.done.append(fd)
+            interest.serving.discard(fd)
 
     def hold_reading(self, seconds: float):
         """Read nothing more from this connection for `seconds` (called from a server thread once
@@ -164,6 +180,75 @@ class Channel(HTTPChannel):
         return result
 
 
+class _Interest:
+    """What the event loop polls each object of its map for, kept between turns.
+
+    wasyncore asks every object on every turn what it waits for (readable(), writable()), and a
+    turn comes with almost every request. Here an object is asked again only when what it waits
+    for may have changed:
+    - on the turn after an event on it (a request's bytes are read, its answer written, a close);
+    - on every turn while a server thread serves its request (`serving`; the thread may leave
+      output for the loop to send, and waits for it when there is much), and on the turn after
+      that thread is done (`done`: it marks the connection before it wakes the loop);
+    - on every turn while its reading is held (kms: after a 429);
+    - every object after a connection opened or closed, and after maintenance (once a second).
+    An idle keep-alive connection waiting for its next request, and one whose request waits for
+    a free server thread, are not asked: nothing but an event or a server thread changes them.
+    Objects other than connections (the listening socket, the trigger) are asked on every turn."""
+
+    def __init__(self):
+        self.pollster = select.poll()
+        self.registered: dict = {}  # fd -> (object, flags)
+        self.ask_next: set = set()  # fds to ask on the next turn
+        self.always: dict = {}  # fd -> object, asked on every turn
+        self.serving: set = set()  # fds whose request a server thread is serving (added there)
+        self.done: deque = deque()  # fds whose request a server thread finished (appended there)
+        self.ask_all = True
+
+    def to_ask(self, socket_map: dict) -> list:
+        if self.ask_all:
+            self.ask_all = False
+            for fd in [fd for fd, (obj, _) in self.registered.items() if socket_map.get(fd) is not obj]:
+                self.forget(fd)  # closed (its number may already name a new connection)
+            self.always = {fd: obj for fd, obj in socket_map.items() if not isinstance(obj, Channel)}
+            self.ask_next.clear()
+            return list(socket_map.items())
+        wanted = self.ask_next
+        self.ask_next = set()
+        wanted.update(list(self.serving))  # (list(): copied in one step, while server threads change it)
+        done = self.done
+        while done:
+            wanted.add(done.popleft())
+        asked = list(self.always.items())
+        for fd in wanted:
+            obj = socket_map.get(fd)
+            if obj is not None and fd not in self.always:
+                asked.append((fd, obj))
+        return asked
+
+    def set(self, fd: int, obj, flags: int):
+        known = self.registered.get(fd)
+        if known is None or known[0] is not obj or known[1] != flags:
+            if flags:
+                self.pollster.register(fd, flags)  # (or modify)
+                self.registered[fd] = (obj, flags)
+            else:
+                self.forget(fd)
+        held = getattr(obj, "read_again_at", 0.0)
+        if held and held > time.monotonic():
+            self.ask_next.add(fd)
+
+    def touched(self, fd: int):
+        self.ask_next.add(fd)
+
+    def forget(self, fd: int):
+        if self.registered.pop(fd, None) is not None:
+            try:
+                self.pollster.unregister(fd)
+            except (KeyError, ValueError, OSError):
+                pass
+
+
 class Server(TcpWSGIServer):
     channel_class = Channel
     read_timeout_s = 10.0
@@ -176,33 +261,46 @@ class Server(TcpWSGIServer):
     # worker's slot). See readable().
     kms_balance = None
     _wake_at = math.inf  # when the event loop must look again, though nothing happens (poll)
+    _interest = None  # what the event loop polls each connection for (poll)
 
     def wake_by(self, when: float):
         """Called while the loop asks who is readable: poll no longer than until `when`."""
         self._wake_at = min(self._wake_at, when)
 
     def poll(self, longest: float):
-        """One turn of the event loop: wasyncore.poll2, except that it sleeps no longer than until
-        a held connection may be read again, or, while the balance keeps this worker from
-        accepting, BALANCE_RECHECK_S. With a fixed timeout, an idle worker that had stopped
-        accepting slept through the other worker's connections filling up, and a new connection
-        waited in the backlog that long (most visibly during a login flood, whose held
-        connections are idle)."""
+        """One turn of the event loop: wasyncore.poll2, except that
+        - it sleeps no longer than until a held connection may be read again, or, while the balance
+          keeps this worker from accepting, BALANCE_RECHECK_S. With a fixed timeout, an idle worker
+          that had stopped accepting slept through the other worker's connections filling up, and a
+          new connection waited in the backlog that long (most visibly during a login flood, whose
+          held connections are idle);
+        - it asks a connection what it waits for (readable, writable) only when that may have
+          changed, and keeps one poll object registered across turns (see _Interest). wasyncore
+          asks every connection on every turn, and a turn comes with almost every request: with 64
+          keep-alive connections that was an eighth of a worker's CPU."""
         self._wake_at = math.inf
-        pollster = select.poll()
-        for fd, obj in list(self._map.items()):
+        interest = self._interest
+        if interest is None:
+            interest = self._interest = _Interest()
+        for fd, obj in interest.to_ask(self._map):
             flags = 0
             if obj.readable():
                 flags |= select.POLLIN | select.POLLPRI
             if obj.writable() and not obj.accepting:  # (accepting sockets are not writable)
                 flags |= select.POLLOUT
-            if flags:
-                pollster.register(fd, flags)
+            interest.set(fd, obj, flags)
         timeout = max(0.0, min(longest, self._wake_at - time.monotonic()))
-        for fd, flags in pollster.poll(math.ceil(timeout * 1000)):
+        for fd, flags in interest.pollster.poll(math.ceil(timeout * 1000)):
             obj = self._map.get(fd)
             if obj is not None:
+                interest.touched(fd)
                 readwrite(obj, flags)
+
+    def changed_connections(self):
+        """A connection was opened or closed (or maintenance may have changed any of them): the
+        next turn asks every one of them again."""
+        if self._interest is not None:
+            self._interest.ask_all = True
 
     def readable(self):
         """Whether to accept now. Alone, as waitress decides. As one of several workers on one
@@ -227,6 +325,7 @@ class Server(TcpWSGIServer):
         for _ in range(ACCEPTS_PER_TURN):
             open_before = len(self._map)
             super().handle_accept()
+            self.changed_connections()
             if len(self._map) == open_before or not self.readable():  # none left, or no more now
                 return
 
@@ -235,6 +334,7 @@ class Server(TcpWSGIServer):
         not arrived whole within REQUEST_READ_TIMEOUT, and one that has not sent a byte within it
         (idle sockets must not fill the house)."""
         super().maintenance(now)
+        self.changed_connections()  # (once a second: every connection is asked again)
         cutoff = now - self.read_timeout_s
         for channel in list(self.active_channels.values()):
             started = channel.request_started

@@ -293,3 +293,96 @@ def test_a_guesser_that_ignores_retry_after_is_read_once_a_second(live_server):
     assert 2 <= len(answers) <= 4, gaps_between(answers)  # without the hold: hundreds in 3 s
     assert all(0.9 <= gap < 1.6 for gap in gaps_between(answers)), gaps_between(answers)
     assert other_waited < 0.5
+
+
+# The event loop asks a connection what it waits for only when that may have changed
+
+def _request(sock, path: str = "/healthz") -> bytes:
+    """One keep-alive request on `sock`; its whole answer (headers and a Content-Length body)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_idle_keep_alive_connections_are_not_asked_on_every_turn_and_all_are_served(make_app):
+    """Idle keep-alive connections stay registered for reading between turns instead of being asked
+    on each one (kms.serving.http._Interest); every one of them is still served when it speaks
+    again, more of them than server threads, in any order."""
+    app = make_app(SERVER_CONNECTION_LIMIT_PER_SOURCE=1000)
+    server, _ = serve_in_thread(app, threads=2)
+    port = server.effective_port
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(40)]
+    busy = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        for sock in idle:
+            assert _request(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(0.2)
+        asked = [0]
+        channels = [channel for channel in server.active_channels.values()]
+        for channel in channels:
+            readable = channel.readable
+
+            def counted(readable=readable):
+                asked[0] += 1
+                return readable()
+            channel.readable = counted
+        for _ in range(30):  # 30 requests, each a turn or two of the loop, while 40 connections idle
+            assert _request(busy).startswith(b"HTTP/1.1 200")
+        # Asked: the busy connection on its turns, and every connection once per second of
+        # maintenance; asking all of them on every turn would be 40 x 30 at least.
+        assert asked[0] < 300, f"{asked[0]} questions to connections for 30 requests"
+        for sock in reversed(idle):  # every idle one is served again
+            assert _request(sock).startswith(b"HTTP/1.1 200")
+        for sock in idle[:10]:  # several at once, more than the two server threads
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        for sock in idle[:10]:
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in idle + [busy]:
+            sock.close()
+        stop_server(server)
+
+
+def test_an_answer_a_slow_reader_cannot_take_at_once_is_sent_whole(live_server, app):
+    """An answer larger than the socket takes at once stays with the event loop, which sends the
+    rest as the client reads (the server thread has moved on): it must be asked to write."""
+    port = int(live_server.rsplit(":", 1)[1])
+    with app.test_client() as local:
+        expected = local.get("/openapi.json").data
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    try:
+        sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.5)  # the server thread writes what fits and finishes
+        answer = _request_rest(sock)
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert answer.partition(b"\r\n\r\n")[2] == expected
+        assert _request(sock).startswith(b"HTTP/1.1 200")  # and the connection goes on
+    finally:
+        sock.close()
+
+
+def _request_rest(sock) -> bytes:
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(1024)
+        time.sleep(0.001)
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        body += sock.recv(1024)
+        time.sleep(0.001)
+    return head + b"\r\n\r\n" + body
