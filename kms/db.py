@@ -259,6 +259,29 @@ class _TransactionCursor(psycopg2.extras.NamedTupleCursor):
         return not self.begin_pending or bool(self._deferred)
 
 
+_reads = threading.local()
+
+
+@contextmanager
+def reading():
+    """Marks when this thread's reads began (a transaction, or a statement of its own), for
+    kms.rows.Revisions: a change learned after that may be newer than what the reads saw."""
+    outer = getattr(_reads, "began", None)
+    if outer is None:
+        _reads.began = time.monotonic()
+    try:
+        yield
+    finally:
+        if outer is None:
+            _reads.began = None
+
+
+def reads_began() -> float:
+    """When this thread's current reads began; now, outside any (the most cautious answer)."""
+    began = getattr(_reads, "began", None)
+    return time.monotonic() if began is None else began
+
+
 class UnrecordedChange(RuntimeError):
     """A transaction changed a MAC'd row without an audit event recording it: a defect, so the
     change is rolled back rather than committed unbound to the audit chain."""
@@ -268,7 +291,7 @@ class UnrecordedChange(RuntimeError):
 def transaction(conn):
     """One transaction: commit when the block ends, roll back on any error (a failed COMMIT
     included: deferred statements run there)."""
-    with conn.cursor(cursor_factory=_TransactionCursor) as cur:
+    with conn.cursor(cursor_factory=_TransactionCursor) as cur, reading():
         cur.begin_pending = True
         try:
             yield cur

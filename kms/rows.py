@@ -26,6 +26,7 @@ from datetime import datetime
 
 import logging
 import threading
+import time
 
 from kms import db
 from kms.errors import IntegrityFailure
@@ -48,7 +49,7 @@ class Revisions:
     newest there is. Only a row still older, with the change's event still stored, is refused."""
 
     def __init__(self, confirm=None):
-        self._newest: dict[tuple[str, str], tuple[int, object]] = {}
+        self._newest: dict[tuple[str, str], tuple[int, object, float]] = {}  # revision, event id, learned at
         self._lock = threading.Lock()
         self.confirm = confirm  # -> "older copy" | "raced" | "lost"; None: every older row refused
         # The transaction id below which every audit event's changes are learned (kms.audit.freshness).
@@ -62,6 +63,10 @@ class Revisions:
         older copy put back."""
         known = self._newest.get((table, str(row_id)))
         if known is None or revision >= known[0]:
+            return True
+        if known[2] > db.reads_began():
+            # Learned after this read began: its snapshot may predate the change (a look-up racing
+            # a rotation). An answer from just before the change, not a row put back.
             return True
         verdict = "older copy" if self.confirm is None else self.confirm(table, str(row_id), known[0], known[1])
         if verdict == "raced":  # read on a snapshot from before the change: an answer from just before it
@@ -78,8 +83,8 @@ class Revisions:
     def learn(self, table: str, row_id, revision: int, event_id=None):
         key = (table, str(row_id))
         with self._lock:
-            if revision > self._newest.get(key, (1, None))[0]:
-                self._newest[key] = (revision, event_id)
+            if revision > self._newest.get(key, (1,))[0]:
+                self._newest[key] = (revision, event_id, time.monotonic())
 
     def learn_changes(self, changes: str, event_id):
         for table, row_id, revision in parse_changes(changes):

@@ -132,20 +132,26 @@ class OlderCopyCheck:
 
     def __call__(self, table: str, row_id: str, known: int, event_id) -> str:
         with self._lock:
-            try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = db.connect(self.dsn, application_name="kms-freshness")
-                with db.transaction(self._conn) as cur:
-                    cur.execute(getattr(db.sql, f"{table}_revisions"), {"ids": [row_id]})
-                    row = cur.fetchone()
-                    if row is not None and row.revision >= known:
-                        return "raced"
-                    cur.execute(db.sql.audit_event_exists, {"event_id": event_id})
-                    return "older copy" if cur.fetchone() is not None else "lost"
-            except psycopg2.Error:
-                if self._conn is not None:
-                    self._conn.close()
-                raise ServiceUnavailable() from None
+            for attempt in (1, 2):  # a connection broken since its last use (a failover) is replaced once
+                try:
+                    if self._conn is None or self._conn.closed:
+                        self._conn = db.connect(self.dsn, application_name="kms-freshness")
+                    return self._look(table, row_id, known, event_id)
+                except psycopg2.Error:
+                    if self._conn is not None:
+                        self._conn.close()
+                    if attempt == 2:
+                        raise ServiceUnavailable() from None
+        raise AssertionError("unreachable")
+
+    def _look(self, table: str, row_id: str, known: int, event_id) -> str:
+        with db.transaction(self._conn) as cur:
+            cur.execute(getattr(db.sql, f"{table}_revisions"), {"ids": [row_id]})
+            row = cur.fetchone()
+            if row is not None and row.revision >= known:
+                return "raced"
+            cur.execute(db.sql.audit_event_exists, {"event_id": event_id})
+            return "older copy" if cur.fetchone() is not None else "lost"
 
     def close(self):
         with self._lock:

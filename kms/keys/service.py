@@ -203,6 +203,7 @@ def _look_up(conn, params: dict, durable: bool) -> LookUpRow | None:
     return None if row is None else LookUpRow._make(row)
 
 
+@db.reading()  # what it reads is checked against revisions learned before it began (kms.rows.Revisions)
 def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[KeyMaterial, KeyMaterial]:
     """(decryptWith, encryptWith). One statement, one round trip: it checks the token, reads both
     versions and writes the audit record of a successful look-up. Nothing read is believed before
