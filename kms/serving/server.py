@@ -1,8 +1,10 @@
 """Serving: one process (`SERVER_WORKERS=1`), or one worker of several (kms/serving/workers.py).
 
-Both run the same loop: waitress's event loop until a stop signal, then a drain — the listening
-socket is no longer read, every request already received is answered and its answer written,
-and only then are connections closed — bounded by DRAIN_TIMEOUT_S.
+Both run the same loop: waitress's event loop until a stop signal, then a drain (kms.serving.http):
+no new connection is taken, but every connection already waiting in the listening socket's
+backlog is; every request whose bytes arrived is read, run and answered; each connection is then
+closed gently (its last answer says `Connection: close`, the sending side is shut first) so the
+client reads every answer — bounded by DRAIN_TIMEOUT_S.
 """
 import logging
 import threading
@@ -21,23 +23,19 @@ LOOP_TIMEOUT_S = 0.5  # how soon a stop signal is noticed
 DRAIN_TIMEOUT_S = 30.0
 
 
-def _in_flight(server) -> int:
-    """Connections with a request being read, run or answered."""
-    return sum(1 for channel in list(server.active_channels.values())
-               if channel.requests or channel.request is not None or channel.total_outbufs_len)
-
-
 def serve_until(server, stopping: threading.Event, drain_timeout: float = DRAIN_TIMEOUT_S):
     """Run `server` until `stopping` is set, drain it, close it."""
     while not stopping.is_set():
         server.poll(LOOP_TIMEOUT_S)
-    server.accepting = False  # readable() is now False: other workers take new connections
+    server.start_draining()  # other workers, if any, stop too: the parent signals them all
     deadline = time.monotonic() + drain_timeout
-    while _in_flight(server) and time.monotonic() < deadline:
-        server.poll(0.05)
-    left = _in_flight(server)
+    while server.drain_step() and time.monotonic() < deadline:
+        pass
+    left = len(server.active_channels)
     if left:
         log.warning("stopped with requests still in flight", extra={"connections": left})
+    server.close_lingering()
+    server.kms_draining = False
     server.task_dispatcher.shutdown(timeout=5)
     wasyncore.close_all(server._map)
 
