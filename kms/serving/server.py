@@ -15,6 +15,7 @@ from waitress import wasyncore
 from kms.audit.refusals import RefusalWriter
 from kms.audit.sealer import start_sealer
 from kms.audit.service import flush_refusals
+from kms.keys.kek_holders import KekPublisher
 from kms.serving.http import create_server
 
 log = logging.getLogger("kms")
@@ -47,9 +48,14 @@ def _sample_pool(kms, stopping: threading.Event, every_s: float = 1.0):
         kms.metrics.sample_pool(kms.pool)
 
 
-def serve_app(app, sock, stopping: threading.Event, *, run_sealer: bool = True, balance=None):
-    """Serve `app` on the bound `sock` until `stopping` is set; the audit sealer runs beside it."""
+def serve_app(app, sock, stopping: threading.Event, *, run_sealer: bool = True, balance=None,
+              server_pid: int | None = None):
+    """Serve `app` on the bound `sock` until `stopping` is set; the audit sealer runs beside it,
+    and the KEK versions this process holds are published while it serves (kms.keys.kek_holders;
+    `server_pid`: the `kms serve` process, when this is one of its workers)."""
     kms = app.extensions["kms"]
+    publisher = KekPublisher(kms, server_pid)
+    publisher.start()
     server = create_server(app, kms.settings, sock=sock, balance=balance)
     sealer = start_sealer(kms) if run_sealer else None
     refusals = RefusalWriter(kms, flush_refusals)
@@ -61,6 +67,7 @@ def serve_app(app, sock, stopping: threading.Event, *, run_sealer: bool = True, 
     try:
         serve_until(server, stopping)
     finally:
+        publisher.stop()
         refusals.stop()
         if sealer:
             sealer.stop()
