@@ -152,8 +152,9 @@ def _unwrap(ctx: Context, key_id: int, owner_id, ref_hash: bytes, version: int, 
         raise kek_not_held(ctx, key_id, version, kek_version) from None
     except crypto.IntegrityError:
         # Tampered, moved between rows, or the wrong KEK: never serve anything in its place.
+        # Reported as any failed integrity check (a metric and an integrity.failure event beside the line).
         log.error("stored key material failed authentication", extra={"keyId": key_id, "version": version})
-        raise StoredDataCorrupt() from None
+        raise IntegrityFailure("key_versions", f"{key_id}:{version}") from None
 
 
 def _add_version(cur, ctx: Context, key: KeyRow) -> KeyMaterial:

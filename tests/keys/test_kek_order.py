@@ -149,3 +149,21 @@ def test_kek_status_names_the_live_servers_and_what_they_hold(make_app, db):
     assert "new DEK versions are wrapped under KEK version 1" in output
     assert "live server node-b pid 4242: KEK versions 1" in output
     assert socket.gethostname()  # (the host a real server publishes: tests/serving/test_kek_order.py)
+
+
+def test_a_dek_that_fails_authentication_is_reported_as_an_integrity_failure_unlike_a_missing_kek(make_app, db):
+    app = make_app()
+
+    def two_keys(http):
+        token = AuthActions(http).new_client()
+        for reference in ("a", "b"):
+            _generate(http, token, reference)
+        return token
+    token = served(app, two_keys)
+    with db.cursor() as cur:  # b's wrapped DEK copied into a's row
+        cur.execute("UPDATE key_versions SET wrapped_dek = (SELECT wrapped_dek FROM key_versions WHERE key_id = "
+                    "(SELECT max(key_id) FROM key_versions)) WHERE key_id = (SELECT min(key_id) FROM key_versions)")
+    answer = served(app, lambda http: http.get("/keys/a", headers=bearer(token)))
+    assert answer.status_code == 500 and answer.json()["error"] == "integrity_error"
+    assert 'kms_integrity_failures_total{table="key_versions"} 1.0' in app.extensions["kms"].metrics.render().decode()
+    assert audit_outcomes(db, "integrity.failure") == ["detected"]
