@@ -15,7 +15,8 @@ def caller_from_row(kms, row) -> Caller:
     SESSIONS.check(kms, row, prefix="session_")
     CLIENTS.check(kms, row, prefix="client_", refused_with=401)
     return Caller(id=row.client_id, role=row.client_role,
-                  session=(row.session_jti, row.session_client_id, row.session_expires_at, row.session_epoch))
+                  session=(row.session_jti, row.session_client_id, row.session_expires_at, row.session_epoch,
+                           row.session_revision))
 
 
 def authenticate(cur, ctx: Context) -> Caller:

@@ -18,6 +18,7 @@ from kms.auth.routes import bp as auth_bp
 from kms.auth.tokens import init_jwt, verify_bearer_first
 from kms.clients.routes import bp as clients_bp
 from kms.config import Settings, load_settings
+from kms.errors import ServiceUnavailable
 from kms.keys import service as keys_service
 from kms.keys.routes import bp as keys_bp
 from kms.observability.metrics import database_collector
@@ -122,8 +123,12 @@ def _check_request():
     caller learns nothing of what a route accepts), then a JSON body (415 otherwise); routes
     without a body accept an empty one."""
     app = current_app._get_current_object()
+    kms = app.extensions["kms"]
+    if kms.audit_behind and request.blueprint != operations_bp.name:
+        # AUDIT_FAIL_CLOSED_AFTER: no audited work while sealing is that far behind (probes answer)
+        raise ServiceUnavailable("Audit records cannot be sealed; retry later.", retry_after=10)
     if request.endpoint is not None and request.endpoint not in app.extensions["kms.public_endpoints"]:
-        verify_bearer_first(app.extensions["kms"], request._get_current_object())
+        verify_bearer_first(kms, request._get_current_object())
     if request.method in BODY_METHODS and (request.content_length or request.headers.get("Transfer-Encoding")):
         if not request.is_json:
             return envelope.error_response(415, "unsupported_media_type", envelope.HTTP_MESSAGES[415])

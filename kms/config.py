@@ -95,7 +95,9 @@ class Settings:
     audit_key_lookups: bool = True
     audit_key_lookups_durable: bool = False
     legacy_signup_tokens: bool = True
-    audit_head_file: str | None = None
+    # Relative to the working directory of `kms serve` (created owner-only); "off" turns it off.
+    audit_head_file: str | None = "kms-state/audit-head"
+    audit_fail_closed_after_ms: int = 0
     hsm_dek_cache_ms: int = 60_000
     hsm_dek_cache_size: int = 10_000
     pkcs11_module: str | None = None
@@ -135,6 +137,7 @@ VARIABLES = {
     "LOGIN_FAILURE_WINDOW": "login_failure_window_ms", "LOGIN_REPEAT_WINDOW": "login_repeat_window_ms",
     "AUDIT_SEAL_INTERVAL": "audit_seal_interval_ms", "AUDIT_REFUSAL_INTERVAL": "audit_refusal_interval_ms", "AUDIT_KEY_LOOKUPS": "audit_key_lookups",
     "AUDIT_KEY_LOOKUPS_DURABLE": "audit_key_lookups_durable", "AUDIT_HEAD_FILE": "audit_head_file",
+    "AUDIT_FAIL_CLOSED_AFTER": "audit_fail_closed_after_ms",
     "LEGACY_SIGNUP_TOKENS": "legacy_signup_tokens",
 }
 
@@ -309,6 +312,13 @@ def _choice(env: Mapping, variable: str, default: str, choices: tuple[str, ...],
     return value
 
 
+def _head_file(value: str | None) -> str | None:
+    value = (value or "").strip()
+    if value.lower() == "off":
+        return None
+    return value or DEFAULT.audit_head_file
+
+
 def load_settings(env: Mapping | None = None) -> Settings:
     """Every problem is reported at once, in one ConfigError (a fresh .env shows all it lacks)."""
     env = os.environ if env is None else env
@@ -358,7 +368,9 @@ def load_settings(env: Mapping | None = None) -> Settings:
         audit_key_lookups=check(_bool, env, "AUDIT_KEY_LOOKUPS", DEFAULT.audit_key_lookups),
         audit_key_lookups_durable=check(_bool, env, "AUDIT_KEY_LOOKUPS_DURABLE", DEFAULT.audit_key_lookups_durable),
         legacy_signup_tokens=check(_bool, env, "LEGACY_SIGNUP_TOKENS", DEFAULT.legacy_signup_tokens),
-        audit_head_file=(env.get("AUDIT_HEAD_FILE") or "").strip() or None,
+        audit_head_file=_head_file(env.get("AUDIT_HEAD_FILE")),
+        audit_fail_closed_after_ms=check(_int, env, "AUDIT_FAIL_CLOSED_AFTER", DEFAULT.audit_fail_closed_after_ms,
+                                         maximum=86_400_000),
         pkcs11_module=pkcs11_module,
         pkcs11_pin=pkcs11_pin,
         hsm_dek_cache_ms=check(_int, env, "HSM_DEK_CACHE", DEFAULT.hsm_dek_cache_ms, maximum=3_600_000),

@@ -27,7 +27,7 @@ class Caller:
     """An authenticated client, as its database row says (its MAC checked)."""
     id: uuid.UUID
     role: str
-    session: tuple = ()  # (jti, client id, expires at, epoch) of the session it called with
+    session: tuple = ()  # (jti, client id, expires at, epoch, revision) of the session it called with
 
     @property
     def is_admin(self) -> bool:

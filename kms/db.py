@@ -229,6 +229,11 @@ class _TransactionCursor(psycopg2.extras.NamedTupleCursor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._deferred: list[bytes] = []
+        # Rows changed past their first revision and not yet named by an audit event (kms.rows):
+        # the transaction does not commit while one is left.
+        self.row_changes: list[str] = []
+        # Called once the transaction has committed (never when it rolls back).
+        self.after_commit: list = []
 
     def defer(self, query: str, vars=None):
         """Send `query` in the same round trip as the block's next statement (or its COMMIT), in
@@ -254,6 +259,11 @@ class _TransactionCursor(psycopg2.extras.NamedTupleCursor):
         return not self.begin_pending or bool(self._deferred)
 
 
+class UnrecordedChange(RuntimeError):
+    """A transaction changed a MAC'd row without an audit event recording it: a defect, so the
+    change is rolled back rather than committed unbound to the audit chain."""
+
+
 @contextmanager
 def transaction(conn):
     """One transaction: commit when the block ends, roll back on any error (a failed COMMIT
@@ -262,8 +272,12 @@ def transaction(conn):
         cur.begin_pending = True
         try:
             yield cur
+            if cur.row_changes:
+                raise UnrecordedChange(f"a change of {len(cur.row_changes)} row(s) that no audit event records")
             if cur.has_work:  # a block that ran no statement began nothing
                 cur.execute("COMMIT")
+            for committed in cur.after_commit:
+                committed()
         except BaseException:
             cur.discard_deferred()
             if not cur.begin_pending and not conn.closed:

@@ -74,13 +74,15 @@ class StoredDataCorrupt(ApiError):
 
 
 class IntegrityFailure(ApiError):
-    """A stored row failed its MAC check (kms.rows): it is not obeyed. The caller gets 401 for a
-    session or signup token (as if it did not exist) and 500 integrity_error for anything else;
-    the operator gets a log line, a metric and an audit event (kms.audit.integrity)."""
+    """A stored row failed its MAC check, or is an older copy of itself put back (kms.rows): it is
+    not obeyed. The caller gets 401 for a session or signup token (as if it did not exist) and 500
+    integrity_error for anything else; the operator gets a log line, a metric and an audit event
+    (kms.audit.integrity)."""
     code = "integrity_error"
     message = StoredDataCorrupt.message
 
-    def __init__(self, table: str, row_id, status: int = 500):
+    def __init__(self, table: str, row_id, status: int = 500, *, rolled_back: bool = False):
+        self.rolled_back = rolled_back
         if status == 401:
             super().__init__(Unauthorized.message, code="unauthorized")
         else:

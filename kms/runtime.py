@@ -1,21 +1,26 @@
 """What a running KMS holds: settings, keys, the connection pool, metrics, the hashing limiter."""
 import logging
+import threading
 from dataclasses import dataclass
 
+import psycopg2
+
 from kms import crypto, db
+from kms.audit.chainstate import ChainTampered, read_state
 from kms.audit.refusals import RefusalCounts
 from kms.auth.passwords import PasswordHasher
 from kms.auth.recent import RecentLogins
 from kms.auth.service import ensure_master_admin
 from kms.auth.tokens import VerifiedTokenCache
 from kms.config import ConfigError, Settings, kek_variable
+from kms.errors import ServiceUnavailable
 from kms.keyproviders.base import key_check_value
 from kms.keyproviders.opening import open_keks
 from kms.keys.imported import source_kek_versions
 from kms.keys.kek_holders import held_check_values, refresh
 from kms.observability.metrics import Metrics
 from kms.observability.probes import ProbeAnswers
-from kms.rows import backfill_row_macs
+from kms.rows import Revisions, backfill_row_macs
 
 log = logging.getLogger("kms")
 
@@ -36,11 +41,15 @@ class Kms:
     refusals: RefusalCounts
     probes: ProbeAnswers
     recent_logins: RecentLogins
+    revisions: Revisions
+    # AUDIT_FAIL_CLOSED_AFTER: set while the oldest unsealed audit event is older than that
+    # (kms.audit.freshness.ChangeFollower); audited work is then refused.
+    audit_behind: bool = False
 
     @classmethod
     def open(cls, settings: Settings, *, pool_size: int | None = None, hash_gate=None) -> "Kms":
         """Keys, pool and metrics, without touching the database (see prepare() and check())."""
-        return cls(
+        kms = cls(
             settings=settings,
             keyring=crypto.Keyring(open_keks(settings), settings.kek_active, settings.db_secret,
                                    dek_cache=crypto.DekCache(settings.hsm_dek_cache_ms / 1000, settings.hsm_dek_cache_size)
@@ -55,7 +64,10 @@ class Kms:
             refusals=RefusalCounts(),
             probes=ProbeAnswers(settings.probe_cache_ms / 1000),
             recent_logins=RecentLogins(settings.login_repeat_window_ms / 1000),
+            revisions=Revisions(),
         )
+        kms.revisions.confirm = OlderCopyCheck(settings.database_url)
+        return kms
 
     @classmethod
     def start(cls, settings: Settings, **kwargs) -> "Kms":
@@ -71,11 +83,14 @@ class Kms:
 
     def migrate(self) -> list[str]:
         """Apply pending migrations (computing row MACs where one needs them); returns their names."""
-        def row_macs(cur):  # migration 004: MACs of the stored rows, with secrets checked first
+        def check_secrets(cur):  # migration 004: the MACs come with 007, over the columns as they are then
+            _check_secrets(cur, self)
+
+        def row_macs(cur):  # migration 007: MACs of the stored rows, with secrets checked first
             _check_secrets(cur, self)
             backfill_row_macs(cur, self)
 
-        return db.migrate(self.settings.database_url, steps={"row_macs": row_macs})
+        return db.migrate(self.settings.database_url, steps={"row_macs_from_007": check_secrets, "row_macs": row_macs})
 
     def prepare(self) -> list[str]:
         """Once per server start, before serving: migrate, check the secrets against the stored
@@ -83,6 +98,10 @@ class Kms:
         applied = self.migrate()
         with self.pool.connection() as conn, db.transaction(conn) as cur:
             _check_secrets(cur, self, report=True)
+            try:
+                read_state(cur, self)  # signs the chain's state of a database migrated without secrets
+            except ChainTampered:
+                pass  # the sealer reports it
         ensure_master_admin(self)
         return applied
 
@@ -101,7 +120,41 @@ class Kms:
                 refresh(cur, self.keyring, held_check_values(self.keyring))
 
     def close(self):
+        self.revisions.confirm.close()
         self.pool.close()
+
+
+class OlderCopyCheck:
+    """kms.rows.Revisions's second look, when a row turns up older than its newest known revision:
+    on a connection of its own (the asking request holds one of the pool's already), one at a
+    time; rare, so one connection, opened when first needed."""
+
+    def __init__(self, dsn: str):
+        self.dsn = dsn
+        self._conn = None
+        self._lock = threading.Lock()
+
+    def __call__(self, table: str, row_id: str, known: int, event_id) -> str:
+        with self._lock:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = db.connect(self.dsn, application_name="kms-freshness")
+                with db.transaction(self._conn) as cur:
+                    cur.execute(getattr(db.sql, f"{table}_revisions"), {"ids": [row_id]})
+                    row = cur.fetchone()
+                    if row is not None and row.revision >= known:
+                        return "raced"
+                    cur.execute(db.sql.audit_event_exists, {"event_id": event_id})
+                    return "older copy" if cur.fetchone() is not None else "lost"
+            except psycopg2.Error:
+                if self._conn is not None:
+                    self._conn.close()
+                raise ServiceUnavailable() from None
+
+    def close(self):
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
 
 
 def _check_values(kms) -> dict:

@@ -141,7 +141,7 @@ def test_the_kms_rides_through_a_failover_losing_nothing_it_acknowledged(cluster
     env.update({name: generate_secret() for name in SECRET_VARIABLES})
     env.update(DATABASE_URL=url, SERVER_PORT=str(port), SERVER_THREADS="8", AUDIT_SEAL_INTERVAL="200",
                MASTER_ADMIN_USERNAME=ADMIN[0], MASTER_ADMIN_PASSWORD=ADMIN[1],
-               AUDIT_KEY_LOOKUPS_DURABLE=str(durable_lookups).lower())
+               AUDIT_KEY_LOOKUPS_DURABLE=str(durable_lookups).lower(), AUDIT_HEAD_FILE=str(tmp_path / "audit-head"))
     log = open(tmp_path / "kms.log", "w")
     server = subprocess.Popen([KMS, "serve"], env=env, stdout=log, stderr=log)
     try:

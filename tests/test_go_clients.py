@@ -13,6 +13,7 @@ import hmac
 import http.client
 import json
 import re
+import string
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
@@ -184,6 +185,35 @@ def test_a_legacy_signup_token_works_once_and_is_audited_as_legacy(app, live_ser
         assert cur.fetchall() == [("signup_token.use_legacy", "success"), ("signup", "denied")]
         cur.execute("SELECT role FROM clients WHERE role <> 'admin'")
         assert cur.fetchall() == [("client",)]  # DEFAULT_ROLE
+
+
+def spellings(token: str) -> list[str]:
+    """The 4 texts of one legacy token: its signature's last base64url character carries 2 bits
+    that decode to nothing, so these 4 characters give the same signature bytes."""
+    alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+    message, signature = token.rsplit(".", 1)
+    first = alphabet.index(signature[-1]) & ~3
+    return [f"{message}.{signature[:-1]}{alphabet[first + spare]}" for spare in range(4)]
+
+
+def test_every_spelling_of_a_used_legacy_signup_token_is_refused(live_server, client, auth, secrets_env):
+    go = GoHttp(live_server)
+    token = mint_legacy_token(secrets_env["SIGNUP_SECRET"], "legacy-svc")
+    spelled = spellings(token)
+    assert token in spelled and len(set(spelled)) == 4
+    status, raw = go.do("POST", "/auth/signup", {"password": CLIENT_PASSWORD,
+                                                 "token": next(s for s in spelled if s != token)})
+    assert status == 200, raw  # a spelling the original's tool never writes still verifies
+
+    def refused_every_time():
+        for spelling in spelled:
+            replay, raw = go.do("POST", "/auth/signup", {"password": CLIENT_PASSWORD, "token": spelling})
+            assert (replay, json.loads(raw)["error"]) == (401, "invalid_signup_token"), spelling
+
+    refused_every_time()
+    deleted = client.delete(f"/clients/{auth.client_id('legacy-svc')}", headers=bearer(auth.admin_token))
+    assert deleted.status_code in (200, 204), deleted.text
+    refused_every_time()  # the name is free again, and still no spelling signs it up
 
 
 def test_a_refused_legacy_signup_leaves_the_token_usable(live_server, secrets_env):

@@ -76,3 +76,50 @@ def test_metrics_show_what_an_operator_watches(client, auth, db):
     assert metric_value(text, "kms_db_pool_connections_in_use") == 0  # sampled before the scrape reads the database
     assert metric_value(text, "kms_db_pool_waiting") == 0
     assert metric_value(text, "kms_metrics_database_up") == 1
+
+
+def test_folding_dead_processes_keeps_counts_and_max_gauges_and_drops_live_gauges(tmp_path):
+    """Three processes' files, as prometheus-client's multiprocess mode writes them; two die: the
+    scrape reads the same counters, histograms and max gauges from the live one's files and one
+    aggregate per kind, and the dead ones' live gauges are gone."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from kms.observability.metrics import fold_dead_process
+
+    def write(kind: str, pid: int, values: list):
+        file = MmapedDict(str(tmp_path / f"{kind}_{pid}.db"))
+        for metric, sample, labels, value in values:
+            file.write_value(mmap_key(metric, sample, list(labels), list(labels.values()), "help"), value, 0.0)
+        file.close()
+
+    for pid, served, in_use, head in ((101, 3, 2, 7), (102, 5, 4, 9), (103, 11, 1, 8)):
+        write("counter", pid, [("kms_x", "kms_x_total", {"route": "/a"}, served)])
+        write("histogram", pid, [("kms_t", "kms_t_bucket", {"le": "0.1"}, served),
+                                 ("kms_t", "kms_t_bucket", {"le": "+Inf"}, 0),
+                                 ("kms_t", "kms_t_sum", {}, served / 4)])
+        write("gauge_livesum", pid, [("kms_pool", "kms_pool", {}, in_use)])
+        write("gauge_max", pid, [("kms_head", "kms_head", {}, head)])
+
+    def scrape() -> dict:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(tmp_path))
+        lines = generate_latest(registry).decode().splitlines()
+        return dict(line.rsplit(" ", 1) for line in lines if not line.startswith("#"))
+
+    before = scrape()
+    assert before["kms_x_total{route=\"/a\"}"] == "19.0" and before["kms_pool"] == "7.0"
+    fold_dead_process(101, str(tmp_path))
+    fold_dead_process(102, str(tmp_path))
+    after = scrape()
+    assert after.pop("kms_pool") == "1.0"  # only the live process's pool
+    before.pop("kms_pool")
+    assert after == before  # counters, histogram buckets, sum and count, the max gauge
+    assert sorted(path.name for path in tmp_path.glob("*.db")) == [
+        "counter_103.db", "counter_dead.db", "gauge_livesum_103.db", "gauge_max_103.db", "gauge_max_dead.db",
+        "histogram_103.db", "histogram_dead.db"]
+    fold_dead_process(103, str(tmp_path))
+    assert scrape()["kms_head"] == "9.0"  # a max gauge of the dead is kept, as prometheus-client keeps it
+    assert sorted(path.name for path in tmp_path.glob("*.db")) == [
+        "counter_dead.db", "gauge_max_dead.db", "histogram_dead.db"]

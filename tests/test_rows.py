@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from kms import db as kms_db
 from kms.errors import IntegrityFailure
 from kms.keys.service import LookUpRow
-from kms.rows import CLIENTS, KEYS, SESSIONS, SIGNUP_TOKENS, TABLES
+from kms.rows import AUDIT_CHAIN_STATE, CLIENTS, KEYS, SESSIONS, SIGNUP_TOKENS, TABLES
 from tests.conftest import ADMIN_NAME, ADMIN_PASSWORD, CLIENT_PASSWORD, bearer, tamper
 
 ATTACKER_PASSWORD = "Attacker-passw0rd!"
@@ -240,9 +240,10 @@ CHECKED_READS = [
     ("lock_owner_keys", KEYS, ""),
     ("lock_imported_key", KEYS, ""),
 ]
-# The reads of migration 004's backfill: the MAC'd columns, without a MAC yet.
+# The reads of migration 007's backfill: the MAC'd columns, without a MAC yet.
 BACKFILL_READS = [("clients_for_row_macs", CLIENTS), ("sessions_for_row_macs", SESSIONS),
-                  ("signup_tokens_for_row_macs", SIGNUP_TOKENS), ("keys_for_row_macs", KEYS)]
+                  ("signup_tokens_for_row_macs", SIGNUP_TOKENS), ("keys_for_row_macs", KEYS),
+                  ("audit_chain_state_for_row_macs", AUDIT_CHAIN_STATE)]
 PARAMETERS = {"jti": uuid.uuid4(), "client_id": uuid.uuid4(), "name_hash": b"x", "client": "x",
               "window": datetime.timedelta(minutes=1), "token_hash": b"x", "ref_hash": b"x", "deleted": False,
               "key_id": 1, "candidates": [b"x"]}
@@ -301,7 +302,7 @@ def test_a_row_with_one_maced_column_changed_is_refused(app):
     """The declaration is what the MAC covers: change any one column and the check refuses."""
     kms = app.extensions["kms"]
     values = {"id": uuid.uuid4(), "name_hash": b"n", "password_hash": "p", "role": "client", "status": "active",
-              "session_epoch": 0}
+              "session_epoch": 0, "revision": 1}
     mac = CLIENTS.mac(kms, **values)
 
     class Row:
@@ -310,7 +311,7 @@ def test_a_row_with_one_maced_column_changed_is_refused(app):
 
     CLIENTS.check(kms, Row(**values, row_mac=mac))
     for column, other in (("name_hash", b"m"), ("password_hash", "q"), ("role", "admin"), ("status", "disabled"),
-                          ("session_epoch", 1)):
+                          ("session_epoch", 1), ("revision", 2)):
         with pytest.raises(IntegrityFailure) as refused:
             CLIENTS.check(kms, Row(**{**values, column: other}, row_mac=mac))
         assert refused.value.table == "clients"

@@ -5,8 +5,6 @@ no change commits without its record and a rolled-back change leaves none). A si
 gives sealed events consecutive chain positions and chains their MACs; appends never wait on it.
 No secret and no raw key reference is ever written here: keys are named by their HMAC.
 """
-import os
-import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
@@ -14,15 +12,17 @@ from prometheus_client.core import GaugeMetricFamily
 
 from kms import crypto, db
 from kms.access import require_admin
+from kms.audit.chainstate import ChainHead, ChainTampered, HeadFile, check_chain, read_state, write_state
 from kms.context import Context
 from kms.ids import time_ordered_uuid
+from kms.rows import parse_changes, stale_rows
 
 GENESIS = b"\x00" * 32
 SEAL_BATCH = 2000
 
 
 def _event(ctx: Context, action: str, outcome: str, target: str | None, version: int | None,
-           actor: str | None, repeats: int | None = None) -> dict:
+           actor: str | None, repeats: int | None = None, changes: str | None = None) -> dict:
     return {
         "event_id": time_ordered_uuid(),
         "at": datetime.now(timezone.utc).isoformat(),  # as _text() gives it: the MAC covers this text
@@ -34,22 +34,30 @@ def _event(ctx: Context, action: str, outcome: str, target: str | None, version:
         "request_id": ctx.request_id,
         "source_ip": ctx.source_ip,
         "repeats": repeats,
+        "changes": changes,
     }
 
 
 def new_event(ctx: Context, action: str, outcome: str = "success", *, target: str | None = None,
-              version: int | None = None, actor: str | None = None, repeats: int | None = None) -> dict:
+              version: int | None = None, actor: str | None = None, repeats: int | None = None,
+              changes: str | None = None) -> dict:
     """The parameters of one insert_audit_event, with its MAC."""
-    event = _event(ctx, action, outcome, target, version, actor, repeats)
+    event = _event(ctx, action, outcome, target, version, actor, repeats, changes)
     event["row_mac"] = row_mac(ctx.kms.audit_key, event)
     return event
 
 
 def record(cur, ctx: Context, action: str, outcome: str = "success", *, target: str | None = None,
            version: int | None = None, actor: str | None = None, defer: bool = False):
-    """Write an event in the caller's transaction: it commits with the change it describes.
-    `defer`: sent with the transaction's next statement or its COMMIT (db.transaction)."""
-    event = new_event(ctx, action, outcome, target=target, version=version, actor=actor)
+    """Write an event in the caller's transaction: it commits with the change it describes, and
+    names every row the transaction changed so far (kms.rows: table, id and new revision), which
+    binds each change to its place in the chain. `defer`: sent with the transaction's next
+    statement or its COMMIT (db.transaction)."""
+    changes = " ".join(cur.row_changes) or None
+    cur.row_changes.clear()
+    event = new_event(ctx, action, outcome, target=target, version=version, actor=actor, changes=changes)
+    if changes:  # known here once committed: a change rolled back must not make the row look old
+        cur.after_commit.append(lambda: ctx.kms.revisions.learn_changes(changes, event["event_id"]))
     db.execute_prepared(cur, "insert_audit_event", event, defer=defer)
 
 
@@ -61,14 +69,11 @@ def record_refusal(ctx: Context, action: str, outcome: str):
 
 def flush_refusals(ctx: Context) -> int:
     """Write this process's counted refusals, one event per action, outcome and source with
-    `repeats` (how many refusals it stands for; none for one), in one transaction; and any left in
-    audit_refusals, where versions before the in-memory counts kept them. Returns the events written."""
+    `repeats` (how many refusals it stands for; none for one), in one transaction, each under its
+    row MAC from the moment it is written. Returns the events written."""
     counts = ctx.kms.refusals.take()
     try:
         with db.transaction(ctx.conn) as cur:
-            cur.execute(db.sql.take_closed_refusal_windows, {"window_s": 0, "all": True})
-            for window in cur.fetchall():
-                counts[(window.action, window.outcome, window.source_ip)] += window.count
             for (action, outcome, source), count in sorted(counts.items()):
                 event = new_event(replace(ctx, source_ip=source, request_id=None), action, outcome,
                                   actor="anonymous", repeats=count if count > 1 else None)
@@ -101,6 +106,8 @@ def _mac_parts(event: dict) -> list[bytes]:
     parts = [_text(event[name]) for name in MAC_FIELDS]
     if event.get("repeats") is not None:  # a part only when set: rows from before it keep their MAC
         parts.append(b"repeats=" + _text(event["repeats"]))
+    if event.get("changes") is not None:
+        parts.append(b"changes=" + _text(event["changes"]))
     return parts
 
 
@@ -126,51 +133,6 @@ def _expected_hash(key: bytes, previous: bytes, chain_format: int, position: int
     if chain_format == 2:
         return chain_hash_v2(key, previous, position, seq, txid, mac)
     return None
-
-
-class ChainTampered(Exception):
-    """The chain in the database is not the one the sealers made: sealing stops."""
-
-    def __init__(self, problem: str, seq: int | None = None):
-        super().__init__(problem)
-        self.problem, self.seq = problem, seq
-
-
-@dataclass(frozen=True)
-class ChainHead:
-    position: int
-    mac: bytes
-
-    def __str__(self):  # as `audit verify --head` takes it
-        return f"{self.position}:{self.mac.hex()}"
-
-    @classmethod
-    def parse(cls, text: str) -> "ChainHead":
-        match = re.fullmatch(r"(\d+):([0-9a-fA-F]{64})", text.strip())
-        if not match:
-            raise ValueError("a chain head is POSITION:MAC (64 hex digits)")
-        return cls(int(match.group(1)), bytes.fromhex(match.group(2)))
-
-
-def read_head_file(path: str | None) -> ChainHead | None:
-    """The head last written to AUDIT_HEAD_FILE (outside the database), if any."""
-    if not path:
-        return None
-    try:
-        with open(path) as file:
-            return ChainHead.parse(file.read())
-    except FileNotFoundError:
-        return None
-
-
-def write_head_file(path: str, head: ChainHead):
-    """Replace the file's content atomically: a crash leaves the old head or the new one."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as file:
-        file.write(f"{head}\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
 
 
 def _checked_head(cur, key: bytes, known: ChainHead | None) -> tuple[int, bytes, int]:
@@ -202,13 +164,16 @@ def _checked_head(cur, key: bytes, known: ChainHead | None) -> tuple[int, bytes,
     return position, bytes(head.chain_hash), int(head.txid)
 
 
-def seal_pending(conn, key: bytes, *, wait: bool = False, known: ChainHead | None = None) -> tuple[int, ChainHead | None]:
+def seal_pending(conn, kms, *, wait: bool = False, known: ChainHead | None = None,
+                 chain_id: str | None = None) -> tuple[int, ChainHead | None]:
     """Seal every unsealed event of ended transactions into the chain: (how many, the new head).
     One sealer at a time: without `wait`, a caller that finds another sealer at work returns at
     once. It never chains a row older than the head: it checks the head first (and against
-    `known`, a head this process saw) and raises ChainTampered instead of building on a chain
-    that was cut or re-written."""
-    sealed, head = 0, known
+    `known`, a head recorded outside the database), and the chain's state (a chain started before
+    is not started again over rows whose chain was wiped; a tampering found and not acknowledged
+    stops it), and raises ChainTampered instead of building on a chain that was cut or re-written."""
+    key = kms.audit_key
+    sealed, head, starting = 0, known, False
     while True:
         with db.transaction(conn) as cur:
             cur.execute(db.sql.lock_audit_sealer if wait else db.sql.try_lock_audit_sealer)
@@ -217,8 +182,22 @@ def seal_pending(conn, key: bytes, *, wait: bool = False, known: ChainHead | Non
             cur.execute(db.sql.audit_seal_horizon)  # first: it must not depend on what we read next
             horizon = cur.fetchone().horizon
             position, previous, _ = _checked_head(cur, key, head)
+            state = read_state(cur, kms)
+            check_chain(HeadFile(chain_id=chain_id), state)  # `known` came from this chain's head file
+            if state.tampered:
+                raise ChainTampered(f"tampering found earlier and not acknowledged: {state.tampered}")
+            if position == 0 and state.started and not starting:
+                raise ChainTampered("the chain was started before and is empty now (its rows unchained in the "
+                                    "database)")
             cur.execute(db.sql.unsealed_audit_events, {"horizon": horizon, "limit": SEAL_BATCH})
             unsealed = cur.fetchall()
+            if unsealed and not state.started:
+                # The chain starts: said in the state row and recorded first, so that the next
+                # round (this transaction then ended) chains that record with the rest.
+                write_state(cur, kms, state, started=True)
+                record(cur, Context(kms=kms, conn=conn), "audit.chain_start", actor="kms")
+                starting = True
+                continue
             seqs, positions, hashes = [], [], []
             for event in unsealed:
                 position += 1
@@ -247,15 +226,15 @@ class VerifyResult:
         return self.problem is None
 
 
-def verify_chain(conn, key: bytes, recorded_head: ChainHead | None = None, progress=None) -> VerifyResult:
-    """Seal what is pending, then walk the chain from its start; stop at the first bad row. With
+def verify_chain(conn, kms, recorded_head: ChainHead | None = None, progress=None) -> VerifyResult:
+    """Walk the chain from its start, writing nothing; stop at the first bad row. With
     `recorded_head` (a head written down outside the database), the chain must still contain it:
-    that catches the newest rows deleted, or the whole database put back to an older state."""
-    try:
-        seal_pending(conn, key, wait=True)
-    except ChainTampered as tampered:
-        return VerifyResult(0, tampered.problem, tampered.seq)
-    expected_position, previous, checked, head = 1, GENESIS, 0, None
+    that catches the newest rows deleted, or the whole database put back to an older state. Then
+    the chain's state, and every row whose change the chain records must be stored at that
+    revision or a later one (kms.audit.freshness): an older copy put back is found here too."""
+    key = kms.audit_key
+    newest: dict[tuple[str, str], int] = {}
+    expected_position, previous, checked, head, head_txid = 1, GENESIS, 0, None, 0
     if progress is not None:
         with db.transaction(conn) as cur:
             cur.execute(db.sql.audit_chain_length)
@@ -288,13 +267,55 @@ def verify_chain(conn, key: bytes, recorded_head: ChainHead | None = None, progr
                 return VerifyResult(checked, f"chain position {position} is not the recorded head (the chain was "
                                              "re-written)", event["seq"])
             previous, expected_position, checked = stored_hash, expected_position + 1, checked + 1
-            head = ChainHead(position, stored_hash)
+            head, head_txid = ChainHead(position, stored_hash), txid
+            if event["changes"]:
+                for table, row_id, revision in parse_changes(event["changes"]):
+                    newest[(table, row_id)] = max(revision, newest.get((table, row_id), 0))
         if progress is not None:
             progress.update(checked)
     if recorded_head is not None and (head is None or head.position < recorded_head.position):
         return VerifyResult(checked, f"the chain ends before the recorded head at position {recorded_head.position} "
                                      "(newest rows deleted, or the database restored to an older state)", head=head)
+    unsealed = _verify_unsealed(conn, key, head_txid, newest)
+    if unsealed is not None:
+        problem, seq = unsealed
+        return VerifyResult(checked, problem, seq, head=head)
+    with db.transaction(conn) as cur:
+        try:
+            state = read_state(cur, kms, lock=False)
+        except ChainTampered as tampered:
+            return VerifyResult(checked, tampered.problem, head=head)
+        if state.tampered:
+            return VerifyResult(checked, f"tampering found earlier and not acknowledged: {state.tampered}", head=head)
+        if head is None and state.started:
+            return VerifyResult(checked, "the chain was started before and is empty now (its rows unchained in the "
+                                         "database)")
+        for table, row_id, stored, expected in stale_rows(cur, newest):
+            return VerifyResult(checked, f"{table} row {row_id} is at revision {stored}, but the chain records "
+                                         f"revision {expected}: an older copy put back", head=head)
     return VerifyResult(checked, head=head)
+
+
+def _verify_unsealed(conn, key: bytes, head_txid: int, newest: dict) -> tuple[str, int] | None:
+    """The rows no sealer has chained yet: each MAC must check out, and none may come from a
+    transaction older than the chain's head (a sealer would have chained it). (problem, seq)."""
+    after = 0
+    while True:
+        with db.transaction(conn) as cur:
+            cur.execute(db.sql.unsealed_audit_page, {"after": after, "limit": 5000})
+            page = cur.fetchall()
+        for row in page:
+            if row_mac(key, row._asdict()) != bytes(row.row_mac):
+                return "unsealed row content does not match its MAC (altered or inserted out of band)", row.seq
+            if int(row.txid) < head_txid:
+                return ("an unsealed row is older than the chain's head (inserted out of band, or its chain "
+                        "was taken off it)"), row.seq
+            if row.changes:
+                for table, row_id, revision in parse_changes(row.changes):
+                    newest[(table, row_id)] = max(revision, newest.get((table, row_id), 0))
+            after = row.seq
+        if len(page) < 5000:
+            return None
 
 
 def gauges(conn) -> list:

@@ -3,7 +3,9 @@
 They are self-contained: base64url(header) "." base64url(payload) "." base64url(HMAC-SHA256(
 SIGNUP_SECRET, the first two parts)), all unpadded; header {"ver": "1", "typ": "signup"} (the
 original's tool writes the key as "type"), payload {"sub": clientname, "ttl": ms, "iat": unix ms}.
-This module only reads them; whether one was used already is the service's business.
+This module only reads them; whether one was used already is the service's business, by the
+token's canonical spelling (`LegacySignupToken.canonical`): the signature's last base64url
+character carries 2 bits that decode to nothing, so every token has 4 spellings that verify.
 """
 import binascii
 import hmac
@@ -24,6 +26,7 @@ _PART = re.compile(r"[A-Za-z0-9_-]{1,2048}")
 class LegacySignupToken:
     clientname: str
     expires_at: datetime
+    canonical: str  # the one spelling of this token: what is remembered as used
 
 
 def looks_legacy(token: str) -> bool:
@@ -64,4 +67,7 @@ def read_legacy_signup_token(secret: bytes, token: str, now_ms: int) -> LegacySi
     if not 0 < ttl <= MAX_TTL_MS or iat > now_ms + CLOCK_SKEW_MS or iat + ttl <= now_ms:
         return None
     expires_at = datetime.fromtimestamp(0, timezone.utc) + timedelta(milliseconds=iat + ttl)
-    return LegacySignupToken(clientname=sub, expires_at=expires_at)
+    # The header and payload are signed as text; the signature is compared as bytes, which
+    # several texts decode to: the canonical spelling is the bytes written back.
+    canonical = f"{parts[0]}.{parts[1]}.{crypto.b64url(signature)}"
+    return LegacySignupToken(clientname=sub, expires_at=expires_at, canonical=canonical)

@@ -6,10 +6,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+import psycopg2
 from psycopg2.errors import LockNotAvailable
 
 from kms import crypto, db
-from kms.audit.service import record, record_refusal
+from kms.audit.service import record, record_alone, record_refusal
 from kms.access import authenticate, require_admin
 from kms.auth.legacy import looks_legacy, read_legacy_signup_token
 from kms.auth.recent import Verified
@@ -62,7 +63,7 @@ def issue_signup_token(ctx: Context, clientname: str, ttl_ms: int, role: str | N
             "name_enc": kms.keyring.encrypt_field(clientname, b"signup-name", token_id.bytes),
             "role": role, "expires_at": expires_at, "issued_by": ctx.actor,
             "row_mac": SIGNUP_TOKENS.mac(kms, id=token_id, token_hash=token_hash, name_hash=name_hash, role=role,
-                                         expires_at=expires_at, used=False),
+                                         expires_at=expires_at, used=False, revision=1),
         })
         record(cur, ctx, "signup_token.issue", target=str(token_id))
     return token, expires_at
@@ -73,9 +74,9 @@ def _open_session(cur, kms, client_id: uuid.UUID, role: str, epoch: int, *, defe
     grant = Grant(client_id=client_id, role=role, jti=uuid.uuid4(), ttl_ms=ttl_ms,
                   expires_at=datetime.now(timezone.utc) + timedelta(milliseconds=ttl_ms))
     (cur.defer if defer else cur.execute)(db.sql.insert_session, {
-        "jti": grant.jti, "client_id": client_id, "expires_at": grant.expires_at, "epoch": epoch,
+        "jti": grant.jti, "client_id": client_id, "expires_at": grant.expires_at, "epoch": epoch, "revision": 1,
         "row_mac": SESSIONS.mac(kms, jti=grant.jti, client_id=client_id, expires_at=grant.expires_at, epoch=epoch,
-                                revoked=False)})
+                                revoked=False, revision=1)})
     return grant
 
 
@@ -103,9 +104,9 @@ def signup(ctx: Context, token: str, password: str) -> Grant:
         # A token row made, re-roled, re-named, extended or un-used in the database is refused.
         SIGNUP_TOKENS.check(kms, row)
         name_hash = bytes(row.name_hash)
-        cur.execute(db.sql.use_signup_token, {"id": row.id, "row_mac": SIGNUP_TOKENS.mac(
-            kms, id=row.id, token_hash=bytes(row.token_hash), name_hash=name_hash, role=row.role,
-            expires_at=row.expires_at, used=True)})
+        cur.execute(db.sql.use_signup_token, {"id": row.id, "revision": row.revision + 1, "row_mac": SIGNUP_TOKENS.sign(
+            cur, kms, id=row.id, token_hash=bytes(row.token_hash), name_hash=name_hash, role=row.role,
+            expires_at=row.expires_at, used=True, revision=row.revision + 1)})
         clientname = kms.keyring.decrypt_field(bytes(row.name_enc), b"signup-name", row.id.bytes)
         record(cur, ctx, "signup_token.use", target=str(row.id))
         return _register(cur, ctx, client_id, name_hash, clientname, password_hash, row.role)
@@ -119,8 +120,9 @@ def _refuse_signup(ctx: Context):
 def _signup_legacy(ctx: Context, token: str, password: str) -> Grant:
     kms = ctx.kms
     legacy = read_legacy_signup_token(kms.settings.signup_secret, token, time.time_ns() // 1_000_000)
-    token_hash = crypto.keyed_hash(kms.settings.signup_secret, b"kms-legacy-signup-token-v1", token.encode())
     if legacy is not None:
+        token_hash = crypto.keyed_hash(kms.settings.signup_secret, b"kms-legacy-signup-token-v1",
+                                       legacy.canonical.encode())
         with ctx.conn.cursor() as cur:
             cur.execute(db.sql.legacy_signup_token_used, {"token_hash": token_hash})
             if cur.fetchone() is not None:
@@ -157,7 +159,7 @@ def _insert_client(cur, kms, client_id: uuid.UUID, name_hash: bytes, clientname:
         "name_enc": kms.keyring.encrypt_field(clientname, b"client-name", client_id.bytes),
         "password_hash": password_hash, "role": role,
         "row_mac": CLIENTS.mac(kms, id=client_id, name_hash=name_hash, password_hash=password_hash, role=role,
-                               status="active", session_epoch=0),
+                               status="active", session_epoch=0, revision=1),
     })
     return cur.fetchone() is not None
 
@@ -213,7 +215,7 @@ def _login(ctx: Context, name_hash: bytes, password: str, recent: Verified | Non
     retry_after, reservation = _reserve_address_attempt(ctx, address)
     if retry_after is not None:
         raise Throttled(retry_after, "Too many failed logins; wait before trying again.")
-    failed = True
+    failed, denied = True, None  # denied: the target of a password checked and refused
     try:
         with db.transaction(ctx.conn) as cur:
             cur.defer(db.sql.lock_login_client, {"client": subject})
@@ -251,9 +253,15 @@ def _login(ctx: Context, name_hash: bytes, password: str, recent: Verified | Non
                     record(cur, ctx, "login", target=str(client_id), actor=str(client_id), defer=True)
                     failed = False
                 else:  # the address's reservation stays, as the failure, and the name's is added
+                    denied = str(client_id) if client_id else ""
                     cur.defer(db.sql.insert_login_failure, {"scope": "client", "subject": subject})
-                    record(cur, ctx, "login", "denied", target=str(client_id) if client_id else None, defer=True)
+                    record(cur, ctx, "login", "denied", target=denied or None, defer=True)
         reservation = None
+    except Exception:
+        if denied is not None:  # the password was checked: the failure counts though its COMMIT failed
+            reservation = None  # the address's reservation stays, as the failure
+            _count_login_failure_alone(ctx, subject, denied or None)
+        raise
     finally:
         if reservation is not None:  # the check never happened (no hashing slot, a lock wait)
             with db.transaction(ctx.conn) as cur:
@@ -263,6 +271,22 @@ def _login(ctx: Context, name_hash: bytes, password: str, recent: Verified | Non
     if failed:
         raise Unauthorized(LOGIN_FAILED, code="invalid_credentials")
     return grant
+
+
+def _count_login_failure_alone(ctx: Context, subject: str, target: str | None):
+    """A refused password whose transaction failed (its deferred writes run at COMMIT): the name's
+    failure in a transaction of its own, then its audit event in another, so the count does not
+    depend on the event, which may be what failed."""
+    try:
+        with db.transaction(ctx.conn) as cur:
+            cur.execute(db.sql.insert_login_failure, {"scope": "client", "subject": subject})
+    except psycopg2.Error as error:
+        log.error("a failed login was not counted", extra={"error_code": type(error).__name__})
+        return
+    try:
+        record_alone(ctx, "login", "denied", target=target)
+    except psycopg2.Error as error:
+        log.error("a failed login's audit event was not written", extra={"error_code": type(error).__name__})
 
 
 def _password_matches(kms, password: str, row, recent: Verified | None) -> tuple[bool, str | None]:
@@ -277,12 +301,13 @@ def _password_matches(kms, password: str, row, recent: Verified | None) -> tuple
 
 def _replace_imported_password(cur, kms, row, password_hash: str):
     """In the login's transaction (its last round trip): the bcrypt hash gives way to Argon2id."""
+    revision = row.client_revision + 1
     cur.defer(db.sql.replace_imported_password, {
         "id": row.client_id, "password_hash": password_hash, "imported_hash": row.client_password_hash,
-        "old_row_mac": bytes(row.client_row_mac),
-        "row_mac": CLIENTS.mac(kms, id=row.client_id, name_hash=bytes(row.client_name_hash),
-                               password_hash=password_hash, role=row.client_role, status=row.client_status,
-                               session_epoch=row.client_session_epoch)})
+        "old_row_mac": bytes(row.client_row_mac), "revision": revision,
+        "row_mac": CLIENTS.sign(cur, kms, id=row.client_id, name_hash=bytes(row.client_name_hash),
+                                password_hash=password_hash, role=row.client_role, status=row.client_status,
+                                session_epoch=row.client_session_epoch, revision=revision)})
 
 
 def insert_imported_client(cur, kms, client_id: uuid.UUID, clientname: str, password_hash: str, role: str) -> bool:
@@ -316,10 +341,11 @@ def unlock_client(ctx: Context, clientname: str | None = None, client_id: uuid.U
 def logout(ctx: Context):
     with db.transaction(ctx.conn) as cur:
         caller = authenticate(cur, ctx)
-        jti, client_id, expires_at, epoch = caller.session
+        jti, client_id, expires_at, epoch, revision = caller.session
         cur.execute(db.sql.revoke_session, {
-            "jti": jti, "row_mac": SESSIONS.mac(ctx.kms, jti=jti, client_id=client_id, expires_at=expires_at,
-                                                epoch=epoch, revoked=True)})
+            "jti": jti, "revision": revision + 1,
+            "row_mac": SESSIONS.sign(cur, ctx.kms, jti=jti, client_id=client_id, expires_at=expires_at, epoch=epoch,
+                                     revoked=True, revision=revision + 1)})
         record(cur, ctx, "logout", target=str(ctx.claims.client_id))
 
 

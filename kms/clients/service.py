@@ -48,16 +48,16 @@ def _lock_target(cur, ctx: Context, client_id: uuid.UUID) -> tuple[dict, bool]:
     CLIENTS.check(ctx.kms, row)
     target = {"id": client_id, "name_hash": None if row.name_hash is None else bytes(row.name_hash),
               "password_hash": row.password_hash, "role": row.role, "status": row.status,
-              "session_epoch": row.session_epoch}
+              "session_epoch": row.session_epoch, "revision": row.revision}
     return target, admins == [client_id]
 
 
 def _update(cur, ctx: Context, target: dict, *, revoke_sessions: bool, **changes):
     """Write the client's new state with its MAC; a new session epoch ends every session it has."""
-    client = {**target, **changes}
+    client = {**target, **changes, "revision": target["revision"] + 1}
     if revoke_sessions:
         client["session_epoch"] = target["session_epoch"] + 1
-    cur.execute(db.sql.update_client, {**client, "row_mac": CLIENTS.mac(ctx.kms, **client)})
+    cur.execute(db.sql.update_client, {**client, "row_mac": CLIENTS.sign(cur, ctx.kms, **client)})
 
 
 def set_role(ctx: Context, client_id: uuid.UUID, role: str):

@@ -64,12 +64,13 @@ class KeyRow(NamedTuple):
     retired_below: int
     deleted: bool
     rotation_period_ms: int | None
+    revision: int
 
 
 def _checked_key(ctx: Context, row) -> KeyRow:
     KEYS.check(ctx.kms, row)
     return KeyRow(row.id, row.client_id, bytes(row.ref_hash), row.current_version, row.retired_below, row.deleted,
-                  row.rotation_period_ms)
+                  row.rotation_period_ms, row.revision)
 
 
 def _lock_key(cur, ctx: Context, owner_id: uuid.UUID, ref_hash: bytes, reference: str, *,
@@ -107,9 +108,10 @@ def _claimed_alone(ctx: Context, owner_id: uuid.UUID, reference: str, ref_hash: 
 
 
 def _write_key(cur, ctx: Context, key: KeyRow, **changes) -> KeyRow:
-    key = key._replace(**changes)
+    """The key row changed, at its next revision, with its MAC; the caller's audit event records it."""
+    key = key._replace(**changes, revision=key.revision + 1)
     cur.execute(db.sql.update_key, {
-        **key._asdict(), "row_mac": KEYS.mac(ctx.kms, **key._asdict()),
+        **key._asdict(), "row_mac": KEYS.sign(cur, ctx.kms, **key._asdict()),
         "wait": timedelta(milliseconds=ctx.kms.settings.key_deletion_wait_ms)})
     return key
 
@@ -184,7 +186,7 @@ def generate_key(ctx: Context, reference: str) -> KeyMaterial:
         row = cur.fetchone()
         if row is None or imported_key_named(cur, ctx.kms, owner_id, reference):
             raise Conflict("A key with that reference exists (or its deletion is pending).", code="key_exists")
-        material = _add_version(cur, ctx, KeyRow(row.id, owner_id, ref_hash, 0, 1, False, None))
+        material = _add_version(cur, ctx, KeyRow(row.id, owner_id, ref_hash, 0, 1, False, None, 0))
         record(cur, ctx, "key.generate", target=ref_hash.hex(), version=1)
     return material
 
@@ -195,15 +197,18 @@ class LookUpRow(NamedTuple):
     description on every call (tests/test_rows.py holds the two together)."""
     session_expires_at: str
     session_epoch: int
+    session_revision: int
     session_row_mac: bytes
     client_name_hash: bytes
     client_password_hash: str
     client_role: str
+    client_revision: int
     client_row_mac: bytes
     key_id: int | None
     key_current_version: int | None
     key_retired_below: int | None
     key_rotation_period_ms: int | None
+    key_revision: int | None
     key_row_mac: bytes | None
     superseded: bool | None
     rotation_due: bool | None
@@ -292,12 +297,13 @@ def _check_look_up(ctx: Context, row, owner_id: uuid.UUID, ref_hash: bytes):
     kms = ctx.kms
     jti, client_id = ctx.claims.jti_text, ctx.claims.client_id_text
     SESSIONS.check_values(kms, (jti, client_id, row.session_expires_at, row.session_epoch, False,
-                                row.session_row_mac), typed=typed_session)
+                                row.session_revision, row.session_row_mac), typed=typed_session)
     CLIENTS.check_values(kms, (client_id, row.client_name_hash, row.client_password_hash, row.client_role, "active",
-                               row.session_epoch, row.client_row_mac), refused_with=401, typed=typed_client)
+                               row.session_epoch, row.client_revision, row.client_row_mac), refused_with=401,
+                         typed=typed_client)
     if row.key_id is not None:
         KEYS.check_values(kms, (row.key_id, owner_id, ref_hash, row.key_current_version, row.key_retired_below, False,
-                                row.key_rotation_period_ms, row.key_row_mac))
+                                row.key_rotation_period_ms, row.key_revision, row.key_row_mac))
         if row.superseded:  # a version after the key row's current one exists: the row was put back
             raise IntegrityFailure("keys", row.key_id)
 
@@ -335,8 +341,13 @@ def delete_key(ctx: Context, reference: str):
         key = _write_key(cur, ctx, _lock_key(cur, ctx, owner_id, ref_hash, reference), deleted=True)
         record(cur, ctx, "key.delete", target=ref_hash.hex())
         if not ctx.kms.settings.key_deletion_wait_ms:
-            cur.execute(db.sql.destroy_key, {"key_id": key.id})
+            _destroy(cur, ctx, key.id)
             record(cur, ctx, "key.destroy", target=ref_hash.hex())
+
+
+def _destroy(cur, ctx: Context, key_id: int):
+    cur.execute(db.sql.destroy_key, {"key_id": key_id})
+    KEYS.destroyed(cur, ctx.kms, key_id, cur.fetchone().revision)
 
 
 def schedule_owner_keys_deletion(cur, ctx: Context, owner_id: uuid.UUID):
@@ -372,9 +383,13 @@ def retire_versions(ctx: Context, reference: str, below_version: int) -> dict:
             raise Conflict(f"belowVersion may be at most the current version ({key.current_version}); the in-use "
                            "version cannot be retired.", code="version_in_use")
         cur.execute(db.sql.retire_versions_below, {"key_id": key.id, "below": below_version})
-        for retired in cur.fetchall():
-            record(cur, ctx, "key.retire", target=ref_hash.hex(), version=retired.version)
-        _write_key(cur, ctx, key, retired_below=max(key.retired_below, below_version))
+        retired = [row.version for row in cur.fetchall()]
+        if below_version > key.retired_below:
+            _write_key(cur, ctx, key, retired_below=below_version)
+        # The first event records the key row's change; a line moved past versions already erased
+        # is recorded on its own.
+        for version in retired or ([below_version - 1] if cur.row_changes else []):
+            record(cur, ctx, "key.retire", target=ref_hash.hex(), version=version)
         return _metadata(cur, ctx, owner_id, ref_hash)[0]
 
 
@@ -449,6 +464,7 @@ def destroy_due_keys(ctx: Context) -> int:
             cur.execute(db.sql.destroy_due_keys)
             gone = cur.fetchall()
             for key in gone:
+                KEYS.destroyed(cur, ctx.kms, key.id, key.revision)
                 record(cur, ctx, "key.destroy", target=bytes(key.ref_hash).hex())
         destroyed += len(gone)
         if not gone:

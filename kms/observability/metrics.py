@@ -2,15 +2,19 @@
 counters a route declares with counts_as), and gauges read when scraped. With several worker
 processes, any worker's /metrics answers for all of them (prometheus-client's multiprocess mode).
 """
+import fcntl
+import glob
 import json
 import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 from prometheus_client import values as prometheus_values
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
 log = logging.getLogger("kms")
@@ -32,6 +36,75 @@ def use_multiprocess_metrics():
     prometheus_values.ValueClass = prometheus_values.get_value_class()
 
 
+# What dead processes counted, one file per kind: `counter_dead.db`, `gauge_max_dead.db`...
+DEAD = "dead"
+LOCK_FILE = "files.lock"
+
+
+def _add(old, new):
+    return new if old is None else (old[0] + new[0], 0.0)
+
+
+def _larger(old, new):
+    return new if old is None or new[0] > old[0] else old
+
+
+def _smaller(old, new):
+    return new if old is None or new[0] < old[0] else old
+
+
+def _newer(old, new):
+    return new if old is None or new[1] >= old[1] else old
+
+
+# How a dead process's values fold into what the dead before it left, per kind of file
+# (prometheus-client names them `<kind>_<pid>.db`). Live gauges are not here: they are dropped.
+# Histograms are stored per bucket, not cumulated, so they add up as counters do.
+_FOLD = {"counter": _add, "histogram": _add, "summary": _add, "gauge_sum": _add, "gauge_max": _larger,
+         "gauge_min": _smaller, "gauge_mostrecent": _newer}
+
+
+@contextmanager
+def _files_locked(directory: str, exclusive: bool):
+    """Scrapes read the directory's files under a shared lock, and folding a dead process's files
+    into the aggregate takes it alone: no scrape sees a count twice, or a file vanish under it."""
+    with open(os.path.join(directory, LOCK_FILE), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+
+
+def fold_dead_process(pid: int, directory: str):
+    """A dead process's metric files, merged into one aggregate file per kind and removed: a
+    scrape reads a bounded number of files however many processes died. Counters and histograms
+    keep their totals, and max, min and sum gauges their meaning across processes; its live
+    gauges (pool in use) are dropped, as prometheus-client's mark_process_dead does."""
+    with _files_locked(directory, exclusive=True):
+        multiprocess.mark_process_dead(pid, directory)
+        suffix = f"_{pid}.db"
+        for path in glob.glob(os.path.join(directory, "*" + suffix)):
+            kind = os.path.basename(path)[:-len(suffix)]
+            fold = _FOLD.get(kind)
+            if fold is None:  # a kind kept per process ("all" gauges): left as it is
+                continue
+            aggregate = os.path.join(directory, f"{kind}_{DEAD}.db")
+            values: dict = {}
+            for source in (aggregate, path):
+                if os.path.exists(source):
+                    for key, value, timestamp, _position in MmapedDict.read_all_values_from_file(source):
+                        values[key] = fold(values.get(key), (value, timestamp))
+            partial = aggregate + ".partial"  # not *.db: no scrape reads it
+            if os.path.exists(partial):
+                os.remove(partial)
+            merged = MmapedDict(partial)
+            try:
+                for key, (value, timestamp) in values.items():
+                    merged.write_value(key, value, timestamp)
+            finally:
+                merged.close()
+            os.replace(partial, aggregate)
+            os.remove(path)
+
+
 def counts_as(counter: str, action: str | None = None):
     """Declares on a route (below `route`) the domain counter its requests feed besides the HTTP
     ones: `counts_as("logins")` (kms_logins_total by outcome) or `counts_as("key_operations",
@@ -48,7 +121,8 @@ def counted_by(view) -> tuple[str, str | None] | None:
 
 class Metrics:
     """Process metrics, and in a server with several workers the sum over all of them (counters of
-    workers that died included: prometheus-client's multiprocess mode)."""
+    workers that died included: prometheus-client's multiprocess mode, with the files of the dead
+    folded into one per kind by fold_dead_process)."""
 
     def __init__(self):
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
@@ -77,6 +151,10 @@ class Metrics:
                                          registry=registry, multiprocess_mode="max")
         self.audit_chain_tampered = Gauge("kms_audit_chain_tampered", "1 once the sealer found the chain tampered with",
                                           registry=registry, multiprocess_mode="max")
+        self.audit_sealing_stalled = Gauge("kms_audit_sealing_stalled",
+                                           "1 while the oldest unsealed audit event is older than 5 seal intervals "
+                                           "(the log names what blocks sealing)", registry=registry,
+                                           multiprocess_mode="max")
         self._head: dict | None = None
         self._collectors: list = []
         self._children: dict = {}
@@ -141,9 +219,11 @@ class Metrics:
         if self.multiprocess_dir:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+            with _files_locked(self.multiprocess_dir, exclusive=False):
+                processes = generate_latest(registry)
         else:
-            registry = self.registry
-        return generate_latest(registry) + generate_latest(_Collected(self._collectors + [self._head_collector]))
+            processes = generate_latest(self.registry)
+        return processes + generate_latest(_Collected(self._collectors + [self._head_collector]))
 
     def _head_collector(self):
         head = self._audit_head()

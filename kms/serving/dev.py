@@ -45,10 +45,13 @@ def _dev_password() -> str:
     return secrets.token_urlsafe(18) + "-Aa1"
 
 
-def dev_environment(database_url: str, host: str, port: int) -> dict:
+def dev_environment(database_url: str, host: str, port: int, head_file: str | None = None) -> dict:
     env = {name: generate_secret() for name in SECRET_VARIABLES}
     env.update({
         "DATABASE_URL": database_url,
+        # The throwaway database's chain head, deleted with it (not the default in the working
+        # directory, which the next `kms dev` would find naming a chain that is gone).
+        "AUDIT_HEAD_FILE": head_file or "off",
         "SERVER_HOST": host,
         "SERVER_PORT": str(port),
         "SERVER_THREADS": os.environ.get("SERVER_THREADS", str(DEFAULT.server_threads)),
@@ -85,7 +88,7 @@ def run_dev() -> int:
     database = ThrowawayPostgres().start()
     env_file = Path(DEV_ENV_FILE).resolve()
     try:
-        env = dev_environment(database.dsn, host, sock.getsockname()[1])
+        env = dev_environment(database.dsn, host, sock.getsockname()[1], str(database.root / "audit-head"))
         kms = Kms.start(load_settings(env))
         app = create_app(kms=kms)
         with kms.pool.connection() as conn:

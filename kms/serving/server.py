@@ -12,6 +12,7 @@ import time
 
 from waitress import wasyncore
 
+from kms.audit.freshness import ChangeFollower, catch_up
 from kms.audit.refusals import RefusalWriter
 from kms.audit.sealer import start_sealer
 from kms.audit.service import flush_refusals
@@ -60,6 +61,10 @@ def serve_app(app, sock, stopping: threading.Event, *, run_sealer: bool = True, 
     sealer = start_sealer(kms) if run_sealer else None
     refusals = RefusalWriter(kms, flush_refusals)
     refusals.start()
+    with kms.pool.connection() as conn:  # before the first request: every row change so far
+        catch_up(kms, conn)
+    follower = ChangeFollower(kms, kms.pool.connection)
+    follower.start()
     sampler = threading.Thread(target=_sample_pool, args=(kms, stopping), name="pool-sampler", daemon=True)
     sampler.start()
     log.info("serving", extra={"host": kms.settings.server_host, "port": server.effective_port,
@@ -68,6 +73,7 @@ def serve_app(app, sock, stopping: threading.Event, *, run_sealer: bool = True, 
         serve_until(server, stopping)
     finally:
         publisher.stop()
+        follower.stop()
         refusals.stop()
         if sealer:
             sealer.stop()

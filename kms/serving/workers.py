@@ -24,13 +24,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-from prometheus_client import multiprocess
-
 from kms.app import create_app
 from kms.audit.sealer import start_sealer
 from kms.auth.passwords import HashGate
 from kms.config import ConfigError
-from kms.observability.metrics import use_multiprocess_metrics
+from kms.observability.metrics import fold_dead_process, use_multiprocess_metrics
 from kms.runtime import Kms
 from kms.serving.lifecycle import bind_listener, die_with_parent, name_this_process, stop_on_signals
 from kms.serving.server import DRAIN_TIMEOUT_S, serve_app
@@ -174,8 +172,13 @@ class Supervisor:
         self.workers.clear()
 
     def _forget_metrics(self, pid: int):
-        """A dead worker's counters stay in the sums; its live gauges (pool in use) go."""
-        multiprocess.mark_process_dead(pid, self.metrics_dir)
+        """A dead worker's counters stay in the sums, merged with those of the dead before it; its
+        live gauges (pool in use) go; its files go."""
+        try:
+            fold_dead_process(pid, self.metrics_dir)
+        except (OSError, ValueError, RuntimeError) as error:  # a damaged file: the supervisor keeps going
+            log.error("a dead worker's metrics could not be merged",
+                      extra={"pid": pid, "error_code": type(error).__name__})
 
 
 def _become_child(name: str) -> threading.Event | None:

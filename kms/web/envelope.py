@@ -81,7 +81,7 @@ def handle_http_exception(error: HTTPException) -> Response:
     return error_response(status, HTTP_CODES.get(status, "error"), message, headers=headers)
 
 
-def register_error_handlers(app, report_integrity_failure: Callable[[str, str], None]):
+def register_error_handlers(app, report_integrity_failure: Callable[..., None]):
     """Every exception a request can end in becomes the envelope. `report_integrity_failure(table,
     row_id)` tells the operator about a stored row that failed its check (the app factory passes
     the audit domain's reporter: this layer knows no domain)."""
@@ -94,7 +94,7 @@ def register_error_handlers(app, report_integrity_failure: Callable[[str, str], 
 
     @app.errorhandler(IntegrityFailure)
     def _integrity_failure(error: IntegrityFailure):
-        report_integrity_failure(error.table, error.row_id)
+        report_integrity_failure(error.table, error.row_id, rolled_back=error.rolled_back)
         return error_response(error.status, error.code, error.message)
 
     @app.errorhandler(KekUnavailable)

@@ -1,8 +1,9 @@
--- then: row_macs
+-- then: row_macs_from_007
 -- The database is untrusted storage (docs/SECURITY.md): every row that grants authority or
 -- decides what is served carries a MAC (row_mac) under a key derived from DB_SECRET, bound to its
--- table and identity, over every column that matters. The step named above computes the MACs of
--- the rows already here, in this migration's transaction, with the service's secrets.
+-- table and identity, over every column that matters. The MACs of the rows already here are computed
+-- by migration 007, over the columns as they are from then on; the step named above only checks
+-- that the service's secrets are the ones the stored data was written with.
 
 -- A client's session epoch: disabling, deleting or re-roling a client moves it on, and every
 -- session of an earlier epoch stops working. Both are under the MACs.

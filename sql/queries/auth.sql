@@ -3,20 +3,21 @@
 -- active. Role comes from the client's row, never from the token. Both rows come with what their
 -- MACs cover (kms.rows), and the service checks them before it believes any of it.
 SELECT s.jti AS session_jti, s.client_id AS session_client_id, s.expires_at AS session_expires_at,
-       s.epoch AS session_epoch, s.revoked_at IS NOT NULL AS session_revoked, s.row_mac AS session_row_mac,
-       c.id AS client_id, c.name_hash AS client_name_hash, c.password_hash AS client_password_hash,
+       s.epoch AS session_epoch, s.revoked_at IS NOT NULL AS session_revoked, s.revision AS session_revision,
+       s.row_mac AS session_row_mac, c.id AS client_id, c.name_hash AS client_name_hash, c.password_hash AS client_password_hash,
        c.role AS client_role, c.status AS client_status, c.session_epoch AS client_session_epoch,
-       c.row_mac AS client_row_mac
+       c.revision AS client_revision, c.row_mac AS client_row_mac
 FROM sessions s JOIN clients c ON c.id = s.client_id
 WHERE s.jti = %(jti)s AND s.client_id = %(client_id)s
   AND s.revoked_at IS NULL AND s.expires_at > now() AND c.status = 'active' AND s.epoch = c.session_epoch;
 
 -- name: insert_session
-INSERT INTO sessions (jti, client_id, expires_at, epoch, row_mac)
-VALUES (%(jti)s, %(client_id)s, %(expires_at)s, %(epoch)s, %(row_mac)s);
+INSERT INTO sessions (jti, client_id, expires_at, epoch, revision, row_mac)
+VALUES (%(jti)s, %(client_id)s, %(expires_at)s, %(epoch)s, %(revision)s, %(row_mac)s);
 
 -- name: revoke_session
-UPDATE sessions SET revoked_at = now(), row_mac = %(row_mac)s WHERE jti = %(jti)s AND revoked_at IS NULL;
+UPDATE sessions SET revoked_at = now(), revision = %(revision)s, row_mac = %(row_mac)s
+WHERE jti = %(jti)s AND revoked_at IS NULL;
 
 -- name: insert_signup_token
 INSERT INTO signup_tokens (id, token_hash, name_hash, name_enc, role, expires_at, issued_by, row_mac)
@@ -28,13 +29,13 @@ WHERE token_hash = %(token_hash)s AND used_at IS NULL AND expires_at > now();
 
 -- name: lock_usable_signup_token
 -- SKIP LOCKED: a second signup racing with the same token does not wait, it finds nothing.
-SELECT id, token_hash, name_hash, name_enc, role, expires_at, used_at IS NOT NULL AS used, row_mac
+SELECT id, token_hash, name_hash, name_enc, role, expires_at, used_at IS NOT NULL AS used, revision, row_mac
 FROM signup_tokens
 WHERE token_hash = %(token_hash)s AND used_at IS NULL AND expires_at > now()
 FOR UPDATE SKIP LOCKED;
 
 -- name: use_signup_token
-UPDATE signup_tokens SET used_at = now(), row_mac = %(row_mac)s WHERE id = %(id)s;
+UPDATE signup_tokens SET used_at = now(), revision = %(revision)s, row_mac = %(row_mac)s WHERE id = %(id)s;
 
 -- name: client_exists
 SELECT 1 FROM clients WHERE name_hash = %(name_hash)s;
@@ -46,12 +47,13 @@ ON CONFLICT (name_hash) DO NOTHING
 RETURNING id;
 
 -- name: client_for_login
-SELECT id, name_hash, password_hash, role, status, session_epoch, row_mac FROM clients WHERE name_hash = %(name_hash)s;
+SELECT id, name_hash, password_hash, role, status, session_epoch, revision, row_mac FROM clients
+WHERE name_hash = %(name_hash)s;
 
 -- name: replace_imported_password
 -- An imported client's first login: its bcrypt hash gives way to an Argon2id one, unless the row
 -- changed since it was read (then the next login tries again).
-UPDATE clients SET password_hash = %(password_hash)s, row_mac = %(row_mac)s
+UPDATE clients SET password_hash = %(password_hash)s, revision = %(revision)s, row_mac = %(row_mac)s
 WHERE id = %(id)s AND password_hash = %(imported_hash)s AND row_mac = %(old_row_mac)s;
 
 -- name: record_login
@@ -81,7 +83,7 @@ WHERE scope = %(scope)s AND subject = %(subject)s AND failed_at > now() - %(wind
 -- whether any client still has a bcrypt hash from the original KMS (an index that is empty then).
 SELECT f.failures, f.seconds_left, c.id AS client_id, c.name_hash AS client_name_hash,
        c.password_hash AS client_password_hash, c.role AS client_role, c.status AS client_status,
-       c.session_epoch AS client_session_epoch, c.row_mac AS client_row_mac,
+       c.session_epoch AS client_session_epoch, c.revision AS client_revision, c.row_mac AS client_row_mac,
        EXISTS (SELECT 1 FROM clients WHERE starts_with(password_hash, '$2')) AS imported_passwords_remain
 FROM (SELECT count(*) AS failures,
              ceil(extract(epoch FROM min(failed_at) + %(window)s - now()))::integer AS seconds_left

@@ -3,7 +3,7 @@ SELECT id, name_enc, role, status, created_at, last_login_at
 FROM clients WHERE status <> 'deleted' ORDER BY created_at, id;
 
 -- name: lock_client
-SELECT id, name_hash, password_hash, role, status, session_epoch, row_mac
+SELECT id, name_hash, password_hash, role, status, session_epoch, revision, row_mac
 FROM clients WHERE id = %(client_id)s AND status <> 'deleted' FOR UPDATE;
 
 -- name: lock_active_admins
@@ -13,7 +13,7 @@ SELECT id FROM clients WHERE role = 'admin' AND status = 'active' ORDER BY id FO
 -- name: update_client
 -- Every change of what a client may do writes its MAC anew (kms.rows).
 UPDATE clients SET name_hash = %(name_hash)s, role = %(role)s, status = %(status)s,
-                   session_epoch = %(session_epoch)s, row_mac = %(row_mac)s
+                   session_epoch = %(session_epoch)s, revision = %(revision)s, row_mac = %(row_mac)s
 WHERE id = %(id)s;
 
 -- name: purge_deleted_clients

@@ -20,15 +20,15 @@
 -- `found` names its columns rather than taking caller.*: it is materialised (read twice).
 WITH caller AS (
     SELECT s.jti, s.client_id AS s_client, s.expires_at, s.epoch, s.revoked_at IS NOT NULL AS revoked,
-           s.row_mac AS s_mac, c.id, c.name_hash, c.password_hash, c.role, c.status, c.session_epoch,
-           c.row_mac AS c_mac
+           s.revision AS s_revision, s.row_mac AS s_mac, c.id, c.name_hash, c.password_hash, c.role, c.status,
+           c.session_epoch, c.revision AS c_revision, c.row_mac AS c_mac
     FROM sessions s JOIN clients c ON c.id = s.client_id
     WHERE s.jti = %(jti)s AND s.client_id = %(client_id)s
       AND s.revoked_at IS NULL AND s.expires_at > now() AND c.status = 'active' AND s.epoch = c.session_epoch
 ), found AS (
-    SELECT caller.expires_at, caller.epoch, caller.s_mac, caller.name_hash, caller.password_hash, caller.role,
-           caller.c_mac, k.id AS key_id, k.current_version, k.retired_below, k.rotation_period_ms,
-           k.row_mac AS k_mac, nxt.version IS NOT NULL AS superseded,
+    SELECT caller.expires_at, caller.epoch, caller.s_revision, caller.s_mac, caller.name_hash, caller.password_hash,
+           caller.role, caller.c_revision, caller.c_mac, k.id AS key_id, k.current_version, k.retired_below,
+           k.rotation_period_ms, k.revision AS k_revision, k.row_mac AS k_mac, nxt.version IS NOT NULL AS superseded,
            k.rotation_period_ms IS NOT NULL
              AND cur.created_at + k.rotation_period_ms * interval '1 millisecond' <= now() AS rotation_due,
            cur.kek_version AS cur_kek, cur.wrapped_dek AS cur_wrapped,
@@ -49,10 +49,11 @@ WITH caller AS (
            %(version)s::integer, 'success', %(request_id)s::uuid, %(source_ip)s::text, %(row_mac)s::bytea
     FROM found WHERE outcome = 'success' AND %(audit)s::boolean
 )
-SELECT expires_at::text AS session_expires_at, epoch AS session_epoch, s_mac AS session_row_mac,
-       name_hash AS client_name_hash, password_hash AS client_password_hash, role AS client_role,
-       c_mac AS client_row_mac, key_id, current_version AS key_current_version,
-       retired_below AS key_retired_below, rotation_period_ms AS key_rotation_period_ms, k_mac AS key_row_mac,
+SELECT expires_at::text AS session_expires_at, epoch AS session_epoch, s_revision AS session_revision,
+       s_mac AS session_row_mac, name_hash AS client_name_hash, password_hash AS client_password_hash,
+       role AS client_role, c_revision AS client_revision, c_mac AS client_row_mac, key_id,
+       current_version AS key_current_version, retired_below AS key_retired_below,
+       rotation_period_ms AS key_rotation_period_ms, k_revision AS key_revision, k_mac AS key_row_mac,
        superseded, rotation_due, cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome
 FROM found;
 
@@ -69,7 +70,7 @@ RETURNING id;
 -- name: update_key
 -- Every change of what a key serves writes its MAC anew (kms.rows).
 UPDATE keys SET current_version = %(current_version)s, retired_below = %(retired_below)s,
-                rotation_period_ms = %(rotation_period_ms)s, row_mac = %(row_mac)s,
+                rotation_period_ms = %(rotation_period_ms)s, revision = %(revision)s, row_mac = %(row_mac)s,
                 deleted_at = CASE WHEN %(deleted)s THEN coalesce(deleted_at, now()) END,
                 destroy_after = CASE WHEN %(deleted)s THEN coalesce(destroy_after, now() + %(wait)s) END
 WHERE id = %(id)s;
@@ -81,21 +82,22 @@ VALUES (%(key_id)s, %(version)s, 'in-use', %(kek_version)s, %(wrapped_dek)s);
 -- name: lock_key
 -- The caller's key row with what its MAC covers (kms.rows), locked: rotations queue here.
 SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL AS deleted,
-       rotation_period_ms, row_mac
+       rotation_period_ms, revision, row_mac
 FROM keys
 WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s AND (deleted_at IS NULL) <> %(deleted)s
 FOR UPDATE;
 
 -- name: lock_key_if_free
 SELECT k.id, k.client_id, k.ref_hash, k.current_version, k.retired_below, false AS deleted, k.rotation_period_ms,
-       k.row_mac, k.rotation_period_ms IS NOT NULL
+       k.revision, k.row_mac, k.rotation_period_ms IS NOT NULL
          AND v.created_at + k.rotation_period_ms * interval '1 millisecond' <= now() AS due
 FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.version = k.current_version
 WHERE k.id = %(key_id)s AND k.deleted_at IS NULL
 FOR UPDATE OF k SKIP LOCKED;
 
 -- name: lock_owner_keys
-SELECT id, client_id, ref_hash, current_version, retired_below, false AS deleted, rotation_period_ms, row_mac
+SELECT id, client_id, ref_hash, current_version, retired_below, false AS deleted, rotation_period_ms, revision,
+       row_mac
 FROM keys WHERE client_id = %(client_id)s AND deleted_at IS NULL
 ORDER BY id FOR UPDATE;
 
@@ -108,7 +110,7 @@ WHERE key_id = %(key_id)s AND version < %(below)s AND state <> 'retired'
 RETURNING version;
 
 -- name: destroy_key
-DELETE FROM keys WHERE id = %(key_id)s;
+DELETE FROM keys WHERE id = %(key_id)s RETURNING revision;
 
 -- name: key_exists
 SELECT deleted_at IS NOT NULL AS deleted FROM keys WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s;
@@ -135,7 +137,7 @@ WHERE k.rotation_period_ms IS NOT NULL AND k.deleted_at IS NULL
 DELETE FROM keys WHERE id IN (
     SELECT id FROM keys WHERE destroy_after <= now() ORDER BY destroy_after LIMIT 1000
     FOR UPDATE SKIP LOCKED)
-RETURNING client_id, ref_hash;
+RETURNING id, client_id, ref_hash, revision;
 
 -- name: kek_usage
 SELECT kek_version, count(*) AS versions FROM key_versions WHERE wrapped_dek IS NOT NULL
@@ -179,7 +181,7 @@ SELECT 1 FROM keys WHERE client_id = %(client_id)s AND ref_hash = ANY(%(candidat
 -- The caller's imported key, not named yet, with what its MAC covers; a parallel request moving it
 -- first leaves nothing to find here once it commits.
 SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL AS deleted,
-       rotation_period_ms, row_mac
+       rotation_period_ms, revision, row_mac
 FROM keys
 WHERE client_id = %(client_id)s AND ref_hash = ANY(%(candidates)s)
 FOR UPDATE;
@@ -191,7 +193,8 @@ ORDER BY version
 FOR UPDATE;
 
 -- name: move_key_reference
-UPDATE keys SET ref_hash = %(ref_hash)s, ref_enc = %(ref_enc)s, row_mac = %(row_mac)s WHERE id = %(id)s;
+UPDATE keys SET ref_hash = %(ref_hash)s, ref_enc = %(ref_enc)s, revision = %(revision)s, row_mac = %(row_mac)s
+WHERE id = %(id)s;
 
 -- name: insert_imported_key_version
 INSERT INTO key_versions (key_id, version, state, kek_version, wrapped_dek)

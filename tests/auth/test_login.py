@@ -72,6 +72,46 @@ def test_failed_logins_are_throttled_per_clientname(client):
     assert response.json()["error"] == "too_many_requests"
 
 
+@pytest.fixture
+def denied_logins_fail_at_commit(db):
+    """An injected fault: the audit event of a refused password makes its transaction fail (it is
+    one of the statements sent with the COMMIT)."""
+    with db.cursor() as cur:
+        cur.execute("""
+            CREATE FUNCTION fail_denied_login() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.action = 'login' AND NEW.outcome = 'denied' THEN
+                    RAISE EXCEPTION 'injected failure';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER fail_denied_login BEFORE INSERT ON audit_events
+                FOR EACH ROW EXECUTE FUNCTION fail_denied_login();""")
+    yield
+    with db.cursor() as cur:
+        cur.execute("DROP TRIGGER fail_denied_login ON audit_events; DROP FUNCTION fail_denied_login()")
+
+
+def test_a_failed_login_is_counted_though_its_transaction_fails_at_commit(client, app, db, monkeypatch,
+                                                                          denied_logins_fail_at_commit):
+    passwords = app.extensions["kms"].passwords
+    checked = []
+    verify_login = passwords.verify_login
+
+    def counted(*args, **kwargs):
+        checked.append(1)
+        return verify_login(*args, **kwargs)
+
+    monkeypatch.setattr(passwords, "verify_login", counted)
+    statuses = [client.post("/auth/login", json={"clientname": ADMIN_NAME, "password": WRONG_PASSWORD}).status_code
+                for _ in range(8)]
+    assert statuses[:5] == [500] * 5 and statuses[5:] == [429] * 3, statuses
+    assert len(checked) == 5  # no password checked past the limit
+    with db.cursor() as cur:
+        cur.execute("SELECT scope, count(*) FROM login_failures GROUP BY scope ORDER BY scope")
+        assert cur.fetchall() == [("address", 5), ("client", 5)]
+
+
 def test_failed_logins_are_throttled_per_source_address(make_app, base_env):
     app = make_app(LOGIN_MAX_FAILURES_PER_ADDRESS=3)
     server, base_url = serve_in_thread(app, threads=2)

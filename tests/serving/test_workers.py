@@ -63,6 +63,43 @@ def test_workers_share_one_port_and_metrics_add_up_over_all_of_them(servers):
     assert metric(server.base, "kms_db_pool_connections") == 2 * 4
 
 
+def test_dead_workers_metrics_files_are_merged_and_removed_and_their_counts_kept(servers):
+    """Workers killed over and over (and the sealer once), by real signals: what they counted stays
+    on /metrics, and the metrics directory holds the live processes' files and one per kind for
+    all the dead, however many died."""
+    server = servers(workers=2)
+    directory = server.metrics_dir()
+    healthz = 'kms_http_requests_total{method="GET",route="/healthz",status="200"}'
+    served = 0
+    for death in range(6):
+        assert set(hit(server.base, "/healthz", 20, parallel=4)) == {200}
+        served += 20
+        victim = server.workers()[death % 2]
+        os.kill(victim, signal.SIGKILL if death % 3 else signal.SIGTERM)
+        server.wait_for_workers(2, exclude=[victim], timeout=60)  # replaced once its files were merged
+        if death == 3:
+            (sealer,) = server.children("kms-sealer")
+            os.kill(sealer, signal.SIGKILL)
+            deadline = time.monotonic() + 15
+            while not set(server.children("kms-sealer")) - {sealer}:
+                assert time.monotonic() < deadline, "the sealer was not replaced"
+                time.sleep(0.1)
+    alive = {str(pid) for pid in server.workers() + server.children("kms-sealer")}
+    files = sorted(path.name for path in directory.glob("*.db"))
+    owners = {name.rsplit("_", 1)[1].removesuffix(".db") for name in files}
+    assert owners <= alive | {"dead"}, files  # nothing left of a dead process under its own name
+    assert len([name for name in files if name.endswith("_dead.db")]) <= 4, files
+    assert len(files) <= 4 * len(alive) + 4, files
+    assert metric(server.base, healthz) == served  # every dead worker's requests still counted
+    assert metric(server.base, 'kms_http_request_duration_seconds_count{method="GET",route="/healthz"}') == served
+    assert set(hit(server.base, "/healthz", 20, parallel=4)) == {200}
+    assert metric(server.base, healthz) == served + 20
+    deadline = time.monotonic() + 10  # the dead ones' pools are not counted: two of SERVER_THREADS each
+    while metric(server.base, "kms_db_pool_connections") != 2 * 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(server.base, "kms_db_pool_connections") == 2 * 4
+
+
 def test_keep_alive_connections_are_shared_out_evenly_between_workers(servers):
     import http.client
     server = servers(workers=2)
