@@ -27,6 +27,15 @@ class IntegrityError(Exception):
     """A stored ciphertext failed authentication: tampered, moved, or the wrong key."""
 
 
+class KekMissing(Exception):
+    """A stored ciphertext names a KEK version this process does not hold. Not tampering by itself:
+    another server may hold it (its configuration is newer), or it may be a KEK retired too soon."""
+
+    def __init__(self, version: int):
+        super().__init__(f"KEK version {version} is not configured in this process")
+        self.version = version
+
+
 def b64url(raw: bytes) -> str:
     """base64url without padding (RFC 4648, section 5), as the original KMS and Go's
     base64.RawURLEncoding write it: a DEK is 43 characters."""
@@ -181,11 +190,16 @@ class Keyring:
         self._dek_cache = dek_cache
         self._keks = {version: EnvironmentKek(kek) if isinstance(kek, bytes) else kek for version, kek in keks.items()}
         self.kek_active = kek_active
+        self.held_versions = sorted(self._keks)  # (a list: the look-up statement takes it as an array)
+        # The version new wraps use: KEK_ACTIVE, or an older one while a live server lacks it
+        # (kms.keys.kek_holders keeps it current); and every version this deployment ever held.
+        self.kek_wrap = kek_active
+        self.known_kek_versions = frozenset(self._keks)
         self._db = AESGCM(db_secret)
         self.rows = RowMacs(keyed_hash(db_secret, b"kms-derive-v1", b"row-mac"))
 
     def __repr__(self):
-        return f"Keyring(kek_versions={sorted(self._keks)}, active={self.kek_active})"
+        return f"Keyring(kek_versions={sorted(self._keks)}, active={self.kek_active}, wrap={self.kek_wrap})"
 
     @property
     def kek_versions(self):
@@ -195,15 +209,17 @@ class Keyring:
         """The provider's KEK of a version (for status and start-up checks; it holds no readable key)."""
         return self._keks[version]
 
-    def wrap_dek(self, dek: bytes, owner_id: uuid.UUID, ref_hash: bytes, version: int) -> tuple[bytes, int]:
-        kek_version = self.kek_active
+    def wrap_dek(self, dek: bytes, owner_id: uuid.UUID, ref_hash: bytes, version: int,
+                 kek_version: int | None = None) -> tuple[bytes, int]:
+        """Under `kek_version` (kek rewrap names its target), else the version new wraps use."""
+        kek_version = self.kek_wrap if kek_version is None else kek_version
         ad = dek_associated_data(owner_id, ref_hash, version, kek_version)
         return _seal(self._keks[kek_version], dek, ad), kek_version
 
     def unwrap_dek(self, wrapped: bytes, owner_id: uuid.UUID, ref_hash: bytes, version: int, kek_version: int) -> bytes:
         kek = self._keks.get(kek_version)
         if kek is None:
-            raise IntegrityError("wrapped with a KEK version that is not configured")
+            raise KekMissing(kek_version)
         cache = self._dek_cache if kek.provider != "environment" else None
         if cache is not None:
             address = (wrapped, owner_id, bytes(ref_hash), version, kek_version)
@@ -216,16 +232,16 @@ class Keyring:
         return dek
 
     def wrap_secret(self, secret: bytes, purpose: bytes, *identity: bytes) -> tuple[bytes, int]:
-        """Seal a secret that is not a DEK under the active KEK, bound (as a DEK is) to what it is
-        for, where it is kept and the KEK version."""
-        kek_version = self.kek_active
+        """Seal a secret that is not a DEK under the KEK new wraps use, bound (as a DEK is) to what
+        it is for, where it is kept and the KEK version."""
+        kek_version = self.kek_wrap
         return _seal(self._keks[kek_version], secret, _secret_associated_data(purpose, identity, kek_version)), \
             kek_version
 
     def unwrap_secret(self, wrapped: bytes, kek_version: int, purpose: bytes, *identity: bytes) -> bytes:
         kek = self._keks.get(kek_version)
         if kek is None:
-            raise IntegrityError("wrapped with a KEK version that is not configured")
+            raise KekMissing(kek_version)
         return _open(kek, wrapped, _secret_associated_data(purpose, identity, kek_version))
 
     def encrypt_field(self, plaintext: str, purpose: bytes, *identity: bytes) -> bytes:

@@ -58,6 +58,16 @@ class ServiceUnavailable(ApiError):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
+class KekNotHeld(ServiceUnavailable):
+    """The DEK asked for is wrapped under a KEK version this server does not hold (yet): another
+    server may answer, or this one once restarted with it."""
+    code = "kek_unavailable"
+    message = "This server does not hold the key encryption key that key is stored under; retry shortly."
+
+    def __init__(self, retry_after: int = 10):
+        super().__init__(self.message, retry_after=retry_after)
+
+
 class StoredDataCorrupt(ApiError):
     """Stored ciphertext failed authentication: never serve anything in its place."""
     status, code, message = 500, "integrity_error", "Stored key material failed its integrity check; an operator has been alerted."

@@ -17,6 +17,7 @@ from kms.errors import ServiceUnavailable
 from kms.keyproviders.base import key_check_value
 from kms.keyproviders.opening import open_keks
 from kms.keys.imported import source_kek_versions
+from kms.keys.kek_holders import held_check_values, refresh
 from kms.observability.metrics import Metrics
 from kms.observability.probes import ProbeAnswers
 from kms.rows import Revisions, backfill_row_macs
@@ -96,7 +97,7 @@ class Kms:
         data, create the first admin (or warn that there is none)."""
         applied = self.migrate()
         with self.pool.connection() as conn, db.transaction(conn) as cur:
-            _check_secrets(cur, self)
+            _check_secrets(cur, self, report=True)
             try:
                 read_state(cur, self)  # signs the chain's state of a database migrated without secrets
             except ChainTampered:
@@ -114,6 +115,9 @@ class Kms:
                                    f"not {db.latest_schema_version()}: run `kms migrate` (or start the server) first")
             with db.transaction(conn) as cur:
                 _check_secrets(cur, self)
+                # what a command wraps (the cron's rotations, an import) goes under the version
+                # the live servers share (kms.keys.kek_holders)
+                refresh(cur, self.keyring, held_check_values(self.keyring))
 
     def close(self):
         self.revisions.confirm.close()
@@ -169,21 +173,31 @@ def _check_values(kms) -> dict:
     return values
 
 
-def _check_secrets(cur, kms):
-    """Refuse to start when a secret differs from the one the stored data was written with,
-    or when stored keys are wrapped under a KEK version that is not configured."""
-    settings = kms.settings
+def _check_secrets(cur, kms, report: bool = False):
+    """Refuse to start when a secret differs from the one the stored data was written with. Stored
+    keys wrapped under a KEK version that is not configured here do not stop anything: their
+    look-ups answer 503 kek_unavailable (kms.keys.service); `report` says so in the log."""
     configured = _check_values(kms)
     for name, check_value in configured.items():
         cur.execute(db.sql.remember_secret_check, {"name": name, "check_value": check_value})
     cur.execute(db.sql.secret_checks)
     stored = {row.name: bytes(row.check_value) for row in cur.fetchall()}
-    cur.execute(db.sql.kek_versions_in_use)
-    kek_versions_in_use = [row.kek_version for row in cur.fetchall()] + source_kek_versions(cur)
     for name, check_value in configured.items():
         if stored[name] != check_value:
             raise StartupError(name, "does not match the key the stored data was written with")
-    for version in kek_versions_in_use:
-        if version not in settings.keks:
-            name = "KEK" if version == 1 else f"KEK_{version}"
-            raise StartupError(name, "is not set, but stored keys are wrapped with it")
+    known = frozenset(int(name[4:]) if name != "KEK" else 1 for name in stored
+                      if name == "KEK" or (name.startswith("KEK_") and name[4:].isdigit()))
+    kms.keyring.known_kek_versions = known | set(kms.keyring.kek_versions)
+    if not report:
+        return
+    cur.execute(db.sql.kek_versions_in_use)
+    in_use = set(row.kek_version for row in cur.fetchall()) | set(source_kek_versions(cur))
+    for version in sorted(in_use - set(kms.keyring.kek_versions)):
+        if version in known:
+            log.warning("stored keys are wrapped under a KEK version that is not configured here: their look-ups "
+                        "answer 503 kek_unavailable until it is", extra={"kekVersion": version,
+                                                                         "setting": kek_variable(version)})
+        else:
+            log.error("stored keys name a KEK version no server of this deployment ever held: those rows were "
+                      "altered or damaged, and their look-ups answer 500 integrity_error",
+                      extra={"kekVersion": version})

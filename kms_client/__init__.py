@@ -7,7 +7,9 @@
 
 Only the standard library and `cryptography`. DEKs are cached in memory until the server's
 `expiresAt`, in a bounded cache; the token until it expires. A 401 logs in again once; 429 and
-503 are retried with backoff, honouring Retry-After.
+503 are retried with backoff, honouring Retry-After. A GET whose connection is reset or closed
+before its answer (a server restarting, a proxy dropping an idle connection) is sent once more;
+other methods are not (a delete whose first try went through answers 404 the second time).
 """
 import base64
 import json
@@ -28,6 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = ["Client", "Key", "KeyBundle", "KmsError", "KmsUnreachable", "BlobError"]
 
+RETRIED_ON_RESET = frozenset({"GET"})  # methods sent again once when the connection is reset
 BLOB_MAGIC = b"KMS1"  # blob: magic | version (4 bytes, big endian) | nonce (12) | ciphertext+tag
 
 
@@ -87,6 +90,12 @@ def _now() -> float:
     return time.time()
 
 
+def _was_reset(reason) -> bool:
+    """A connection reset, or closed with no answer (http.client.RemoteDisconnected is a
+    ConnectionResetError), or broken while the request was written."""
+    return isinstance(reason, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError))
+
+
 def _segment(reference: str) -> str:
     return urllib.parse.quote(reference, safe="")
 
@@ -131,7 +140,8 @@ class Client:
             request.add_header("Content-Type", "application/json")
         if token:
             request.add_header("Authorization", f"Bearer {token}")
-        for attempt in range(self.retries + 1):
+        attempt, resent = 0, False
+        while True:
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout, context=self._ssl) as response:
                     text, status = response.read(), response.status
@@ -145,6 +155,7 @@ class Client:
                 if error.code in (429, 503) and attempt < self.retries:
                     retry_after = error.headers.get("Retry-After", "")
                     time.sleep(min(float(retry_after) if retry_after.isdigit() else 0.2 * 2 ** attempt, 10))
+                    attempt += 1
                     continue
                 try:
                     answer = json.loads(payload)
@@ -153,8 +164,10 @@ class Client:
                     raise KmsError(error.code, "error", "unexpected answer") from None
             except (urllib.error.URLError, OSError) as error:  # HTTPError, above, is one too
                 reason = getattr(error, "reason", None) or error
+                if method in RETRIED_ON_RESET and not resent and _was_reset(reason):
+                    resent = True  # the only try that does not count as one of `retries`
+                    continue
                 raise KmsUnreachable(self.base_url, str(reason)) from None
-        raise AssertionError("unreachable")
 
     def _token_for_request(self) -> str:
         with self._lock:

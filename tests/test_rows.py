@@ -289,7 +289,7 @@ def test_the_look_up_statement_reads_what_its_checks_name(cursor):
     ones it does not return are pinned by its WHERE clause (kms.keys.service._check_look_up)."""
     params = {"jti": str(uuid.uuid4()), "client_id": str(uuid.uuid4()), "ref_hash": b"x", "version": None,
               "event_id": uuid.uuid4(), "at": "2026-01-01T00:00:00+00:00", "request_id": None, "source_ip": None,
-              "row_mac": b"x", "audit": False}
+              "row_mac": b"x", "audit": False, "keks": [1]}
     cursor.execute(kms_db.sql.lookup_key, params)
     assert tuple(column.name for column in cursor.description) == LookUpRow._fields  # as the hot path reads it
     read = {column.name for column in cursor.description}

@@ -24,7 +24,8 @@ from kms import db
 from kms.audit.service import record
 from kms.auth.service import hash_clientname, insert_imported_client
 from kms.context import Context
-from kms.crypto import IntegrityError, keyed_hash
+from kms.config import kek_variable
+from kms.crypto import IntegrityError, KekMissing, keyed_hash
 from kms.errors import IntegrityFailure
 from kms.importing import original
 from kms.importing.original import OriginalSecrets, Unreadable
@@ -151,6 +152,9 @@ def _register_source(ctx: Context, secrets: OriginalSecrets, report: ImportRepor
             return cur.fetchone().id
         try:
             kept = open_source_secret(kms, source)
+        except KekMissing as missing:
+            raise ImportRefused(f"this deployment's kept secret is wrapped under KEK version {missing.version}, which "
+                                f"is not configured here: set {kek_variable(missing.version)} and run again") from None
         except IntegrityError:
             raise IntegrityFailure("import_sources", source.id) from None
         if not hmac.compare_digest(kept, secrets.key_ref_secret):

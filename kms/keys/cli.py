@@ -6,11 +6,13 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from kms.config import load_settings, parse_pkcs11_uri
-from kms.console import EXIT_INTEGRITY, Progress, cli_context
+from kms import db
+from kms.config import kek_variable, load_settings, parse_pkcs11_uri
+from kms.console import EXIT_FAILED, EXIT_INTEGRITY, Progress, Unreachable, cli_context
 from kms.keyproviders.opening import load_module
 from kms.keyproviders.pkcs11 import generate_key
-from kms.keys.service import kek_usage, rewrap_keys
+from kms.keys.kek_holders import LIVE_FOR_S, held_check_values, refresh
+from kms.keys.service import KekNotHeldByAll, kek_usage, rewrap_keys
 
 
 @click.group("kek", cls=AppGroup)
@@ -20,14 +22,29 @@ def kek():
 
 @kek.command("status")
 def kek_status():
-    """Configured KEK versions, the active one, and how many DEK versions each wraps."""
+    """KEK versions: configured here, the active one, the one new DEKs are wrapped under, how many
+    DEK versions each wraps, and which live servers hold which."""
     with cli_context() as ctx:
         usage = kek_usage(ctx)
         keyring = ctx.kms.keyring
+        with db.transaction(ctx.conn) as cur:
+            holders = refresh(cur, keyring, held_check_values(keyring))
     for version in sorted(set(keyring.kek_versions) | set(usage)):
         active = " (active)" if version == keyring.kek_active else ""
-        provider = keyring.kek(version).describe() if version in keyring.kek_versions else "not configured"
+        if version in keyring.kek_versions:
+            provider = keyring.kek(version).describe()
+        elif version in keyring.known_kek_versions:
+            provider = f"not configured here: set {kek_variable(version)}; its look-ups answer 503 kek_unavailable"
+        else:
+            provider = ("not configured, and no server of this deployment ever held it: those rows were altered or "
+                        "damaged; their look-ups answer 500 integrity_error")
         click.echo(f"KEK version {version}{active}: {usage.get(version, 0)} wrapped DEK versions [{provider}]")
+    click.echo(f"new DEK versions are wrapped under KEK version {keyring.kek_wrap}")
+    if not holders:
+        click.echo("live servers: none")
+    for holder in holders:
+        versions = ", ".join(str(version) for version in sorted(holder.keks))
+        click.echo(f"live server {holder.describe()}: KEK versions {versions}")
 
 
 @kek.command("generate")
@@ -56,19 +73,41 @@ def kek_generate(uri):
 
 @kek.command("rewrap")
 def kek_rewrap():
-    """Re-wrap every DEK under the active KEK (after adding KEK_n and setting KEK_ACTIVE)."""
+    """Re-wrap every DEK under the active KEK (after adding KEK_n, restarting every server with it,
+    and setting KEK_ACTIVE if it is not the highest). Refused while a live server lacks it."""
     progress = Progress("re-wrapping DEK versions")
     with cli_context() as ctx:
-        result = rewrap_keys(ctx, progress=progress)
-        active = ctx.kms.keyring.kek_active
+        keyring = ctx.kms.keyring
+        try:
+            result = rewrap_keys(ctx, progress=progress)
+        except KekNotHeldByAll as refused:
+            names = "; ".join(holder.describe() for holder in refused.lacking)
+            raise Unreachable(f"refused: {len(refused.lacking)} live server process(es) do not hold KEK version "
+                              f"{refused.version} ({kek_variable(refused.version)}): {names}. Restart them with it "
+                              f"configured (a stopped one counts for {LIVE_FOR_S:.0f} s more), then run this again; "
+                              "nothing was re-wrapped") from None
+        active = keyring.kek_active
+        known = keyring.known_kek_versions
     timing = progress.finish()
     for key_id, version in result.failed:
         click.echo(f"key {key_id} version {version}: stored DEK failed authentication; left as it is", err=True)
+    damaged = 0
+    for kek_version, count in sorted(result.skipped.items()):
+        if kek_version in known:
+            click.echo(f"{count} DEK versions under KEK version {kek_version} skipped: {kek_variable(kek_version)} is "
+                       "not configured here (set it and run this again)", err=True)
+        else:
+            damaged += count
+            click.echo(f"{count} DEK versions under KEK version {kek_version} skipped: no server of this deployment "
+                       "ever held that version, so those rows were altered or damaged", err=True)
     click.echo(f"re-wrapped {result.rewrapped} DEK versions under KEK version {active} ({timing})")
     if result.failed:
         click.echo(f"{len(result.failed)} DEK versions could not be re-wrapped (see above; recorded in the audit "
                    "trail as kek.rewrap integrity_error)", err=True)
+    if result.failed or damaged:
         sys.exit(EXIT_INTEGRITY)
+    if result.skipped:
+        sys.exit(EXIT_FAILED)
 
 
 @click.group("keys", cls=AppGroup)

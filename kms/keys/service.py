@@ -4,6 +4,7 @@ Each key belongs to one client and is found by HMAC(KEY_REF_SECRET, owner, refer
 version's DEK is stored only wrapped under a KEK, bound to owner, reference, version and KEK version.
 """
 import logging
+import time
 import uuid
 from dataclasses import replace
 from datetime import timedelta
@@ -16,8 +17,10 @@ from kms import crypto, db
 from kms.audit.service import new_event, record, record_alone
 from kms.access import TOKEN_NOT_LIVE, authenticate
 from kms.context import Context
-from kms.errors import Conflict, Forbidden, Gone, IntegrityFailure, NotFound, StoredDataCorrupt, Unauthorized
+from kms.errors import (ApiError, Conflict, Forbidden, Gone, IntegrityFailure, KekNotHeld, NotFound, StoredDataCorrupt,
+                        Unauthorized)
 from kms.keys.imported import claim_imported_key, imported_key_named, rewrap_source_secrets
+from kms.keys.kek_holders import held_check_values, lacking, live_holders
 from kms.rows import CLIENTS, KEYS, SESSIONS, typed_client, typed_session
 from kms.timefmt import rfc3339_from_now
 
@@ -122,15 +125,39 @@ def _material(ctx: Context, dek: bytes, version: int) -> KeyMaterial:
     return KeyMaterial(dek, version, _expires_at(ctx))
 
 
+_KEK_LOG_EVERY_S = 10.0
+_kek_logged: dict = {}  # KEK version -> when its last "not held" line was written (time.monotonic())
+
+
+def kek_not_held(ctx: Context, key_id: int, version: int, kek_version: int) -> ApiError:
+    """What a DEK under a KEK version this process lacks is answered with: 503 kek_unavailable when
+    some process of this deployment held that version (the configurations differ: a restart
+    fixes it), 500 integrity_error when none ever did (the row was altered). Either is counted
+    and logged, naming the version (one line per version per ten seconds)."""
+    if kek_version not in ctx.kms.keyring.known_kek_versions:
+        return IntegrityFailure("key_versions", f"{key_id}:{version}")  # reported by its error handler
+    ctx.kms.metrics.kek_unavailable.labels(str(kek_version)).inc()
+    now = time.monotonic()
+    if now - _kek_logged.get(kek_version, -_KEK_LOG_EVERY_S) >= _KEK_LOG_EVERY_S:
+        _kek_logged[kek_version] = now
+        log.warning("a stored DEK is wrapped under a KEK version this server does not hold; answered 503 "
+                    "kek_unavailable (restart this server with it configured)",
+                    extra={"kekVersion": kek_version, "keyId": key_id, "version": version})
+    return KekNotHeld()
+
+
 def _unwrap(ctx: Context, key_id: int, owner_id, ref_hash: bytes, version: int, kek_version: int, wrapped) -> bytes:
     if wrapped is None:  # the version row the key row names is gone
         raise IntegrityFailure("keys", key_id)
     try:
         return ctx.kms.keyring.unwrap_dek(bytes(wrapped), owner_id, ref_hash, version, kek_version)
+    except crypto.KekMissing:
+        raise kek_not_held(ctx, key_id, version, kek_version) from None
     except crypto.IntegrityError:
         # Tampered, moved between rows, or the wrong KEK: never serve anything in its place.
+        # Reported as any failed integrity check (a metric and an integrity.failure event beside the line).
         log.error("stored key material failed authentication", extra={"keyId": key_id, "version": version})
-        raise StoredDataCorrupt() from None
+        raise IntegrityFailure("key_versions", f"{key_id}:{version}") from None
 
 
 def _add_version(cur, ctx: Context, key: KeyRow) -> KeyMaterial:
@@ -214,7 +241,7 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
         params = new_event(ctx, "key.lookup", "success", target=target, version=version)
         # UUIDs go as text (the statement casts them): psycopg2 adapts UUID objects in Python.
         params.update(jti=ctx.claims.jti_text, client_id=ctx.claims.client_id_text, ref_hash=ref_hash,
-                      audit=ctx.kms.settings.audit_key_lookups)
+                      audit=ctx.kms.settings.audit_key_lookups, keks=ctx.kms.keyring.held_versions)
         return params
 
     durable = ctx.kms.settings.audit_key_lookups_durable
@@ -238,8 +265,16 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
         _check_look_up(ctx, row, owner_id, ref_hash)
     key_id, outcome = row.key_id, row.outcome
     if outcome != "success":
+        refusal = None
+        if outcome == "kek_unavailable":  # nothing was served, and the statement recorded nothing
+            missing, which = ((row.cur_kek, row.key_current_version) if row.cur_kek not in ctx.kms.keyring.held_versions
+                              else (row.req_kek, row.req_version))
+            refusal = kek_not_held(ctx, key_id, which, missing)
+            outcome = refusal.code
         if ctx.kms.settings.audit_key_lookups:
             record_alone(ctx, "key.lookup", outcome, target=target, version=version)
+        if refusal is not None:
+            raise refusal
         if outcome == "gone":
             raise Gone("That version was retired and is no longer served.", code="version_retired")
         raise NotFound(NO_SUCH_KEY if key_id is None else "The key has no such version.")
@@ -459,7 +494,15 @@ def gauges(kms, conn) -> list:
                                  "(0 for a configured one that wraps none)", labels=["kek_version"])
     for version in sorted(set(usage) | set(kms.keyring.kek_versions)):
         versions.add_metric([str(version)], usage.get(version, 0))
+    not_held = GaugeMetricFamily("kms_kek_not_configured_dek_versions", "DEK versions wrapped under a KEK version "
+                                 "this process does not hold: their look-ups answer 503 kek_unavailable (500 "
+                                 "integrity_error for a version no process ever held)", labels=["kek_version"])
+    for version in sorted(set(usage) - set(kms.keyring.kek_versions)):
+        not_held.add_metric([str(version)], usage[version])
     return [
+        not_held,
+        GaugeMetricFamily("kms_kek_wrap_version", "The KEK version new DEK versions are wrapped under: the active "
+                          "one, or an older one while a live server lacks it", value=kms.keyring.kek_wrap),
         GaugeMetricFamily("kms_keys_rotation_due", "Keys past their rotation period (`kms keys rotate-due` rotates "
                           "them)", value=backlog.rotation_due),
         GaugeMetricFamily("kms_keys_destruction_due", "Deleted keys whose wait is over, not yet destroyed",
@@ -479,14 +522,32 @@ def kek_usage(ctx: Context) -> dict:
 class RewrapResult(NamedTuple):
     rewrapped: int
     failed: list  # (key id, version) of DEK versions that failed authentication: never material
+    skipped: dict  # KEK version not configured here -> how many DEK versions under it were left as they are
+
+
+class KekNotHeldByAll(Exception):
+    """`kek rewrap` would move DEKs to a KEK version some live server does not hold."""
+
+    def __init__(self, version: int, lacking: list):
+        super().__init__(f"{len(lacking)} live server process(es) lack KEK version {version}")
+        self.version = version
+        self.lacking = lacking
 
 
 def rewrap_keys(ctx: Context, batch: int = 500, progress=None) -> RewrapResult:
-    """Re-wrap every DEK not under the active KEK, in batches, each batch one transaction. A
-    version whose wrapped DEK fails authentication is left as it is, logged, audited and reported;
-    every other one is moved."""
+    """Re-wrap every DEK not under the active KEK, in batches, each batch one transaction; refused
+    (KekNotHeldByAll, nothing moved) while a live server lacks the active KEK. A version whose
+    wrapped DEK fails authentication is left as it is, logged, audited and reported; one under a
+    KEK version not configured here is left as it is and counted; every other one is moved."""
     keyring = ctx.kms.keyring
-    rewrapped, failed = 0, []
+    target = keyring.kek_active
+    with db.transaction(ctx.conn) as cur:
+        mine = held_check_values(keyring)
+        behind = lacking(live_holders(cur), target, mine[target])
+    if behind:
+        raise KekNotHeldByAll(target, behind)
+    keyring.kek_wrap = target  # what else this command seals (imported deployments' secrets) goes there too
+    rewrapped, failed, skipped = 0, [], {}
     after = (0, 0)
     with db.transaction(ctx.conn) as cur:  # the secrets of deployments imported from the original KMS
         for source_id in rewrap_source_secrets(ctx.kms, cur):
@@ -494,11 +555,11 @@ def rewrap_keys(ctx: Context, batch: int = 500, progress=None) -> RewrapResult:
                       extra={"importSource": source_id})
     if progress is not None:
         with db.transaction(ctx.conn) as cur:
-            cur.execute(db.sql.rewrap_backlog, {"active": keyring.kek_active})
+            cur.execute(db.sql.rewrap_backlog, {"active": target})
             progress.total = cur.fetchone().versions
     while True:
         with db.transaction(ctx.conn) as cur:
-            cur.execute(db.sql.versions_to_rewrap, {"active": keyring.kek_active, "limit": batch,
+            cur.execute(db.sql.versions_to_rewrap, {"active": target, "limit": batch,
                                                    "after_key": after[0], "after_version": after[1]})
             versions = cur.fetchall()
             moved = 0
@@ -507,20 +568,26 @@ def rewrap_keys(ctx: Context, batch: int = 500, progress=None) -> RewrapResult:
                 after = (key_id, version)
                 try:
                     dek = keyring.unwrap_dek(bytes(row.wrapped_dek), owner_id, ref_hash, version, row.kek_version)
+                except crypto.KekMissing:
+                    skipped[row.kek_version] = skipped.get(row.kek_version, 0) + 1
+                    continue
                 except crypto.IntegrityError:
                     log.error("stored key material failed authentication; not re-wrapped",
                               extra={"keyId": key_id, "version": version})
                     record(cur, ctx, "kek.rewrap", outcome="integrity_error", target=ref_hash.hex(), version=version)
                     failed.append((key_id, version))
                     continue
-                new_wrapped, new_kek = keyring.wrap_dek(dek, owner_id, ref_hash, version)
+                new_wrapped, new_kek = keyring.wrap_dek(dek, owner_id, ref_hash, version, kek_version=target)
                 cur.execute(db.sql.rewrap_version, {"key_id": key_id, "version": version, "kek_version": new_kek,
                                                     "wrapped_dek": new_wrapped})
                 moved += 1
             if moved:
-                record(cur, ctx, "kek.rewrap", outcome="success", version=keyring.kek_active)
+                record(cur, ctx, "kek.rewrap", outcome="success", version=target)
         rewrapped += moved
         if progress is not None:
-            progress.update(rewrapped + len(failed))
+            progress.update(rewrapped + len(failed) + sum(skipped.values()))
         if len(versions) < batch:
-            return RewrapResult(rewrapped, failed)
+            for kek_version, count in sorted(skipped.items()):
+                log.warning("DEK versions under a KEK version not configured here were not re-wrapped",
+                            extra={"kekVersion": kek_version, "versions": count})
+            return RewrapResult(rewrapped, failed, skipped)

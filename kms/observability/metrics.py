@@ -140,6 +140,9 @@ class Metrics:
                                       ["action", "outcome"], registry=registry)
         self.integrity_failures = Counter("kms_integrity_failures", "Stored rows refused for a failed MAC check",
                                           ["table"], registry=registry)
+        self.kek_unavailable = Counter("kms_kek_unavailable", "Look-ups answered 503 kek_unavailable: the DEK is "
+                                       "wrapped under a KEK version this process does not hold", ["kek_version"],
+                                       registry=registry)
         self.pool_size = Gauge("kms_db_pool_connections", "Database connections the pools may hold",
                                registry=registry, multiprocess_mode="livesum")
         self.pool_in_use = Gauge("kms_db_pool_connections_in_use", "Database connections lent to requests",

@@ -13,6 +13,12 @@ What waitress does not bound by itself, and what this module adds:
 - Its own error pages (400, 413, 431, 501) are text; here they are the JSON envelope of API.md.
 - Proxy headers are left for the application (werkzeug's ProxyFix, `TRUSTED_PROXY_HOPS`): waitress's
   own clearing removed X-Forwarded-For before ProxyFix could see it.
+- Stopping. waitress closes every connection when it stops, and a connection closed with bytes
+  still unread is reset (the kernel discards the answers written before); connections not yet
+  accepted are reset too. Here a drain takes every connection waiting in the backlog, reads and
+  answers every request already received, marks the last answer `Connection: close`, and closes
+  each connection by shutting down its sending side first and reading until the client closes
+  (a lingering close), so the client reads every answer.
 - Floods that ignore Retry-After. After a 429 the connection is not read again until its
   Retry-After has passed (at most HOLD_AFTER_429_MAX_S): a client re-sending at once then waits for
   its next answer, without holding a server thread, instead of being refused hundreds or thousands
@@ -25,6 +31,7 @@ import select
 import socket
 import time
 from collections import deque
+
 
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
@@ -47,6 +54,7 @@ HOLD_AFTER_429_MAX_S = 1.0  # a client sharing the connection for other calls wa
 MAINTENANCE_INTERVAL_S = 1  # how often slow requests are looked for
 BALANCE_RECHECK_S = 0.02  # how soon a worker kept from accepting by the balance looks again
 ACCEPTS_PER_TURN = 64  # connections taken from the backlog per turn of the event loop, at most
+LINGER_S = 2.0  # how long a drained connection is read (and what comes discarded) for its client to close
 
 _ERROR_MESSAGES = {
     400: "The request is not valid HTTP/1.1.",
@@ -110,6 +118,13 @@ class ApplicationTask(WSGITask):
             self.channel.hold_reading(HOLD_AFTER_429_MAX_S)
 
 
+    def build_response_header(self):
+        channel = self.channel
+        if channel.server.kms_draining and not self.close_on_finish and channel.nothing_after(self.request):
+            self.set_close_on_finish()  # the server is stopping: this connection's last answer
+        return super().build_response_header()
+
+
 def _retry_after_s(headers) -> float:
     for name, value in headers:
         if name.lower() == "retry-after":
@@ -157,6 +172,44 @@ class Channel(HTTPChannel):
             # connection; until the loop's next turn asks it, it is in `serving` or in `done`.
             interest.done.append(fd)
             interest.serving.discard(fd)
+
+    def nothing_after(self, request) -> bool:
+        """Whether `request` is the last one this connection has sent so far: none queued behind
+        it, none half-read, no byte waiting to be read."""
+        return self.requests in ([], [request]) and self.request is None and not self.bytes_waiting()
+
+    def bytes_waiting(self) -> bool:
+        """Whether the kernel holds bytes from the client that are not read yet (a look, not a read)."""
+        try:
+            return bool(self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # nothing waiting (EAGAIN), or the connection is gone
+            return False
+
+    def drained(self) -> bool:
+        """While stopping: every request received is answered and its answer sent, and nothing
+        more is waiting to be read."""
+        return (not self.requests and self.request is None and not self.total_outbufs_len
+                and not self.bytes_waiting())
+
+    def handle_close(self):
+        """Every close of a connection by the server. While the server drains, a lingering one:
+        the answers already written reach the client before the connection goes, and bytes it
+        sends meanwhile do not reset it (a socket closed with bytes unread is reset, and the
+        client's kernel then drops the answers it had not read yet)."""
+        kept = None
+        if self.server.kms_draining and self.socket is not None:
+            try:
+                kept = self.socket.dup()  # the connection outlives waitress's close of its socket
+            except OSError:
+                kept = None
+        super().handle_close()
+        if kept is not None:
+            try:
+                kept.shutdown(socket.SHUT_WR)  # the client reads the answers, then end of stream
+            except OSError:
+                kept.close()
+                return
+            self.server.linger(kept)
 
     def hold_reading(self, seconds: float):
         """Read nothing more from this connection for `seconds` (called from a server thread once
@@ -257,6 +310,7 @@ class Server(TcpWSGIServer):
     kms_login_path = "/auth/login"  # read off the app's URL map in create_server
     kms_hold_unknown_refused = True  # hold a refused unknown caller's connection (SERVER_UNVERIFIED_RATE > 0)
     kms_refused_connections = 0
+    kms_draining = False  # stopping: see drain_step()
     # Workers sharing one listening socket: (shared array of each worker's open connections, this
     # worker's slot). See readable().
     kms_balance = None
@@ -328,6 +382,61 @@ class Server(TcpWSGIServer):
             self.changed_connections()
             if len(self._map) == open_before or not self.readable():  # none left, or no more now
                 return
+
+    def start_draining(self) -> int:
+        """Stop accepting, and take every connection already waiting in the backlog (their requests
+        may be there whole: closing the listening socket would reset them). How many were taken."""
+        self.kms_draining = True
+        self.accepting = False
+        self.kms_lingering = []
+        taken = 0
+        while True:
+            try:
+                accepted = self.accept()
+            except OSError:
+                continue
+            if accepted is None:
+                return taken
+            conn, addr = accepted
+            try:
+                self.set_socket_options(conn)
+            except OSError:
+                conn.close()
+                continue
+            self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map)
+            taken += 1
+
+    def linger(self, sock: socket.socket):
+        sock.setblocking(False)
+        self.kms_lingering.append((sock, time.monotonic() + LINGER_S))
+
+    def drain_step(self) -> bool:
+        """One turn of the drain: read, run and answer what connections have sent, close those that
+        are done. True while some connection is still open."""
+        self.poll(0.05)
+        for channel in list(self.active_channels.values()):
+            if channel.drained():
+                channel.handle_close()  # (our close(): a lingering one)
+        now, still = time.monotonic(), []
+        for sock, until in self.kms_lingering:
+            try:
+                while sock.recv(65536):  # what the client sent after its answers: discarded
+                    pass
+                sock.close()  # the client closed its side
+            except BlockingIOError:
+                if now < until:
+                    still.append((sock, until))
+                else:
+                    sock.close()
+            except OSError:
+                sock.close()
+        self.kms_lingering = still
+        return bool(self.active_channels or still)
+
+    def close_lingering(self):
+        for sock, _until in self.kms_lingering:
+            sock.close()
+        self.kms_lingering = []
 
     def maintenance(self, now):
         """waitress closes connections idle past IDLE_TIMEOUT_S; here also one whose request has

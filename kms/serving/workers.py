@@ -210,7 +210,7 @@ def run_worker(settings, sock, slot: int, hash_gate, balance=None) -> int:
         return 0
     kms = Kms.open(settings, hash_gate=hash_gate)
     kms.pool.warm()
-    serve_app(create_app(kms=kms), sock, stopping, run_sealer=False, balance=balance)
+    serve_app(create_app(kms=kms), sock, stopping, run_sealer=False, balance=balance, server_pid=os.getppid())
     return 0
 
 

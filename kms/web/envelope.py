@@ -13,7 +13,8 @@ import psycopg2.errors
 from flask import Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from kms.errors import ApiError, IntegrityFailure, ServiceUnavailable
+from kms.crypto import KekMissing
+from kms.errors import ApiError, IntegrityFailure, KekNotHeld, ServiceUnavailable
 from kms.keyproviders.base import KekUnavailable
 from kms.observability.logs import OncePer, log_failure
 from kms.web import REQUEST_ID
@@ -102,6 +103,13 @@ def register_error_handlers(app, report_integrity_failure: Callable[..., None]):
     def _kek_unavailable(_error):
         log_failure(log, logging.WARNING, "a KEK's token does not answer", _error, _FAILURES)
         return _api_error(ServiceUnavailable("The key encryption key's HSM does not answer; retry shortly."))
+
+    @app.errorhandler(KekMissing)
+    def _kek_missing(error: KekMissing):
+        # (a key look-up answers this itself, counted; this is any other secret under a missing KEK)
+        log.warning("a stored secret is wrapped under a KEK version this server does not hold; answered 503 "
+                    "kek_unavailable", extra={"kekVersion": error.version})
+        return _api_error(KekNotHeld())
 
     @app.errorhandler(psycopg2.errors.ReadOnlySqlTransaction)
     def _read_only(_error):

@@ -10,7 +10,9 @@
 -- after the other, so this probe of one primary-key entry says what max(version) would, for less
 -- work. (A writer who also deletes the newer versions defeats either check, and destroys their
 -- DEKs: docs/SECURITY.md.)
--- No row at all means the token is not live; outcome says what the caller gets.
+-- No row at all means the token is not live; outcome says what the caller gets: 'kek_unavailable'
+-- when a version to serve is wrapped under a KEK version the server does not hold (`keks`), so
+-- that nothing is recorded as served (kms.keys.kek_holders).
 -- Of the session and client rows, only the columns the WHERE clause does not pin already come back
 -- (the caller's ids are the token's, a live session is not revoked, an active client's epoch is
 -- its session's); the expiry comes as text, as building a datetime costs more than the check, and
@@ -33,6 +35,8 @@ WITH caller AS (
            req.version AS req_version, req.kek_version AS req_kek, req.wrapped_dek AS req_wrapped,
            CASE WHEN k.id IS NULL OR (%(version)s::integer IS NOT NULL AND req.version IS NULL) THEN 'not_found'
                 WHEN %(version)s::integer < k.retired_below THEN 'gone'
+                WHEN NOT cur.kek_version = ANY(%(keks)s::integer[])
+                  OR NOT req.kek_version = ANY(%(keks)s::integer[]) THEN 'kek_unavailable'
                 ELSE 'success' END AS outcome
     FROM caller
     LEFT JOIN keys k ON k.client_id = caller.id AND k.ref_hash = %(ref_hash)s AND k.deleted_at IS NULL
@@ -209,3 +213,28 @@ SELECT to_regclass('import_sources') IS NOT NULL AS present;
 
 -- name: import_source_kek_versions
 SELECT DISTINCT kek_version FROM import_sources;
+
+-- KEK holders (kms/keys/kek_holders.py).
+
+-- name: publish_kek_holder
+-- Also forgets processes that died long ago (their rows are ignored from live_until on).
+WITH forgotten AS (DELETE FROM kek_holders WHERE live_until < now() - interval '1 day')
+INSERT INTO kek_holders (process_id, host, pid, worker_pid, kek_versions, check_values, live_until)
+VALUES (%(process_id)s, %(host)s, %(pid)s, %(worker_pid)s, %(kek_versions)s::integer[], %(check_values)s::bytea[],
+        now() + %(live_for)s * interval '1 millisecond')
+ON CONFLICT (process_id) DO UPDATE
+SET kek_versions = EXCLUDED.kek_versions, check_values = EXCLUDED.check_values, live_until = EXCLUDED.live_until;
+
+-- name: forget_kek_holder
+DELETE FROM kek_holders WHERE process_id = %(process_id)s;
+
+-- name: live_kek_holders
+SELECT host, pid, worker_pid, kek_versions, check_values FROM kek_holders
+WHERE live_until > now()
+ORDER BY host, pid, worker_pid;
+
+-- name: known_kek_versions
+-- Every KEK version some process of this deployment was ever configured with: start-up records
+-- each one's check value (secret_checks, under KEK or KEK_<n>).
+SELECT CASE WHEN name = 'KEK' THEN 1 ELSE substr(name, 5)::integer END AS kek_version, check_value
+FROM secret_checks WHERE name = 'KEK' OR name ~ '^KEK_[0-9]+$';

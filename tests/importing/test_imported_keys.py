@@ -5,9 +5,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from kms.config import ConfigError, generate_secret
+from kms.config import generate_secret
 from kms.keys.service import hash_key_reference
-from tests.conftest import HttpClient, bearer, serve_in_thread, stop_server
+from tests.conftest import AuthActions, HttpClient, bearer, serve_in_thread, stop_server
 from tests.importing.conftest import CLIENTS
 from tests.test_go_clients import raw_url_decode
 
@@ -142,9 +142,17 @@ def test_kek_rotation_re_wraps_the_kept_secret_and_imported_keys_are_still_found
     assert dek(answer) == populated.deks[("billing-svc", "ledger", 1)]
 
 
-def test_start_up_refuses_to_go_without_the_kek_the_kept_secret_is_wrapped_with(seed, import_seed, another_app):
+def test_a_server_without_the_kek_the_kept_secret_is_wrapped_with_starts_and_answers_503(seed, import_seed,
+                                                                                           another_app):
     seed.sign_up("lone-svc", "Lone-passw0rd!!")  # a client and no key: only the kept secret is under KEK 1
     assert import_seed().exit_code == 0
-    with pytest.raises(ConfigError) as refused:
-        another_app(KEK="", KEK_2=generate_secret())
-    assert "KEK" in str(refused.value)
+    lacking = another_app(KEK="", KEK_2=generate_secret())  # starts: one secret it cannot open stops nothing
+    server, base_url = serve_in_thread(lacking, threads=2)
+    try:
+        with HttpClient(base_url) as http:
+            token = AuthActions(http).new_client("fresh-svc")
+            answer = http.get("/keys/anything", headers=bearer(token))  # a miss looks among the imported keys
+    finally:
+        stop_server(server)
+    assert answer.status_code == 503 and answer.json()["error"] == "kek_unavailable"
+    assert int(answer.headers["Retry-After"]) > 0

@@ -1,12 +1,14 @@
 """The Python SDK against a live KMS (its command line: test_command_line.py)."""
 import json
+import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from kms_client import Client, KmsError
+from kms_client import Client, KmsError, KmsUnreachable
 from tests.conftest import CLIENT_PASSWORD, bearer
 
 
@@ -191,3 +193,57 @@ def test_an_unreachable_kms_reads_as_its_reason():
         Client(base_url=f"http://127.0.0.1:{port}", clientname="svc-x", password="p").ping()
     assert str(error.value).startswith(f"no answer from http://127.0.0.1:{port} (")
     assert error.value.status == 0 and error.value.code == "unreachable"
+
+
+def resetting_server(resets: int):
+    """A server that reads each request and resets its connection (RST, no answer) the first
+    `resets` times, then answers a key look-up: the requests' methods, as they came."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    methods = []
+    key = {"dek": "A" * 43, "version": 1, "encoding": "base64url (RFC 4648)", "expiresAt": "2099-01-01T00:00:00Z"}
+    body = json.dumps({"decryptWith": key, "encryptWith": key}).encode()
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                methods.append(request.split(b" ", 1)[0].decode())
+                if len(methods) <= resets:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+                    continue
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, methods
+
+
+def test_a_get_whose_connection_is_reset_is_sent_once_more():
+    listener, methods = resetting_server(resets=1)
+    try:
+        kms = Client(base_url=f"http://127.0.0.1:{listener.getsockname()[1]}", retries=0)
+        kms._token, kms._token_expires = "t", time.time() + 3600
+        assert kms.get_key("invoices-db").encrypt_with.version == 1
+        assert methods == ["GET", "GET"]
+    finally:
+        listener.close()
+
+
+def test_a_get_reset_twice_and_other_methods_reset_once_are_unreachable():
+    listener, methods = resetting_server(resets=3)
+    try:
+        kms = Client(base_url=f"http://127.0.0.1:{listener.getsockname()[1]}")
+        kms._token, kms._token_expires = "t", time.time() + 3600
+        with pytest.raises(KmsUnreachable):
+            kms.get_key("invoices-db")  # sent twice: once more after the reset, no more
+        with pytest.raises(KmsUnreachable):
+            kms.delete_key("invoices-db")  # not sent again: a second delete would answer 404
+        assert methods == ["GET", "GET", "DELETE"]
+    finally:
+        listener.close()
