@@ -14,7 +14,8 @@ from kms.keyproviders.opening import open_keks
 from kms.keys.imported import source_kek_versions
 from kms.observability.metrics import Metrics
 from kms.observability.probes import ProbeAnswers
-from kms.rows import backfill_row_macs
+from kms.operations.keycache import OperationKeys
+from kms.rows import backfill_row_macs, remac_key_rows
 
 log = logging.getLogger("kms")
 
@@ -35,6 +36,7 @@ class Kms:
     refusals: RefusalCounts
     probes: ProbeAnswers
     recent_logins: RecentLogins
+    operation_keys: OperationKeys
 
     @classmethod
     def open(cls, settings: Settings, *, pool_size: int | None = None, hash_gate=None) -> "Kms":
@@ -54,6 +56,7 @@ class Kms:
             refusals=RefusalCounts(),
             probes=ProbeAnswers(settings.probe_cache_ms / 1000),
             recent_logins=RecentLogins(settings.login_repeat_window_ms / 1000),
+            operation_keys=OperationKeys(settings.operation_key_cache_ms / 1000),
         )
 
     @classmethod
@@ -74,7 +77,11 @@ class Kms:
             _check_secrets(cur, self)
             backfill_row_macs(cur, self)
 
-        return db.migrate(self.settings.database_url, steps={"row_macs": row_macs})
+        def key_row_macs(cur):  # migration 008: the key rows' MACs cover `exportable` too
+            _check_secrets(cur, self)
+            remac_key_rows(cur, self)
+
+        return db.migrate(self.settings.database_url, steps={"row_macs": row_macs, "key_row_macs": key_row_macs})
 
     def prepare(self) -> list[str]:
         """Once per server start, before serving: migrate, check the secrets against the stored

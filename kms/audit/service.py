@@ -22,7 +22,7 @@ SEAL_BATCH = 2000
 
 
 def _event(ctx: Context, action: str, outcome: str, target: str | None, version: int | None,
-           actor: str | None, repeats: int | None = None) -> dict:
+           actor: str | None, repeats: int | None = None, detail: str | None = None) -> dict:
     return {
         "event_id": time_ordered_uuid(),
         "at": datetime.now(timezone.utc).isoformat(),  # as _text() gives it: the MAC covers this text
@@ -34,22 +34,25 @@ def _event(ctx: Context, action: str, outcome: str, target: str | None, version:
         "request_id": ctx.request_id,
         "source_ip": ctx.source_ip,
         "repeats": repeats,
+        "detail": detail,
     }
 
 
 def new_event(ctx: Context, action: str, outcome: str = "success", *, target: str | None = None,
-              version: int | None = None, actor: str | None = None, repeats: int | None = None) -> dict:
-    """The parameters of one insert_audit_event, with its MAC."""
-    event = _event(ctx, action, outcome, target, version, actor, repeats)
+              version: int | None = None, actor: str | None = None, repeats: int | None = None,
+              detail: str | None = None) -> dict:
+    """The parameters of one insert_audit_event, with its MAC. `detail`: JSON text saying what a
+    batch touched (never a secret, a plaintext, a ciphertext or a context value)."""
+    event = _event(ctx, action, outcome, target, version, actor, repeats, detail)
     event["row_mac"] = row_mac(ctx.kms.audit_key, event)
     return event
 
 
 def record(cur, ctx: Context, action: str, outcome: str = "success", *, target: str | None = None,
-           version: int | None = None, actor: str | None = None, defer: bool = False):
+           version: int | None = None, actor: str | None = None, defer: bool = False, detail: str | None = None):
     """Write an event in the caller's transaction: it commits with the change it describes.
     `defer`: sent with the transaction's next statement or its COMMIT (db.transaction)."""
-    event = new_event(ctx, action, outcome, target=target, version=version, actor=actor)
+    event = new_event(ctx, action, outcome, target=target, version=version, actor=actor, detail=detail)
     db.execute_prepared(cur, "insert_audit_event", event, defer=defer)
 
 
@@ -101,6 +104,8 @@ def _mac_parts(event: dict) -> list[bytes]:
     parts = [_text(event[name]) for name in MAC_FIELDS]
     if event.get("repeats") is not None:  # a part only when set: rows from before it keep their MAC
         parts.append(b"repeats=" + _text(event["repeats"]))
+    if event.get("detail") is not None:  # likewise
+        parts.append(b"detail=" + _text(event["detail"]))
     return parts
 
 
@@ -315,7 +320,7 @@ def public_event(row) -> dict:
     return {"seq": row.seq, "at": row.at, "actor": row.actor, "action": row.action, "target": row.target,
             "version": row.version, "outcome": row.outcome,
             "requestId": str(row.request_id) if row.request_id else None, "sourceIp": row.source_ip,
-            "repeats": row.repeats}
+            "repeats": row.repeats, "detail": row.detail}
 
 
 def list_events(ctx: Context, after: int, limit: int) -> list[dict]:

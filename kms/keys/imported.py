@@ -95,7 +95,7 @@ def claim_imported_key(cur, kms, owner_id: uuid.UUID, reference: str, ref_hash: 
         "ref_enc": kms.keyring.encrypt_field(reference, b"key-reference", owner_id.bytes, ref_hash),
         "row_mac": KEYS.mac(kms, id=row.id, client_id=owner_id, ref_hash=ref_hash, current_version=row.current_version,
                             retired_below=row.retired_below, deleted=row.deleted,
-                            rotation_period_ms=row.rotation_period_ms)})
+                            rotation_period_ms=row.rotation_period_ms, exportable=row.exportable)})
     return row.id
 
 
@@ -118,7 +118,7 @@ def insert_imported_key(cur, kms, owner_id: uuid.UUID, original_hash: bytes, ver
                                                          "wrapped_dek": wrapped})
     key = {"id": row.id, "client_id": owner_id, "ref_hash": ref_hash,
            "current_version": max(version.version for version in versions), "retired_below": retired_below,
-           "deleted": False, "rotation_period_ms": None}
+           "deleted": False, "rotation_period_ms": None, "exportable": True}
     cur.execute(db.sql.update_key, {**key, "row_mac": KEYS.mac(kms, **key), "wait": timedelta(0)})
     return row.id, ref_hash
 

@@ -1,8 +1,8 @@
 -- name: insert_audit_event
 INSERT INTO audit_events (event_id, at, actor, action, target, version, outcome, request_id, source_ip, repeats,
-                          row_mac)
+                          detail, row_mac)
 VALUES (%(event_id)s, %(at)s, %(actor)s, %(action)s, %(target)s, %(version)s, %(outcome)s,
-        %(request_id)s, %(source_ip)s, %(repeats)s, %(row_mac)s);
+        %(request_id)s, %(source_ip)s, %(repeats)s, %(detail)s, %(row_mac)s);
 
 -- name: count_refusal
 -- This refusal's count in its window (per action, outcome and source): 1 means it is the first.
@@ -18,7 +18,7 @@ WHERE window_start <= now() - %(window_s)s * interval '1 second' OR %(all)s::boo
 RETURNING action, outcome, source_ip, window_start, count;
 
 -- name: audit_events_after
-SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip, repeats
+SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip, repeats, detail
 FROM audit_events WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s;
 
 -- name: try_lock_audit_sealer
@@ -61,7 +61,7 @@ WHERE e.seq = batch.seq;
 SELECT coalesce(max(chain_pos), 0) AS length FROM audit_events;
 
 -- name: sealed_audit_chain
-SELECT seq, event_id, at, actor, action, target, version, outcome, request_id, source_ip, repeats, row_mac,
+SELECT seq, event_id, at, actor, action, target, version, outcome, request_id, source_ip, repeats, detail, row_mac,
        chain_pos, chain_hash, txid::text, chain_format
 FROM audit_events WHERE chain_pos > %(after_pos)s ORDER BY chain_pos LIMIT %(limit)s;
 
@@ -69,7 +69,8 @@ FROM audit_events WHERE chain_pos > %(after_pos)s ORDER BY chain_pos LIMIT %(lim
 SET LOCAL synchronous_commit TO off;
 
 -- name: audit_export_page
-SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip, repeats, chain_pos, chain_hash
+SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip, repeats, detail, chain_pos,
+       chain_hash
 FROM audit_events WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s;
 
 -- name: audit_backlog

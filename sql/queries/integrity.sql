@@ -17,8 +17,15 @@ SELECT id, token_hash, name_hash, role, expires_at, used_at IS NOT NULL AS used 
 UPDATE signup_tokens SET row_mac = %(row_mac)s WHERE id = %(id)s;
 
 -- name: keys_for_row_macs
-SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL AS deleted, rotation_period_ms
+-- Before migration 008 every key was exportable (and the column does not exist yet).
+SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL AS deleted, rotation_period_ms,
+       true AS exportable
 FROM keys WHERE row_mac IS NULL;
+
+-- name: keys_to_remac
+SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL AS deleted, rotation_period_ms,
+       exportable, row_mac
+FROM keys WHERE row_mac IS NOT NULL ORDER BY id FOR UPDATE;
 
 -- name: set_key_row_mac
 UPDATE keys SET row_mac = %(row_mac)s WHERE id = %(id)s;

@@ -10,7 +10,8 @@
 -- after the other, so this probe of one primary-key entry says what max(version) would, for less
 -- work. (A writer who also deletes the newer versions defeats either check, and destroys their
 -- DEKs: docs/SECURITY.md.)
--- No row at all means the token is not live; outcome says what the caller gets.
+-- No row at all means the token is not live; outcome says what the caller gets (a key that is not
+-- exportable gives no DEK: the server-side operations use it).
 -- Of the session and client rows, only the columns the WHERE clause does not pin already come back
 -- (the caller's ids are the token's, a live session is not revoked, an active client's epoch is
 -- its session's); the expiry comes as text, as building a datetime costs more than the check, and
@@ -25,13 +26,14 @@ WITH caller AS (
       AND s.revoked_at IS NULL AND s.expires_at > now() AND c.status = 'active' AND s.epoch = c.session_epoch
 ), found AS (
     SELECT caller.expires_at, caller.epoch, caller.s_mac, caller.name_hash, caller.password_hash, caller.role,
-           caller.c_mac, k.id AS key_id, k.current_version, k.retired_below, k.rotation_period_ms,
+           caller.c_mac, k.id AS key_id, k.current_version, k.retired_below, k.rotation_period_ms, k.exportable,
            k.row_mac AS k_mac, nxt.version IS NOT NULL AS superseded,
            k.rotation_period_ms IS NOT NULL
              AND cur.created_at + k.rotation_period_ms * interval '1 millisecond' <= now() AS rotation_due,
            cur.kek_version AS cur_kek, cur.wrapped_dek AS cur_wrapped,
            req.version AS req_version, req.kek_version AS req_kek, req.wrapped_dek AS req_wrapped,
            CASE WHEN k.id IS NULL OR (%(version)s::integer IS NOT NULL AND req.version IS NULL) THEN 'not_found'
+                WHEN NOT k.exportable THEN 'not_exportable'
                 WHEN %(version)s::integer < k.retired_below THEN 'gone'
                 ELSE 'success' END AS outcome
     FROM caller
@@ -48,7 +50,8 @@ WITH caller AS (
 SELECT expires_at::text AS session_expires_at, epoch AS session_epoch, s_mac AS session_row_mac,
        name_hash AS client_name_hash, password_hash AS client_password_hash, role AS client_role,
        c_mac AS client_row_mac, key_id, current_version AS key_current_version,
-       retired_below AS key_retired_below, rotation_period_ms AS key_rotation_period_ms, k_mac AS key_row_mac,
+       retired_below AS key_retired_below, rotation_period_ms AS key_rotation_period_ms,
+       exportable AS key_exportable, k_mac AS key_row_mac,
        superseded, rotation_due, cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome
 FROM found;
 
@@ -65,7 +68,7 @@ RETURNING id;
 -- name: update_key
 -- Every change of what a key serves writes its MAC anew (kms.rows).
 UPDATE keys SET current_version = %(current_version)s, retired_below = %(retired_below)s,
-                rotation_period_ms = %(rotation_period_ms)s, row_mac = %(row_mac)s,
+                rotation_period_ms = %(rotation_period_ms)s, exportable = %(exportable)s, row_mac = %(row_mac)s,
                 deleted_at = CASE WHEN %(deleted)s THEN coalesce(deleted_at, now()) END,
                 destroy_after = CASE WHEN %(deleted)s THEN coalesce(destroy_after, now() + %(wait)s) END
 WHERE id = %(id)s;
@@ -77,21 +80,22 @@ VALUES (%(key_id)s, %(version)s, 'in-use', %(kek_version)s, %(wrapped_dek)s);
 -- name: lock_key
 -- The caller's key row with what its MAC covers (kms.rows), locked: rotations queue here.
 SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL AS deleted,
-       rotation_period_ms, row_mac
+       rotation_period_ms, exportable, row_mac
 FROM keys
 WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s AND (deleted_at IS NULL) <> %(deleted)s
 FOR UPDATE;
 
 -- name: lock_key_if_free
 SELECT k.id, k.client_id, k.ref_hash, k.current_version, k.retired_below, false AS deleted, k.rotation_period_ms,
-       k.row_mac, k.rotation_period_ms IS NOT NULL
+       k.exportable, k.row_mac, k.rotation_period_ms IS NOT NULL
          AND v.created_at + k.rotation_period_ms * interval '1 millisecond' <= now() AS due
 FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.version = k.current_version
 WHERE k.id = %(key_id)s AND k.deleted_at IS NULL
 FOR UPDATE OF k SKIP LOCKED;
 
 -- name: lock_owner_keys
-SELECT id, client_id, ref_hash, current_version, retired_below, false AS deleted, rotation_period_ms, row_mac
+SELECT id, client_id, ref_hash, current_version, retired_below, false AS deleted, rotation_period_ms, exportable,
+       row_mac
 FROM keys WHERE client_id = %(client_id)s AND deleted_at IS NULL
 ORDER BY id FOR UPDATE;
 
@@ -110,8 +114,8 @@ DELETE FROM keys WHERE id = %(key_id)s;
 SELECT deleted_at IS NOT NULL AS deleted FROM keys WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s;
 
 -- name: key_metadata
-SELECT k.ref_hash, k.ref_enc, k.current_version, k.rotation_period_ms, k.created_at, v.created_at AS rotated_at,
-       k.destroy_after
+SELECT k.ref_hash, k.ref_enc, k.current_version, k.rotation_period_ms, k.exportable, k.created_at,
+       v.created_at AS rotated_at, k.destroy_after
 FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.version = k.current_version
 WHERE k.client_id = %(client_id)s AND (%(ref_hash)s::bytea IS NULL OR k.ref_hash = %(ref_hash)s)
 ORDER BY k.created_at, k.id;
@@ -175,7 +179,7 @@ SELECT 1 FROM keys WHERE client_id = %(client_id)s AND ref_hash = ANY(%(candidat
 -- The caller's imported key, not named yet, with what its MAC covers; a parallel request moving it
 -- first leaves nothing to find here once it commits.
 SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL AS deleted,
-       rotation_period_ms, row_mac
+       rotation_period_ms, exportable, row_mac
 FROM keys
 WHERE client_id = %(client_id)s AND ref_hash = ANY(%(candidates)s)
 FOR UPDATE;
@@ -206,3 +210,58 @@ SELECT to_regclass('import_sources') IS NOT NULL AS present;
 
 -- name: import_source_kek_versions
 SELECT DISTINCT kek_version FROM import_sources;
+
+-- name: use_key
+-- The server-side operations' one statement (kms/operations): the token check, the key row with
+-- what its MAC covers, the wrapped DEKs of the current version and of the versions named (a
+-- batch's ciphertexts may name several), and, when the request was worked out already with DEKs
+-- unwrapped earlier (kms.operations.keycache), its audit record. That record is written only if
+-- the key row still is what the work assumed: the same key, every version used still served, and
+-- for encryption the same current version, not due for rotation. Otherwise nothing is written, the
+-- service sees why in the columns and works the request out again from what this read. Columns
+-- are named as lookup_key names them, so the same checks read them (kms.keys.service.check_key_read);
+-- which versions are served is read off the key row, never off key_versions.state.
+WITH caller AS (
+    SELECT s.expires_at, s.epoch, s.row_mac AS s_mac, c.id, c.name_hash, c.password_hash, c.role,
+           c.row_mac AS c_mac
+    FROM sessions s JOIN clients c ON c.id = s.client_id
+    WHERE s.jti = %(jti)s AND s.client_id = %(client_id)s
+      AND s.revoked_at IS NULL AND s.expires_at > now() AND c.status = 'active' AND s.epoch = c.session_epoch
+), found AS (
+    SELECT caller.expires_at, caller.epoch, caller.s_mac, caller.name_hash, caller.password_hash, caller.role,
+           caller.c_mac, k.id AS key_id, k.current_version, k.retired_below, k.rotation_period_ms, k.exportable,
+           k.row_mac AS k_mac,
+           EXISTS (SELECT 1 FROM key_versions nxt WHERE nxt.key_id = k.id AND nxt.version = k.current_version + 1)
+             AS superseded,
+           k.rotation_period_ms IS NOT NULL
+             AND (SELECT cur.created_at FROM key_versions cur WHERE cur.key_id = k.id AND cur.version = k.current_version)
+                 + k.rotation_period_ms * interval '1 millisecond' <= now() AS rotation_due
+    FROM caller
+    LEFT JOIN keys k ON k.client_id = caller.id AND k.ref_hash = %(ref_hash)s AND k.deleted_at IS NULL
+), audited AS (
+    INSERT INTO audit_events (event_id, at, actor, action, target, version, outcome, request_id, source_ip, detail,
+                              row_mac)
+    SELECT %(event_id)s::uuid, %(at)s::timestamptz, %(actor)s::text, %(action)s::text, encode(%(ref_hash)s, 'hex'),
+           %(version)s::integer, %(outcome)s::text, %(request_id)s::uuid, %(source_ip)s::text, %(detail)s::text,
+           %(row_mac)s::bytea
+    FROM found
+    WHERE %(audit)s::boolean AND found.key_id = %(expect_key_id)s::bigint AND NOT found.superseded
+      AND found.retired_below <= %(lowest_version)s::integer AND found.current_version >= %(highest_version)s::integer
+      AND (%(expect_current)s::integer IS NULL
+           OR (found.current_version = %(expect_current)s::integer AND found.rotation_due IS NOT TRUE))
+)
+SELECT found.expires_at::text AS session_expires_at, found.epoch AS session_epoch, found.s_mac AS session_row_mac,
+       found.name_hash AS client_name_hash, found.password_hash AS client_password_hash, found.role AS client_role,
+       found.c_mac AS client_row_mac, found.key_id, found.current_version AS key_current_version,
+       found.retired_below AS key_retired_below, found.rotation_period_ms AS key_rotation_period_ms,
+       found.exportable AS key_exportable, found.k_mac AS key_row_mac, found.superseded, found.rotation_due,
+       served.versions, served.kek_versions, served.wrapped_deks
+FROM found
+LEFT JOIN LATERAL (
+    SELECT array_agg(v.version ORDER BY v.version) AS versions, array_agg(v.kek_version ORDER BY v.version) AS kek_versions,
+           array_agg(v.wrapped_dek ORDER BY v.version) AS wrapped_deks
+    FROM key_versions v
+    WHERE %(read_deks)s::boolean AND v.key_id = found.key_id
+      AND (v.version = found.current_version OR v.version = ANY(%(versions)s::integer[]))
+      AND v.wrapped_dek IS NOT NULL
+) served ON true;
