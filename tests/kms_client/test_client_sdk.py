@@ -39,13 +39,15 @@ def test_encrypt_and_decrypt_round_trip_with_associated_data(sdk):
         sdk.decrypt("invoices", tampered, aad=b"invoice:42")
 
 
-def test_blobs_record_their_key_version_and_survive_rotation(sdk):
+@pytest.mark.parametrize("local", [False, True], ids=["server", "local"])
+def test_blobs_record_their_key_version_and_survive_rotation(sdk, local):
     sdk.generate_key("invoices")
-    old = sdk.encrypt("invoices", b"before")
+    old = sdk.encrypt("invoices", b"before", local=local)
     assert sdk.rotate_key("invoices").version == 2
-    new = sdk.encrypt("invoices", b"after")
-    assert old[4:8] == b"\x00\x00\x00\x01" and new[4:8] == b"\x00\x00\x00\x02"
-    assert sdk.decrypt("invoices", old) == b"before" and sdk.decrypt("invoices", new) == b"after"
+    new = sdk.encrypt("invoices", b"after", local=local)
+    assert old[17:21] == b"\x00\x00\x00\x01" and new[17:21] == b"\x00\x00\x00\x02"
+    assert sdk.decrypt("invoices", old, local=local) == b"before"
+    assert sdk.decrypt("invoices", new, local=local) == b"after"
 
 
 def logins(db, outcome="success") -> int:
@@ -68,11 +70,11 @@ def test_deks_are_cached_until_they_expire_then_fetched_again(sdk, db, monkeypat
     sdk.generate_key("invoices")
     before = lookups(db)
     for _ in range(5):
-        sdk.encrypt("invoices", b"x")
+        sdk.encrypt("invoices", b"x", local=True)
     assert lookups(db) == before + 1  # one look-up, then the cache
     assert "dek" not in repr(sdk.get_key("invoices").encrypt_with)
     clock.offset = 5 * 60 + 1  # past the expiresAt the KMS gave (5 minutes)
-    sdk.encrypt("invoices", b"x")
+    sdk.encrypt("invoices", b"x", local=True)
     assert lookups(db) == before + 2
 
 
@@ -201,9 +203,10 @@ def test_command_line_covers_every_command(live_server, auth):
     assert latest["encryptWith"] == rotated
     old = json.loads(run_cli(live_server, "get", "cli-key", "--version", "1", user="cli-svc").stdout)
     assert old["decryptWith"] == first and old["encryptWith"] == rotated
-    blob = run_cli(live_server, "encrypt", "cli-key", "--aad", "ctx", stdin=b"hello", user="cli-svc")
-    assert blob.returncode == 0
-    plain = run_cli(live_server, "decrypt", "cli-key", "--aad", "ctx", stdin=blob.stdout, user="cli-svc")
+    blob = run_cli(live_server, "encrypt", "cli-key", "--context", "purpose=test", stdin=b"hello", user="cli-svc")
+    assert blob.returncode == 0, blob.stderr
+    plain = run_cli(live_server, "decrypt", "--ref", "cli-key", "--context", "purpose=test", stdin=blob.stdout,
+                    user="cli-svc")
     assert plain.returncode == 0 and plain.stdout == b"hello"
     deleted = run_cli(live_server, "delete", "cli-key", user="cli-svc")
     assert deleted.returncode == 0 and deleted.stdout == b""
@@ -220,12 +223,12 @@ def test_command_line_errors_are_one_line_with_their_exit_code(sdk, live_server)
     assert unreachable.returncode == 3
     assert unreachable.stderr.count(b"\n") == 1 and b"check --url or KMS_BASE_URL" in unreachable.stderr
     garbage = run_cli(live_server, "decrypt", "k", stdin=b"this is not a blob at all")
-    assert garbage.returncode == 2 and garbage.stderr == b"kms-client: not a KMS blob\n"
+    assert garbage.returncode == 2 and garbage.stderr == b"kms-client: not a KMS stream or blob\n"
     sdk.generate_key("k")
-    blob = run_cli(live_server, "encrypt", "k", stdin=b"hello").stdout.strip()
-    altered = blob[:-6] + (b"AAAA" if blob[-6:-2] != b"AAAA" else b"BBBB") + blob[-2:]
+    sealed = run_cli(live_server, "encrypt", "k", stdin=b"hello").stdout
+    altered = sealed[:-1] + bytes([sealed[-1] ^ 1])
     tampered = run_cli(live_server, "decrypt", "k", stdin=altered)
-    assert tampered.returncode == 4
-    assert tampered.stderr == b"kms-client: the blob was altered, or the key or aad differs\n"
+    assert tampered.returncode == 4, tampered.stderr
+    assert tampered.stderr == b"kms-client: the stream was altered or truncated, or the key or context differs\n"
     usage = run_cli(live_server, "frobnicate")
     assert usage.returncode == 2
