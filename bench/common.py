@@ -207,6 +207,11 @@ function setup(thread)
 end
 function init(args)
   method, path, body_kind, token, prefix = args[1], args[2], args[3], args[4], args[5]
+  if body_kind == "file" then  -- the same JSON body every time, read once from the file named by prefix
+    local file = io.open(prefix, "rb")
+    file_body = file:read("*a")
+    file:close()
+  end
 end
 function request()
   counter = counter + 1
@@ -215,6 +220,9 @@ function request()
   if body_kind == "generate" then
     headers["Content-Type"] = "application/json"
     body = '{"keyReference":"' .. prefix .. '-' .. tid .. '-' .. counter .. '"}'
+  elseif body_kind == "file" then
+    headers["Content-Type"] = "application/json"
+    body = file_body
   elseif body_kind == "login" then
     headers = {["Content-Type"] = "application/json"}
     body = token

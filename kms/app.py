@@ -24,6 +24,7 @@ from kms.keys.routes import bp as keys_bp
 from kms.observability.metrics import database_collector
 from kms.observability.middleware import RequestObserver
 from kms.observability.routes import bp as operations_bp
+from kms.operations.routes import bp as key_operations_bp
 from kms.runtime import Kms
 from kms.web import envelope
 from kms.web.limits import UnverifiedLimiter
@@ -33,7 +34,7 @@ from schemas.common import ErrorSchema
 log = logging.getLogger("kms")
 
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
-BLUEPRINTS = (auth_bp, keys_bp, clients_bp, audit_bp, operations_bp)
+BLUEPRINTS = (auth_bp, keys_bp, key_operations_bp, clients_bp, audit_bp, operations_bp)
 
 
 class KmsFlask(Flask):

@@ -83,7 +83,7 @@ class Settings:
     login_failure_window_ms: int = 15 * MINUTE_MS
     login_repeat_window_ms: int = MINUTE_MS
     trusted_proxy_hops: int = 0
-    max_body_bytes: int = 64 * 1024
+    max_body_bytes: int = 1024 * 1024
     connection_limit: int = 1000
     connection_limit_per_source: int = 100
     server_unverified_threads: int = 0  # 0: a quarter of server_threads, at least 1
@@ -104,6 +104,11 @@ class Settings:
     pkcs11_module: str | None = None
     pkcs11_pin: str | None = field(default=None, repr=False)
     dek_cache_ms: int = 5 * MINUTE_MS
+    operation_max_plaintext_bytes: int = 4096
+    operation_max_batch: int = 100
+    operation_max_context_pairs: int = 16
+    operation_max_context_bytes: int = 1024
+    operation_key_cache_ms: int = 60_000
 
     def __repr__(self):  # never print secrets, even by accident
         return f"Settings(server={self.server_host}:{self.server_port})"
@@ -140,6 +145,9 @@ VARIABLES = {
     "AUDIT_KEY_LOOKUPS_DURABLE": "audit_key_lookups_durable", "AUDIT_HEAD_FILE": "audit_head_file",
     "AUDIT_FAIL_CLOSED_AFTER": "audit_fail_closed_after_ms", "AUDIT_SINK": "audit_sink",
     "LEGACY_SIGNUP_TOKENS": "legacy_signup_tokens",
+    "OPERATION_MAX_PLAINTEXT": "operation_max_plaintext_bytes", "OPERATION_MAX_BATCH": "operation_max_batch",
+    "OPERATION_MAX_CONTEXT_PAIRS": "operation_max_context_pairs",
+    "OPERATION_MAX_CONTEXT_BYTES": "operation_max_context_bytes", "OPERATION_KEY_CACHE": "operation_key_cache_ms",
 }
 
 
@@ -389,6 +397,16 @@ def load_settings(env: Mapping | None = None) -> Settings:
         pkcs11_pin=pkcs11_pin,
         hsm_dek_cache_ms=check(_int, env, "HSM_DEK_CACHE", DEFAULT.hsm_dek_cache_ms, maximum=3_600_000),
         hsm_dek_cache_size=check(_int, env, "HSM_DEK_CACHE_SIZE", DEFAULT.hsm_dek_cache_size, minimum=1, maximum=1_000_000),
+        operation_max_plaintext_bytes=check(_int, env, "OPERATION_MAX_PLAINTEXT", DEFAULT.operation_max_plaintext_bytes,
+                                            minimum=32, maximum=1024 * 1024),
+        operation_max_batch=check(_int, env, "OPERATION_MAX_BATCH", DEFAULT.operation_max_batch, minimum=1,
+                                  maximum=10_000),
+        operation_max_context_pairs=check(_int, env, "OPERATION_MAX_CONTEXT_PAIRS",
+                                          DEFAULT.operation_max_context_pairs, maximum=256),
+        operation_max_context_bytes=check(_int, env, "OPERATION_MAX_CONTEXT_BYTES",
+                                          DEFAULT.operation_max_context_bytes, maximum=64 * 1024),
+        operation_key_cache_ms=check(_int, env, "OPERATION_KEY_CACHE", DEFAULT.operation_key_cache_ms,
+                                     maximum=3_600_000),
     )
     problems.raise_any()
     return Settings(**values)

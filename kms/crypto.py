@@ -5,6 +5,7 @@ every one is bound to where it is stored through associated data, so a ciphertex
 another row fails to open instead of yielding another row's secret.
 """
 import base64
+import binascii
 import hmac
 import os
 import struct
@@ -36,10 +37,13 @@ class KekMissing(Exception):
         self.version = version
 
 
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def b64url(raw: bytes) -> str:
     """base64url without padding (RFC 4648, section 5), as the original KMS and Go's
     base64.RawURLEncoding write it: a DEK is 43 characters."""
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    return binascii.b2a_base64(raw, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode("ascii")
 
 
 def b64url_decode(text: str) -> bytes:

@@ -175,7 +175,8 @@ SESSIONS = MacdTable("sessions", ("jti", "client_id", "expires_at", "epoch", "re
 SIGNUP_TOKENS = MacdTable("signup_tokens", ("id", "token_hash", "name_hash", "role", "expires_at", "used",
                                             "revision"), 401, {"used": "used_at IS NOT NULL"})
 KEYS = MacdTable("keys", ("id", "client_id", "ref_hash", "current_version", "retired_below", "deleted",
-                          "rotation_period_ms", "revision"), 500, {"deleted": "deleted_at IS NOT NULL"})
+                          "rotation_period_ms", "exportable", "revision"), 500,
+                 {"deleted": "deleted_at IS NOT NULL"})
 # The audit chain's own state: whether a chain was ever started (so "no chain yet" can be told
 # from "chain wiped") and a tampering found and not yet acknowledged (kms.audit.chainstate).
 AUDIT_CHAIN_STATE = MacdTable("audit_chain_state", ("id", "chain_id", "started", "tampered", "revision"), 500)
@@ -227,4 +228,24 @@ def backfill_row_macs(cur, kms) -> int:
             columns = row._asdict()
             cur.execute(getattr(db.sql, update), {"id": columns[table.columns[0]], "row_mac": table.mac(kms, **columns)})
             written += 1
+    return written
+
+
+# Migration 009's step: the key rows' MACs over the declaration with `exportable`, each written only
+# once the row's MAC over the earlier declaration (every column but that one) checks out.
+KEYS_BEFORE_EXPORTABLE = MacdTable("keys", tuple(c for c in KEYS.columns if c != "exportable"), 500, KEYS.derived)
+
+
+def remac_key_rows(cur, kms) -> int:
+    """Migration 009's step, in its transaction: a row that checks out under neither declaration
+    (tampered before the upgrade) is left as it is, to be refused like any other bad row."""
+    written = 0
+    cur.execute(db.sql.keys_to_remac)
+    for row in cur.fetchall():
+        if kms.keyring.rows.verify(KEYS.purpose, KEYS.values(row)):
+            continue  # MAC'd over the new declaration already (by migration 004's backfill)
+        if not kms.keyring.rows.verify(KEYS_BEFORE_EXPORTABLE.purpose, KEYS_BEFORE_EXPORTABLE.values(row)):
+            continue
+        cur.execute(db.sql.set_key_row_mac, {"id": row.id, "row_mac": KEYS.mac(kms, **row._asdict())})
+        written += 1
     return written

@@ -20,7 +20,8 @@ from kms.keys.imported import source_kek_versions
 from kms.keys.kek_holders import held_check_values, refresh
 from kms.observability.metrics import Metrics
 from kms.observability.probes import ProbeAnswers
-from kms.rows import Revisions, backfill_row_macs
+from kms.operations.keycache import OperationKeys
+from kms.rows import Revisions, backfill_row_macs, remac_key_rows
 
 log = logging.getLogger("kms")
 
@@ -42,6 +43,7 @@ class Kms:
     probes: ProbeAnswers
     recent_logins: RecentLogins
     revisions: Revisions
+    operation_keys: OperationKeys
     # AUDIT_FAIL_CLOSED_AFTER: set while the oldest unsealed audit event is older than that
     # (kms.audit.freshness.ChangeFollower); audited work is then refused.
     audit_behind: bool = False
@@ -65,6 +67,7 @@ class Kms:
             probes=ProbeAnswers(settings.probe_cache_ms / 1000),
             recent_logins=RecentLogins(settings.login_repeat_window_ms / 1000),
             revisions=Revisions(),
+            operation_keys=OperationKeys(settings.operation_key_cache_ms / 1000),
         )
         kms.revisions.confirm = OlderCopyCheck(settings.database_url)
         return kms
@@ -90,7 +93,12 @@ class Kms:
             _check_secrets(cur, self)
             backfill_row_macs(cur, self)
 
-        return db.migrate(self.settings.database_url, steps={"row_macs_from_007": check_secrets, "row_macs": row_macs})
+        def key_row_macs(cur):  # migration 009: the key rows' MACs cover `exportable` too
+            _check_secrets(cur, self)
+            remac_key_rows(cur, self)
+
+        return db.migrate(self.settings.database_url, steps={"row_macs_from_007": check_secrets, "row_macs": row_macs,
+                                                             "key_row_macs": key_row_macs})
 
     def prepare(self) -> list[str]:
         """Once per server start, before serving: migrate, check the secrets against the stored

@@ -1,9 +1,11 @@
-"""Python SDK for the KMS: log in, fetch and cache DEKs, and encrypt/decrypt with them.
+"""Python SDK for the KMS: log in, encrypt and decrypt on the server, or fetch and cache DEKs and
+encrypt locally, in one ciphertext format either side reads.
 
     from kms_client import Client
     kms = Client()                                  # KMS_BASE_URL (required), KMS_USER, KMS_PASS
-    blob = kms.encrypt("invoices-db", b"secret", aad=b"invoice:42")
-    kms.decrypt("invoices-db", blob, aad=b"invoice:42")
+    blob = kms.encrypt("invoices-db", b"secret", {"invoice": "42"})      # the server encrypts
+    kms.decrypt("invoices-db", blob, {"invoice": "42"})
+    kms.encrypt("invoices-db", b"secret", {"invoice": "42"}, local=True)  # a fetched DEK, here
 
 Only the standard library and `cryptography`. DEKs are cached in memory until the server's
 `expiresAt`, in a bounded cache; the token until it expires. A 401 logs in again once; 429 and
@@ -28,10 +30,14 @@ from datetime import datetime
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["Client", "Key", "KeyBundle", "KmsError", "KmsUnreachable", "BlobError"]
+from kms_client import ciphertext, stream
 
 RETRIED_ON_RESET = frozenset({"GET"})  # methods sent again once when the connection is reset
-BLOB_MAGIC = b"KMS1"  # blob: magic | version (4 bytes, big endian) | nonce (12) | ciphertext+tag
+__all__ = ["Client", "DataKey", "Key", "KeyBundle", "KmsError", "KmsUnreachable", "BlobError"]
+
+# The earlier SDK's blobs, still read: magic | version (4 bytes, big endian) | nonce (12) | ciphertext+tag,
+# with the first 8 bytes and aad as associated data.
+BLOB_MAGIC = b"KMS1"
 
 
 class KmsError(Exception):
@@ -245,12 +251,18 @@ class Client:
         self._remember(cache_key, bundle)
         return bundle
 
-    def generate_key(self, reference: str) -> Key:
-        return _key(self._call("POST", "/keys/actions/generate", {"keyReference": reference}))
+    def generate_key(self, reference: str, exportable: bool = True) -> Key | None:
+        """The new key's DEK; None for a key made with exportable=False (its DEK never leaves the KMS)."""
+        body = {"keyReference": reference}
+        if not exportable:
+            body["exportable"] = False
+        answer = self._call("POST", "/keys/actions/generate", body)
+        return _key(answer) if "dek" in answer else None
 
-    def rotate_key(self, reference: str) -> Key:
+    def rotate_key(self, reference: str) -> Key | None:
         self._forget(reference)
-        return _key(self._call("POST", f"/keys/{_segment(reference)}/actions/rotate"))
+        answer = self._call("POST", f"/keys/{_segment(reference)}/actions/rotate")
+        return _key(answer) if "dek" in answer else None
 
     def delete_key(self, reference: str) -> None:
         self._forget(reference)
@@ -278,22 +290,197 @@ class Client:
         return self._call("POST", f"/keys/{_segment(reference)}/actions/set-rotation-period",
                           {"rotationPeriod": period_ms})
 
-    # Encryption with the key's DEK
 
-    def encrypt(self, reference: str, plaintext: bytes, aad: bytes = b"") -> bytes:
-        """AES-256-GCM under the key's current DEK; the blob records the version it used."""
-        key = self.get_key(reference).encrypt_with
-        header = BLOB_MAGIC + struct.pack(">I", key.version)
-        nonce = os.urandom(12)
-        return header + nonce + AESGCM(key.dek).encrypt(nonce, plaintext, header + aad)
+    def set_exportable(self, reference: str, exportable: bool = False) -> dict:
+        """Stop the key's DEK from ever being returned again (there is no way back)."""
+        self._forget(reference)
+        return self._call("POST", f"/keys/{_segment(reference)}/actions/set-exportable", {"exportable": exportable})
 
-    def decrypt(self, reference: str, blob: bytes, aad: bytes = b"") -> bytes:
-        if len(blob) < 8 + 12 + 16 or blob[:4] != BLOB_MAGIC:
+    # Keys that never leave the KMS: the server encrypts and decrypts
+
+    def _operation(self, reference: str, action: str, body: dict):
+        return self._call("POST", f"/keys/{_segment(reference)}/actions/{action}", body)
+
+    def _batches(self, reference: str, action: str, items: list[dict], batch_size: int) -> list:
+        """Each item's answer, in order, sending at most `batch_size` (the server's
+        OPERATION_MAX_BATCH, 100 by default) per request: a dict, or a KmsError for that item."""
+        answers: list = []
+        for start in range(0, len(items), batch_size):
+            body = self._operation(reference, action, {"items": items[start:start + batch_size]})
+            for result in body["results"]:
+                if "error" in result:
+                    answers.append(KmsError(result.get("status", 400), result["error"], result.get("message", "")))
+                else:
+                    answers.append(result)
+        return answers
+
+    def encrypt(self, reference: str, plaintext: bytes, context: dict | None = None, *, local: bool = False,
+                aad: bytes | None = None) -> bytes:
+        """A ciphertext of `plaintext` under the key's current version, bound to `context` (a flat
+        str -> str mapping, needed again to decrypt). The server encrypts, so the DEK never leaves
+        it; `local=True` fetches the DEK (exportable keys only, cached until `expiresAt`) and
+        encrypts here instead, in the same format. `aad` (bytes, the earlier SDK's) is bound as
+        the context {"aad": base64url(aad)}."""
+        context = _with_aad(context, aad)
+        if local:
+            key = self.get_key(reference).encrypt_with
+            return ciphertext.seal(key.dek, key.version, plaintext, context)
+        body = self._operation(reference, "encrypt", _item(plaintext=_b64(plaintext), context=context))
+        return _unb64(body["ciphertext"])
+
+    def decrypt(self, reference: str, blob: bytes, context: dict | None = None, *, local: bool = False,
+                aad: bytes | None = None) -> bytes:
+        """The plaintext of a ciphertext of this key made with the same context (by the server or
+        by `encrypt(local=True)`). A blob of the earlier SDK's format ("KMS1") is read locally,
+        with `aad` as it was bound. BlobError for anything that fails to decrypt."""
+        if len(blob) >= 4 and blob[:4] == BLOB_MAGIC:
+            return self._decrypt_legacy(reference, blob, aad or b"")
+        context = _with_aad(context, aad)
+        if local:
+            try:
+                key = self.get_key(reference, ciphertext.version_of(blob)).decrypt_with
+                return ciphertext.open_sealed(key.dek, blob, context)
+            except (ciphertext.Unreadable, KmsError) as error:
+                if isinstance(error, KmsError) and error.status not in (404,):
+                    raise
+                raise BlobError(DECRYPTION_FAILED) from None
+        try:
+            body = self._operation(reference, "decrypt", _item(ciphertext=_b64(blob), context=context))
+        except KmsError as error:
+            if error.code == "decryption_failed":
+                raise BlobError(DECRYPTION_FAILED) from None
+            raise
+        return _unb64(body["plaintext"])
+
+    def reencrypt(self, reference: str, blob: bytes, context: dict | None = None, *, to_reference: str | None = None,
+                  to_context: dict | None = None) -> bytes:
+        """The same plaintext under the current version of this key (or of `to_reference`), bound
+        to `to_context` (default: the same context); the plaintext never leaves the server."""
+        body = self._operation(reference, "reencrypt", _item(ciphertext=_b64(blob), context=context,
+                                                             toKeyReference=to_reference, toContext=to_context))
+        return _unb64(body["ciphertext"])
+
+    def generate_data_key(self, reference: str, context: dict | None = None, *, plaintext: bool = True) -> "DataKey":
+        """A fresh 32-byte data key, encrypted under the key (bound to `context`), with its
+        plaintext unless `plaintext=False`: for encrypting large data locally (envelope encryption)."""
+        body = self._operation(reference, "generate-data-key", _item(context=context, plaintext=plaintext))
+        return _data_key(body)
+
+    def encrypt_batch(self, reference: str, items, *, batch_size: int = 100) -> list:
+        """Items are plaintexts, or (plaintext, context) pairs; answers a ciphertext or a KmsError per item."""
+        bodies = [_item(plaintext=_b64(plain), context=context) for plain, context in _pairs(items)]
+        return [answer if isinstance(answer, KmsError) else _unb64(answer["ciphertext"])
+                for answer in self._batches(reference, "encrypt", bodies, batch_size)]
+
+    def decrypt_batch(self, reference: str, items, *, batch_size: int = 100) -> list:
+        """Items are ciphertexts, or (ciphertext, context) pairs; answers a plaintext or a KmsError per item."""
+        bodies = [_item(ciphertext=_b64(blob), context=context) for blob, context in _pairs(items)]
+        return [answer if isinstance(answer, KmsError) else _unb64(answer["plaintext"])
+                for answer in self._batches(reference, "decrypt", bodies, batch_size)]
+
+    def reencrypt_batch(self, reference: str, items, *, to_reference: str | None = None,
+                        to_context: dict | None = None, batch_size: int = 100) -> list:
+        """Items are ciphertexts, or (ciphertext, context) pairs; answers a ciphertext or a KmsError per item."""
+        bodies = [_item(ciphertext=_b64(blob), context=context, toKeyReference=to_reference, toContext=to_context)
+                  for blob, context in _pairs(items)]
+        return [answer if isinstance(answer, KmsError) else _unb64(answer["ciphertext"])
+                for answer in self._batches(reference, "reencrypt", bodies, batch_size)]
+
+    def generate_data_key_batch(self, reference: str, contexts, *, plaintext: bool = True,
+                                batch_size: int = 100) -> list:
+        """One data key per context given (None for none); a DataKey or a KmsError per item."""
+        bodies = [_item(context=context, plaintext=plaintext) for context in contexts]
+        return [answer if isinstance(answer, KmsError) else _data_key(answer)
+                for answer in self._batches(reference, "generate-data-key", bodies, batch_size)]
+
+    # Files of any size: one data key from the KMS, the data encrypted here in chunks (kms_client.stream)
+
+    def encrypt_stream(self, reference: str, source, sink, context: dict | None = None) -> int:
+        """Encrypt a binary file-like `source` into `sink`; returns the plaintext's size."""
+        data_key = self.generate_data_key(reference, context)
+        return stream.encrypt_stream(source, sink, data_key.plaintext, data_key.ciphertext)
+
+    def decrypt_stream(self, reference: str, source, sink, context: dict | None = None) -> int:
+        """Reverse encrypt_stream; BlobError (after writing what authenticated) if the stream fails."""
+        try:
+            fixed, chunk_bytes, prefix, wrapped_key = stream.read_header(source)
+            data_key = self.decrypt(reference, wrapped_key, context)
+            return stream.decrypt_chunks(source, sink, data_key, fixed, chunk_bytes, prefix)
+        except stream.StreamError as error:
+            raise BlobError(str(error)) from None
+
+    def reencrypt_stream(self, reference: str, source, sink, context: dict | None = None, *,
+                         to_reference: str | None = None, to_context: dict | None = None):
+        """Move a stream's data key to the current version of this key (or of `to_reference`);
+        the chunks are copied through unchanged, never decrypted."""
+        try:
+            fixed, chunk_bytes, prefix, wrapped_key = stream.read_header(source)
+        except stream.StreamError as error:
+            raise BlobError(str(error)) from None
+        try:
+            moved = self.reencrypt(reference, wrapped_key, context, to_reference=to_reference, to_context=to_context)
+        except KmsError as error:
+            if error.code == "decryption_failed":
+                raise BlobError(DECRYPTION_FAILED) from None
+            raise
+        sink.write(fixed + struct.pack(">H", len(moved)) + moved)
+        stream.copy_chunks(source, sink)
+
+    # The earlier SDK's blobs: read, never written
+
+    def _decrypt_legacy(self, reference: str, blob: bytes, aad: bytes) -> bytes:
+        if len(blob) < 8 + 12 + 16:
             raise BlobError("not a KMS blob")
-        header, nonce, ciphertext = blob[:8], blob[8:20], blob[20:]
+        header, nonce, sealed = blob[:8], blob[8:20], blob[20:]
         version = struct.unpack(">I", header[4:])[0]
         key = self.get_key(reference, version).decrypt_with
         try:
-            return AESGCM(key.dek).decrypt(nonce, ciphertext, header + aad)
+            return AESGCM(key.dek).decrypt(nonce, sealed, header + aad)
         except InvalidTag:
-            raise BlobError("the blob was altered, or the key or aad differs") from None
+            raise BlobError(DECRYPTION_FAILED) from None
+
+
+@dataclass(frozen=True, repr=False)
+class DataKey:
+    plaintext: bytes | None  # None when asked for without it
+    ciphertext: bytes  # the KMS's ciphertext of it: keep this, decrypt it with Client.decrypt
+    version: int
+
+    def __repr__(self):  # never print key material
+        return f"DataKey(version={self.version})"
+
+
+DECRYPTION_FAILED = "the ciphertext was altered, or the key or context differs"
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _item(**fields) -> dict:
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def _with_aad(context: dict | None, aad: bytes | None) -> dict | None:
+    if aad is None or aad == b"":
+        return context
+    if context:
+        raise ValueError("give context or aad, not both")
+    return {"aad": _b64(aad)}
+
+
+def _pairs(items):
+    for item in items:
+        if isinstance(item, tuple):
+            yield item[0], item[1]
+        else:
+            yield item, None
+
+
+def _data_key(body: dict) -> DataKey:
+    return DataKey(plaintext=_unb64(body["plaintext"]) if "plaintext" in body else None,
+                   ciphertext=_unb64(body["ciphertext"]), version=body["version"])

@@ -6,12 +6,18 @@ stdin), KMS_PASS, a prompt on the terminal (a new password at signup is asked tw
 taken from the command line, and nothing is asked before the KMS has answered.
 
 Secrets go to stdout only when they are the command's output (a DEK from get/generate/rotate,
-plaintext from decrypt); what a command did goes to stderr. Errors are one line on stderr.
+plaintext from decrypt, a data key from data-key); what a command did goes to stderr. Errors are
+one line on stderr.
+
+`encrypt` and `decrypt` stream files of any size: the KMS makes one data key per file, the data is
+encrypted here in authenticated chunks (kms_client/stream.py), and only the data key's ciphertext
+is kept with it. With `--lines`, each line of stdin is one value (base64url) sent to the KMS to
+encrypt, decrypt or reencrypt there, in batches, one line out per line in.
 
 Exit codes: 0 done; 1 the KMS refused (its error code and message are printed); 2 usage or
-unusable input (no password and no terminal, not a blob); 3 the KMS cannot be reached, or is
-unavailable or overloaded after retries (503, 429: try again later); 4 a blob failed
-authentication (altered, or another key or aad).
+unusable input (no password and no terminal, not a stream or blob); 3 the KMS cannot be reached,
+or is unavailable or overloaded after retries (503, 429: try again later); 4 a stream or
+ciphertext failed authentication (altered, truncated, or another key, context or aad).
 """
 import argparse
 import base64
@@ -22,7 +28,7 @@ import os
 import re
 import sys
 
-from kms_client import BlobError, Client, KmsError, KmsUnreachable
+from kms_client import BLOB_MAGIC, BlobError, Client, KmsError, KmsUnreachable, ciphertext, stream
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTEGRITY = 1, 2, 3, 4
 
@@ -49,6 +55,37 @@ def _duration_ms(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration: give a number with a unit (90m, 12h, 30d) "
                                          "or off")
     return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def _pair(text: str) -> tuple[str, str]:
+    """One --context NAME=VALUE."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name, value
+
+
+def _context(pairs, aad: str = "") -> dict | None:
+    """--context pairs, with --aad (the earlier kms-client's) bound as the SDK binds `aad`."""
+    context = dict(pairs) if pairs else None
+    if aad:
+        context = {**(context or {}), "aad": _b64(aad.encode())}
+    return context
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+
+
+def _unb64(text: str) -> bytes:
+    """base64url, padded or not; binascii.Error on anything else (no character skipped)."""
+    if not _BASE64URL.fullmatch(text):
+        raise binascii.Error("not base64url")
+    bare = text.rstrip("=")
+    return base64.urlsafe_b64decode(bare + "=" * (-len(bare) % 4))
 
 
 def _ask(prompt: str) -> str:
@@ -78,7 +115,7 @@ def _read_password(args, *, new: bool) -> str:
 
 
 def _key_json(key) -> dict:
-    return {"dek": base64.urlsafe_b64encode(key.dek).rstrip(b"=").decode(), "version": key.version}
+    return {"dek": _b64(key.dek), "version": key.version}
 
 
 def _print_json(value):
@@ -122,7 +159,8 @@ def versions(client: Client, args):
 
 
 def generate(client: Client, args):
-    _print_json(_key_json(client.generate_key(args.ref)))
+    key = client.generate_key(args.ref, exportable=not args.not_exportable)
+    _print_json(_key_json(key) if key else {"version": 1, "exportable": False})
 
 
 def get(client: Client, args):
@@ -131,7 +169,13 @@ def get(client: Client, args):
 
 
 def rotate(client: Client, args):
-    _print_json(_key_json(client.rotate_key(args.ref)))
+    key = client.rotate_key(args.ref)
+    _print_json(_key_json(key) if key else {"exportable": False})
+
+
+def set_not_exportable(client: Client, args):
+    _print_json(client.set_exportable(args.ref, False))
+    _done(f"{args.ref} is no longer exportable: its DEK never leaves the KMS again")
 
 
 def retire(client: Client, args):
@@ -156,18 +200,71 @@ def delete(client: Client, args):
           f"(`kms-client restore {args.ref}` until then)")
 
 
+def _lines(client: Client, args):
+    """One value per line of stdin (base64url), sent to the KMS in batches; one line out per line in.
+    An item the KMS refused gives an empty line and one line on stderr naming it (exit 1)."""
+    try:
+        blobs = [_unb64(line.strip()) for line in sys.stdin.read().splitlines() if line.strip()]
+    except (binascii.Error, ValueError):
+        raise Refused("--lines reads one base64url value per line") from None
+    items = [(blob, args.context) for blob in blobs]
+    if args.command == "encrypt":
+        answers = client.encrypt_batch(args.ref, items)
+    elif args.command == "decrypt":
+        answers = client.decrypt_batch(args.ref, items)
+    else:
+        answers = client.reencrypt_batch(args.ref, items, to_reference=args.to_ref, to_context=args.to_context)
+    failed = 0
+    for number, answer in enumerate(answers, 1):
+        if isinstance(answer, KmsError):
+            failed += 1
+            print(f"kms-client: line {number}: {answer.code}: {answer.message}", file=sys.stderr)
+            print()
+        else:
+            print(_b64(answer))
+    return EXIT_REFUSED if failed else 0
+
+
 def encrypt(client: Client, args):
-    blob = client.encrypt(args.ref, sys.stdin.buffer.read(), args.aad.encode())
-    print(base64.urlsafe_b64encode(blob).decode())
+    if args.lines:
+        return _lines(client, args)
+    client.encrypt_stream(args.ref, sys.stdin.buffer, sys.stdout.buffer, args.context)
 
 
 def decrypt(client: Client, args):
-    text = sys.stdin.read().strip()
+    if args.lines:
+        return _lines(client, args)
+    source = sys.stdin.buffer
+    head = source.peek(4)[:4] if hasattr(source, "peek") else b""
+    if head == stream.MAGIC:
+        client.decrypt_stream(args.ref, source, sys.stdout.buffer, args.context)
+        return
+    # a blob the earlier `kms-client encrypt` wrote, or a single ciphertext: base64url text
     try:
-        blob = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))  # padded or not
-    except (binascii.Error, ValueError):
-        raise Refused("stdin is not a blob from `kms-client encrypt` (base64url)") from None
-    sys.stdout.buffer.write(client.decrypt(args.ref, blob, args.aad.encode()))
+        blob = _unb64(source.read().decode().strip())
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        blob = b""
+    if not (blob[:4] == BLOB_MAGIC or ciphertext.is_ciphertext(blob)):
+        raise Refused("not a KMS stream or blob")
+    if blob[:4] == BLOB_MAGIC:
+        sys.stdout.buffer.write(client.decrypt(args.ref, blob, args.pairs_context, aad=args.aad.encode() or None))
+    else:
+        sys.stdout.buffer.write(client.decrypt(args.ref, blob, args.context))
+
+
+def reencrypt(client: Client, args):
+    if args.lines:
+        return _lines(client, args)
+    client.reencrypt_stream(args.ref, sys.stdin.buffer, sys.stdout.buffer, args.context, to_reference=args.to_ref,
+                            to_context=args.to_context)
+
+
+def data_key(client: Client, args):
+    key = client.generate_data_key(args.ref, args.context, plaintext=not args.no_plaintext)
+    answer = {"ciphertext": _b64(key.ciphertext), "version": key.version}
+    if key.plaintext is not None:
+        answer["plaintext"] = _b64(key.plaintext)
+    _print_json(answer)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -184,8 +281,9 @@ def parser() -> argparse.ArgumentParser:
     def command(name, run, help, *, ref=True):
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(run=run)
-        if ref:
-            sub.add_argument("ref", help="key reference, such as invoices-db")
+        if ref:  # REF or --ref REF
+            sub.add_argument("ref", nargs="?", help="key reference, such as invoices-db (or --ref REF)")
+            sub.add_argument("--ref", dest="ref_option", metavar="REF", default=None, help="key reference")
         return sub
 
     sub = command("signup", signup, "register with a one-time signup token and choose a password (asked twice)",
@@ -194,7 +292,9 @@ def parser() -> argparse.ArgumentParser:
     command("logout", logout, "log in and revoke that token at once (checks the password works)", ref=False)
     command("list", list_keys, "metadata of my keys as JSON (never DEK material)", ref=False)
     command("versions", versions, "a key's versions and their states as JSON")
-    command("generate", generate, "create a key; prints its DEK and version as JSON")
+    sub = command("generate", generate, "create a key; prints its DEK and version as JSON")
+    sub.add_argument("--not-exportable", action="store_true", help="its DEK never leaves the KMS (nothing printed "
+                     "but the version)")
     sub = command("get", get, "fetch a key's DEKs as JSON: decryptWith (--version, else current) and encryptWith")
     sub.add_argument("--version", type=int, default=None, help="the version to decrypt with")
     command("rotate", rotate, "make a new version the one to encrypt with; prints it as JSON")
@@ -205,10 +305,27 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("period_text", metavar="PERIOD", help="a duration with a unit (90m, 12h, 30d), or off")
     command("delete", delete, "stop serving a key now; it is destroyed after the KMS's deletion wait")
     command("restore", restore, "cancel a key's pending deletion")
-    for name, run, what in (("encrypt", encrypt, "encrypt stdin under the key's current DEK, here; prints a blob"),
-                            ("decrypt", decrypt, "decrypt a blob from `kms-client encrypt` on stdin, here")):
+    command("set-not-exportable", set_not_exportable, "never return the key's DEK again (there is no way back)")
+    context_help = "encryption context, bound to the ciphertext (repeat for more pairs)"
+    for name, run, what in (
+            ("encrypt", encrypt, "encrypt stdin to stdout: a stream under one data key from the KMS, encrypted here "
+                                 "(--lines: base64url values, encrypted on the KMS)"),
+            ("decrypt", decrypt, "decrypt what `kms-client encrypt` wrote (a stream, or a blob of the earlier one)"),
+            ("reencrypt", reencrypt, "move a stream's data key (or --lines values) to the current version of this "
+                                     "key or of --to-ref; the data is not read")):
         sub = command(name, run, what)
-        sub.add_argument("--aad", default="", help="associated data (text) bound to the blob")
+        sub.add_argument("--context", action="append", type=_pair, metavar="NAME=VALUE", help=context_help)
+        sub.add_argument("--lines", action="store_true",
+                         help="each stdin line is one base64url value for the KMS to work on")
+        if name != "reencrypt":
+            sub.add_argument("--aad", default="", help="associated data (text), as the earlier kms-client bound it")
+        else:
+            sub.add_argument("--to-ref", default=None, help="another key to move to")
+            sub.add_argument("--to-context", action="append", type=_pair, metavar="NAME=VALUE",
+                             help="the context to bind to instead (default: the same)")
+    sub = command("data-key", data_key, "print a fresh data key as JSON (plaintext and the ciphertext to keep)")
+    sub.add_argument("--context", action="append", type=_pair, metavar="NAME=VALUE", help=context_help)
+    sub.add_argument("--no-plaintext", action="store_true", help="only the data key's ciphertext")
     return top
 
 
@@ -220,11 +337,22 @@ def main(argv=None) -> int:
             args.period = _duration_ms(args.period_text)
         except argparse.ArgumentTypeError as problem:
             top.error(f"PERIOD: {problem}")
+    if "ref_option" in args:
+        if args.ref and args.ref_option and args.ref != args.ref_option:
+            top.error("two key references: give REF or --ref REF")
+        args.ref = args.ref_option or args.ref
+        if not args.ref:
+            top.error("a key reference is needed (REF or --ref REF)")
+    if "context" in args:
+        args.pairs_context = _context(args.context)
+        args.context = _context(args.context, getattr(args, "aad", ""))
+        if getattr(args, "to_context", None) is not None:
+            args.to_context = _context(args.to_context)
     if not args.url:
         top.error("no KMS to talk to: set KMS_BASE_URL or give --url (such as https://kms.internal)")
     if not args.user:
         top.error("no client name: set KMS_USER or give --user")
-    if args.password_stdin and args.command in ("encrypt", "decrypt"):
+    if args.password_stdin and args.command in ("encrypt", "decrypt", "reencrypt"):
         top.error(f"{args.command} reads its input from stdin: give the password in KMS_PASS instead")
     try:
         client = Client(base_url=args.url, clientname=args.user, password="", verify=not args.insecure)
@@ -235,7 +363,7 @@ def main(argv=None) -> int:
         if args.command != "signup":
             client.use_password(_read_password(args, new=False))
             client.login()
-        args.run(client, args)
+        code = args.run(client, args)
     except Refused as problem:
         print(f"kms-client: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -244,7 +372,7 @@ def main(argv=None) -> int:
         return EXIT_UNREACHABLE
     except BlobError as error:
         print(f"kms-client: {error}", file=sys.stderr)
-        return EXIT_USAGE if error.message == "not a KMS blob" else EXIT_INTEGRITY
+        return EXIT_USAGE if error.message in ("not a KMS blob", "not a KMS stream") else EXIT_INTEGRITY
     except KmsError as error:
         if error.status in (429, 503):
             print(f"kms-client: {error} (still, after retries: try again later)", file=sys.stderr)
@@ -256,7 +384,7 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

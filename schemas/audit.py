@@ -20,6 +20,9 @@ class AuditEvent(Schema):
     sourceIp = fields.String(allow_none=True)
     repeats = fields.Integer(allow_none=True, metadata={
         "description": "How many more times the same refusal came from this source in its minute (null: once)."})
+    detail = fields.String(allow_none=True, metadata={
+        "description": "JSON: what one event standing for a batch of key operations touched (items, failed, "
+                       "versions, contextKeys); never a plaintext, ciphertext or context value."})
 
 
 class AuditList(Schema):

@@ -50,3 +50,12 @@ class ErrorSchema(Schema):
     requestId = fields.String(required=True, allow_none=True)
     problems = fields.Dict(data_key="fields", keys=fields.String(), values=fields.List(fields.String()),
                            metadata={"description": "validation problems by field"})
+
+
+class StrictBoolean(fields.Boolean):
+    """true or false only: marshmallow's Boolean also takes 0, 1, "yes", "off" and the like."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if type(value) is not bool:
+            raise self.make_error("invalid")
+        return value

@@ -1,13 +1,21 @@
 from marshmallow import fields, validate
 
 from kms.rules import DAY_MS, MAX_VERSION
-from schemas.common import KEY_REFERENCE, AsciiInteger, Milliseconds, Schema, StrictSchema, Timestamp
+from schemas.common import KEY_REFERENCE, AsciiInteger, Milliseconds, Schema, StrictBoolean, StrictSchema, Timestamp
 
 KEY_STATES = ("in-use", "deprecated", "retired")
 
 
 class GenerateKeyRequest(StrictSchema):
     keyReference = fields.String(required=True, validate=KEY_REFERENCE)
+    exportable = StrictBoolean(load_default=True, metadata={
+        "description": "false: the key's DEK is never returned on any route; it is used only through the key's "
+                       "encrypt, decrypt, reencrypt and generate-data-key actions."})
+
+
+class SetExportableRequest(StrictSchema):
+    exportable = StrictBoolean(required=True, validate=validate.Equal(False), metadata={
+        "description": "Only false: exportability can be turned off, never back on."})
 
 
 class KeyReferencePath(StrictSchema):
@@ -19,10 +27,12 @@ class KeyVersionPath(KeyReferencePath):
 
 
 class KeyObject(Schema):
-    dek = fields.String(required=True, metadata={"description": "base64url of 32 bytes"})
+    dek = fields.String(metadata={"description": "base64url of 32 bytes; absent for a key that is not exportable"})
     version = fields.Integer(required=True)
-    encoding = fields.String(required=True)
-    expiresAt = Timestamp(required=True, metadata={"description": "Cache the DEK no longer than this."})
+    encoding = fields.String()
+    expiresAt = Timestamp(metadata={"description": "Cache the DEK no longer than this."})
+    exportable = fields.Boolean(metadata={"description": "Present (false) only for a key that is not exportable: "
+                                                         "then there is no dek."})
 
 
 class KeyBundle(Schema):
@@ -47,6 +57,7 @@ class KeyMetadata(Schema):
     currentVersion = fields.Integer(required=True)
     state = fields.String(required=True, validate=validate.OneOf(("enabled", "pending-deletion")))
     rotationPeriod = fields.Integer(allow_none=True)
+    exportable = fields.Boolean(required=True)
     createdAt = Timestamp(required=True)
     rotatedAt = Timestamp(required=True)
     destroyAt = Timestamp(allow_none=True)

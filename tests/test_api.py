@@ -52,7 +52,7 @@ def test_non_json_body_is_415(client):
 
 
 def test_body_over_the_limit_is_413(client):
-    response = client.post("/auth/login", data="x" * (70 * 1024), headers={"Content-Type": "application/json"})
+    response = client.post("/auth/login", data="x" * (1024 * 1024 + 1), headers={"Content-Type": "application/json"})
     envelope(response, 413, "payload_too_large")
 
 

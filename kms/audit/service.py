@@ -22,7 +22,8 @@ SEAL_BATCH = 2000
 
 
 def _event(ctx: Context, action: str, outcome: str, target: str | None, version: int | None,
-           actor: str | None, repeats: int | None = None, changes: str | None = None) -> dict:
+           actor: str | None, repeats: int | None = None, changes: str | None = None,
+           detail: str | None = None) -> dict:
     return {
         "event_id": time_ordered_uuid(),
         "at": datetime.now(timezone.utc).isoformat(),  # as _text() gives it: the MAC covers this text
@@ -35,27 +36,31 @@ def _event(ctx: Context, action: str, outcome: str, target: str | None, version:
         "source_ip": ctx.source_ip,
         "repeats": repeats,
         "changes": changes,
+        "detail": detail,
     }
 
 
 def new_event(ctx: Context, action: str, outcome: str = "success", *, target: str | None = None,
               version: int | None = None, actor: str | None = None, repeats: int | None = None,
-              changes: str | None = None) -> dict:
-    """The parameters of one insert_audit_event, with its MAC."""
-    event = _event(ctx, action, outcome, target, version, actor, repeats, changes)
+              changes: str | None = None, detail: str | None = None) -> dict:
+    """The parameters of one insert_audit_event, with its MAC. `detail`: JSON text saying what a
+    batch touched (never a secret, a plaintext, a ciphertext or a context value)."""
+    event = _event(ctx, action, outcome, target, version, actor, repeats, changes, detail)
     event["row_mac"] = row_mac(ctx.kms.audit_key, event)
     return event
 
 
 def record(cur, ctx: Context, action: str, outcome: str = "success", *, target: str | None = None,
-           version: int | None = None, actor: str | None = None, defer: bool = False):
+           version: int | None = None, actor: str | None = None, defer: bool = False,
+           detail: str | None = None):
     """Write an event in the caller's transaction: it commits with the change it describes, and
     names every row the transaction changed so far (kms.rows: table, id and new revision), which
     binds each change to its place in the chain. `defer`: sent with the transaction's next
     statement or its COMMIT (db.transaction)."""
     changes = " ".join(cur.row_changes) or None
     cur.row_changes.clear()
-    event = new_event(ctx, action, outcome, target=target, version=version, actor=actor, changes=changes)
+    event = new_event(ctx, action, outcome, target=target, version=version, actor=actor, changes=changes,
+                      detail=detail)
     if changes:  # known here once committed: a change rolled back must not make the row look old
         cur.after_commit.append(lambda: ctx.kms.revisions.learn_changes(changes, event["event_id"]))
     db.execute_prepared(cur, "insert_audit_event", event, defer=defer)
@@ -108,6 +113,8 @@ def _mac_parts(event: dict) -> list[bytes]:
         parts.append(b"repeats=" + _text(event["repeats"]))
     if event.get("changes") is not None:
         parts.append(b"changes=" + _text(event["changes"]))
+    if event.get("detail") is not None:  # likewise
+        parts.append(b"detail=" + _text(event["detail"]))
     return parts
 
 
@@ -337,7 +344,7 @@ def public_event(row) -> dict:
     return {"seq": row.seq, "at": row.at, "actor": row.actor, "action": row.action, "target": row.target,
             "version": row.version, "outcome": row.outcome,
             "requestId": str(row.request_id) if row.request_id else None, "sourceIp": row.source_ip,
-            "repeats": row.repeats}
+            "repeats": row.repeats, "detail": row.detail}
 
 
 def list_events(ctx: Context, after: int, limit: int) -> list[dict]:

@@ -35,7 +35,7 @@ def _line(row) -> str:
         "seq": row.seq, "at": row.at.astimezone(timezone.utc).isoformat(), "actor": row.actor,
         "action": row.action, "target": row.target, "version": row.version, "outcome": row.outcome,
         "requestId": str(row.request_id) if row.request_id else None, "sourceIp": row.source_ip,
-        "repeats": row.repeats, "changes": row.changes}, separators=(",", ":"))
+        "repeats": row.repeats, "changes": row.changes, "detail": row.detail}, separators=(",", ":"))
 
 
 class FileSink:

@@ -97,7 +97,7 @@ def claim_imported_key(cur, kms, owner_id: uuid.UUID, reference: str, ref_hash: 
         "revision": row.revision + 1,
         "row_mac": KEYS.sign(cur, kms, id=row.id, client_id=owner_id, ref_hash=ref_hash,
                              current_version=row.current_version, retired_below=row.retired_below,
-                             deleted=row.deleted, rotation_period_ms=row.rotation_period_ms,
+                             deleted=row.deleted, rotation_period_ms=row.rotation_period_ms, exportable=row.exportable,
                              revision=row.revision + 1)})
     return row.id
 
@@ -121,7 +121,7 @@ def insert_imported_key(cur, kms, owner_id: uuid.UUID, original_hash: bytes, ver
                                                          "wrapped_dek": wrapped})
     key = {"id": row.id, "client_id": owner_id, "ref_hash": ref_hash,
            "current_version": max(version.version for version in versions), "retired_below": retired_below,
-           "deleted": False, "rotation_period_ms": None, "revision": 1}
+           "deleted": False, "rotation_period_ms": None, "exportable": True, "revision": 1}
     cur.execute(db.sql.update_key, {**key, "row_mac": KEYS.mac(kms, **key), "wait": timedelta(0)})
     return row.id, ref_hash
 

@@ -3,7 +3,7 @@ from kms.keys import service
 from kms.observability.metrics import counts_as
 from kms.web.routing import NO_STORE, Blueprint, context, json_response, parse_path
 from schemas.keys import (GenerateKeyRequest, KeyBundle, KeyList, KeyMetadata, KeyObject, KeyReferencePath,
-                          KeyVersionList, KeyVersionPath, RetireRequest, RotationPeriodRequest)
+                          KeyVersionList, KeyVersionPath, RetireRequest, RotationPeriodRequest, SetExportableRequest)
 
 bp = Blueprint("keys", __name__, url_prefix="/keys", description="Data encryption keys of the calling client")
 
@@ -30,8 +30,9 @@ def _key(material):
 @bp.response(200, KeyObject)
 @counts_as("key_operations", "generate")
 def generate(body):
-    """Generate a new DEK under a reference (409 if the reference exists)."""
-    return _key(service.generate_key(context(), body["keyReference"]))
+    """Generate a new DEK under a reference (409 if the reference exists); with `exportable: false`
+    its DEK is never returned, here or later."""
+    return _key(service.generate_key(context(), body["keyReference"], body["exportable"]))
 
 
 @bp.route("", methods=["GET"])
@@ -107,3 +108,12 @@ def retire(body, ref):
 def set_rotation_period(body, ref):
     """Rotate the key by itself once its current version is older than rotationPeriod (ms)."""
     return service.set_rotation_period(context(), _ref(ref), body["rotationPeriod"])
+
+
+@bp.route("/<keyref:ref>/actions/set-exportable", methods=["POST"])
+@bp.arguments(SetExportableRequest)
+@bp.response(200, KeyMetadata)
+@counts_as("key_operations", "set_exportable")
+def set_exportable(body, ref):
+    """Stop the key's DEK from ever being returned again (there is no way back)."""
+    return service.make_not_exportable(context(), _ref(ref))

@@ -28,14 +28,18 @@ log = logging.getLogger("kms.keys")
 
 ENCODING = "base64url (RFC 4648)"
 NO_SUCH_KEY = "No key with that reference."
+NOT_EXPORTABLE = "This key is not exportable: its DEK never leaves the KMS; use the key's encrypt and decrypt actions."
 
 
 class KeyMaterial(NamedTuple):
     dek: bytes
     version: int
     expires_at: str  # RFC 3339: how long the caller may cache the DEK
+    exportable: bool = True
 
     def to_json(self) -> dict:
+        if not self.exportable:  # the version made, never its DEK
+            return {"version": self.version, "exportable": False}
         return {"dek": crypto.b64url(self.dek), "version": self.version, "encoding": ENCODING,
                 "expiresAt": self.expires_at}
 
@@ -65,13 +69,14 @@ class KeyRow(NamedTuple):
     retired_below: int
     deleted: bool
     rotation_period_ms: int | None
+    exportable: bool
     revision: int
 
 
 def _checked_key(ctx: Context, row) -> KeyRow:
     KEYS.check(ctx.kms, row)
     return KeyRow(row.id, row.client_id, bytes(row.ref_hash), row.current_version, row.retired_below, row.deleted,
-                  row.rotation_period_ms, row.revision)
+                  row.rotation_period_ms, row.exportable, row.revision)
 
 
 def _lock_key(cur, ctx: Context, owner_id: uuid.UUID, ref_hash: bytes, reference: str, *,
@@ -121,8 +126,8 @@ def _expires_at(ctx: Context) -> str:
     return rfc3339_from_now(ctx.kms.settings.dek_cache_ms)
 
 
-def _material(ctx: Context, dek: bytes, version: int) -> KeyMaterial:
-    return KeyMaterial(dek, version, _expires_at(ctx))
+def _material(ctx: Context, dek: bytes, version: int, exportable: bool = True) -> KeyMaterial:
+    return KeyMaterial(dek, version, _expires_at(ctx), exportable)
 
 
 _KEK_LOG_EVERY_S = 10.0
@@ -171,10 +176,10 @@ def _add_version(cur, ctx: Context, key: KeyRow) -> KeyMaterial:
         cur.execute(db.sql.deprecate_in_use_version, params)  # for listings; decisions read the key row
     cur.execute(db.sql.insert_key_version, params)
     _write_key(cur, ctx, key, current_version=version)
-    return _material(ctx, dek, version)
+    return _material(ctx, dek, version, key.exportable)
 
 
-def generate_key(ctx: Context, reference: str) -> KeyMaterial:
+def generate_key(ctx: Context, reference: str, exportable: bool = True) -> KeyMaterial:
     owner_id, ref_hash = _address(ctx, reference)
     with db.transaction(ctx.conn) as cur:
         authenticate(cur, ctx)
@@ -187,7 +192,7 @@ def generate_key(ctx: Context, reference: str) -> KeyMaterial:
         row = cur.fetchone()
         if row is None or imported_key_named(cur, ctx.kms, owner_id, reference):
             raise Conflict("A key with that reference exists (or its deletion is pending).", code="key_exists")
-        material = _add_version(cur, ctx, KeyRow(row.id, owner_id, ref_hash, 0, 1, False, None, 0))
+        material = _add_version(cur, ctx, KeyRow(row.id, owner_id, ref_hash, 0, 1, False, None, exportable, 0))
         record(cur, ctx, "key.generate", target=ref_hash.hex(), version=1)
     return material
 
@@ -209,6 +214,7 @@ class LookUpRow(NamedTuple):
     key_current_version: int | None
     key_retired_below: int | None
     key_rotation_period_ms: int | None
+    key_exportable: bool | None
     key_revision: int | None
     key_row_mac: bytes | None
     superseded: bool | None
@@ -277,6 +283,8 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
             raise refusal
         if outcome == "gone":
             raise Gone("That version was retired and is no longer served.", code="version_retired")
+        if outcome == "not_exportable":
+            raise Conflict(NOT_EXPORTABLE, code="not_exportable")
         raise NotFound(NO_SUCH_KEY if key_id is None else "The key has no such version.")
 
     encrypt_with = _rotate_if_due(ctx, key_id) if row.rotation_due else None
@@ -305,7 +313,7 @@ def _check_look_up(ctx: Context, row, owner_id: uuid.UUID, ref_hash: bytes):
                          typed=typed_client)
     if row.key_id is not None:
         KEYS.check_values(kms, (row.key_id, owner_id, ref_hash, row.key_current_version, row.key_retired_below, False,
-                                row.key_rotation_period_ms, row.key_revision, row.key_row_mac))
+                                row.key_rotation_period_ms, row.key_exportable, row.key_revision, row.key_row_mac))
         if row.superseded:  # a version after the key row's current one exists: the row was put back
             raise IntegrityFailure("keys", row.key_id)
 
@@ -404,6 +412,18 @@ def set_rotation_period(ctx: Context, reference: str, period_ms: int | None) -> 
         return _metadata(cur, ctx, owner_id, ref_hash)[0]
 
 
+def make_not_exportable(ctx: Context, reference: str) -> dict:
+    """From now on the key's DEK is never returned, on any route; there is no way back."""
+    owner_id, ref_hash = _address(ctx, reference)
+    with db.transaction(ctx.conn) as cur:
+        authenticate(cur, ctx)
+        key = _lock_key(cur, ctx, owner_id, ref_hash, reference)
+        if key.exportable:
+            _write_key(cur, ctx, key, exportable=False)
+            record(cur, ctx, "key.set_exportable", target=ref_hash.hex(), outcome="success")
+        return _metadata(cur, ctx, owner_id, ref_hash)[0]
+
+
 def _metadata(cur, ctx: Context, owner_id, ref_hash: bytes | None) -> list[dict]:
     cur.execute(db.sql.key_metadata, {"client_id": owner_id, "ref_hash": ref_hash})
     keys = []
@@ -418,7 +438,7 @@ def _metadata(cur, ctx: Context, owner_id, ref_hash: bytes | None) -> list[dict]
             raise StoredDataCorrupt() from None
         keys.append({"keyReference": reference, "currentVersion": key.current_version,
                      "state": "pending-deletion" if key.destroy_after else "enabled",
-                     "rotationPeriod": key.rotation_period_ms, "createdAt": key.created_at,
+                     "rotationPeriod": key.rotation_period_ms, "exportable": key.exportable, "createdAt": key.created_at,
                      "rotatedAt": key.rotated_at, "destroyAt": key.destroy_after})
     return keys
 
@@ -591,3 +611,12 @@ def rewrap_keys(ctx: Context, batch: int = 500, progress=None) -> RewrapResult:
                 log.warning("DEK versions under a KEK version not configured here were not re-wrapped",
                             extra={"kekVersion": kek_version, "versions": count})
             return RewrapResult(rewrapped, failed, skipped)
+
+
+# What the server-side operations (kms/operations) use, as look-ups use it: how a key is found, the
+# checks of a read of its row, unwrapping, rotation when due, the first use of an imported key.
+key_address = _address
+check_key_read = _check_look_up
+unwrap_version = _unwrap
+rotate_if_due = _rotate_if_due
+claimed_alone = _claimed_alone

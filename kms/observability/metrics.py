@@ -138,6 +138,9 @@ class Metrics:
                               "after too many failures)", ["outcome"], registry=registry)
         self.key_operations = Counter("kms_key_operations", "Key operations by action and outcome",
                                       ["action", "outcome"], registry=registry)
+        self.operation_items = Counter("kms_key_operation_items", "Items of server-side key operations (encrypt, "
+                                       "decrypt, reencrypt, generate_data_key) by action and outcome, a batch "
+                                       "counting each of its items", ["action", "outcome"], registry=registry)
         self.integrity_failures = Counter("kms_integrity_failures", "Stored rows refused for a failed MAC check",
                                           ["table"], registry=registry)
         self.kek_unavailable = Counter("kms_kek_unavailable", "Look-ups answered 503 kek_unavailable: the DEK is "
@@ -187,6 +190,12 @@ class Metrics:
             else:
                 raise ValueError(f"no counter named {counter}")
         return tuple(children)
+
+    def count_items(self, action: str, outcomes: dict):
+        """A server-side operation's items by outcome (error code, or success): closed sets both."""
+        for name, count in outcomes.items():
+            if count:
+                self.operation_items.labels(action, name).inc(count)
 
     def publish_audit_head(self, position: int, mac: str):
         """The sealer's newest head, for whichever worker answers the scrape."""

@@ -1,11 +1,11 @@
 -- name: insert_audit_event
 INSERT INTO audit_events (event_id, at, actor, action, target, version, outcome, request_id, source_ip, repeats,
-                          changes, row_mac)
+                          changes, detail, row_mac)
 VALUES (%(event_id)s, %(at)s, %(actor)s, %(action)s, %(target)s, %(version)s, %(outcome)s,
-        %(request_id)s, %(source_ip)s, %(repeats)s, %(changes)s, %(row_mac)s);
+        %(request_id)s, %(source_ip)s, %(repeats)s, %(changes)s, %(detail)s, %(row_mac)s);
 
 -- name: audit_events_after
-SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip, repeats
+SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip, repeats, detail
 FROM audit_events WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s;
 
 -- name: try_lock_audit_sealer
@@ -48,7 +48,7 @@ WHERE e.seq = batch.seq;
 SELECT coalesce(max(chain_pos), 0) AS length FROM audit_events;
 
 -- name: sealed_audit_chain
-SELECT seq, event_id, at, actor, action, target, version, outcome, request_id, source_ip, repeats, changes, row_mac,
+SELECT seq, event_id, at, actor, action, target, version, outcome, request_id, source_ip, repeats, changes, detail, row_mac,
        chain_pos, chain_hash, txid::text, chain_format
 FROM audit_events WHERE chain_pos > %(after_pos)s ORDER BY chain_pos LIMIT %(limit)s;
 
@@ -56,7 +56,8 @@ FROM audit_events WHERE chain_pos > %(after_pos)s ORDER BY chain_pos LIMIT %(lim
 SET LOCAL synchronous_commit TO off;
 
 -- name: audit_export_page
-SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip, repeats, chain_pos, chain_hash
+SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip, repeats, detail, chain_pos,
+       chain_hash
 FROM audit_events WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s;
 
 -- name: audit_backlog
@@ -67,7 +68,7 @@ FROM audit_events WHERE chain_pos IS NULL;
 -- name: row_changes_between
 -- The events that changed rows past their first revision (kms.rows), from transactions that began
 -- in [since, horizon) and have all ended: read once each, by every process (kms.audit.freshness).
-SELECT seq, event_id, at, actor, action, target, version, outcome, request_id, source_ip, repeats, changes, row_mac
+SELECT seq, event_id, at, actor, action, target, version, outcome, request_id, source_ip, repeats, changes, detail, row_mac
 FROM audit_events
 WHERE changes IS NOT NULL AND txid >= %(since)s::xid8 AND txid < %(horizon)s::xid8
 ORDER BY txid, seq;
@@ -122,7 +123,7 @@ LEFT JOIN (SELECT pid, datname, xact_start FROM pg_stat_activity
            ORDER BY xact_start LIMIT 1) o ON true;
 
 -- name: unsealed_audit_page
-SELECT seq, event_id, at, actor, action, target, version, outcome, request_id, source_ip, repeats, changes, row_mac,
+SELECT seq, event_id, at, actor, action, target, version, outcome, request_id, source_ip, repeats, changes, detail, row_mac,
        txid::text
 FROM audit_events WHERE chain_pos IS NULL AND seq > %(after)s ORDER BY seq LIMIT %(limit)s;
 
@@ -132,6 +133,6 @@ SELECT 1 FROM audit_events WHERE event_id = %(event_id)s;
 -- name: sealed_events_after
 -- For the audit stream (AUDIT_SINK): sealed events in chain order, with what lets a reader outside
 -- the database check them (the row MAC and the chain hash).
-SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip, repeats, changes, row_mac,
+SELECT seq, at, actor, action, target, version, outcome, request_id, source_ip, repeats, changes, detail, row_mac,
        chain_pos, chain_hash
 FROM audit_events WHERE chain_pos > %(after)s ORDER BY chain_pos LIMIT %(limit)s;

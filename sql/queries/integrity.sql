@@ -18,9 +18,15 @@ WHERE row_mac IS NULL;
 UPDATE signup_tokens SET row_mac = %(row_mac)s WHERE id = %(id)s;
 
 -- name: keys_for_row_macs
+-- Before migration 009 every key was exportable (and the column does not exist yet).
 SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL AS deleted, rotation_period_ms,
-       revision
+       true AS exportable, revision
 FROM keys WHERE row_mac IS NULL;
+
+-- name: keys_to_remac
+SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL AS deleted, rotation_period_ms,
+       exportable, revision, row_mac
+FROM keys WHERE row_mac IS NOT NULL ORDER BY id FOR UPDATE;
 
 -- name: set_key_row_mac
 UPDATE keys SET row_mac = %(row_mac)s WHERE id = %(id)s;

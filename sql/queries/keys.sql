@@ -12,7 +12,8 @@
 -- DEKs: docs/SECURITY.md.)
 -- No row at all means the token is not live; outcome says what the caller gets: 'kek_unavailable'
 -- when a version to serve is wrapped under a KEK version the server does not hold (`keks`), so
--- that nothing is recorded as served (kms.keys.kek_holders).
+-- that nothing is recorded as served (kms.keys.kek_holders); 'not_exportable' for a key that
+-- gives no DEK (the server-side operations use it).
 -- Of the session and client rows, only the columns the WHERE clause does not pin already come back
 -- (the caller's ids are the token's, a live session is not revoked, an active client's epoch is
 -- its session's); the expiry comes as text, as building a datetime costs more than the check, and
@@ -28,12 +29,13 @@ WITH caller AS (
 ), found AS (
     SELECT caller.expires_at, caller.epoch, caller.s_revision, caller.s_mac, caller.name_hash, caller.password_hash,
            caller.role, caller.c_revision, caller.c_mac, k.id AS key_id, k.current_version, k.retired_below,
-           k.rotation_period_ms, k.revision AS k_revision, k.row_mac AS k_mac, nxt.version IS NOT NULL AS superseded,
+           k.rotation_period_ms, k.exportable, k.revision AS k_revision, k.row_mac AS k_mac, nxt.version IS NOT NULL AS superseded,
            k.rotation_period_ms IS NOT NULL
              AND cur.created_at + k.rotation_period_ms * interval '1 millisecond' <= now() AS rotation_due,
            cur.kek_version AS cur_kek, cur.wrapped_dek AS cur_wrapped,
            req.version AS req_version, req.kek_version AS req_kek, req.wrapped_dek AS req_wrapped,
            CASE WHEN k.id IS NULL OR (%(version)s::integer IS NOT NULL AND req.version IS NULL) THEN 'not_found'
+                WHEN NOT k.exportable THEN 'not_exportable'
                 WHEN %(version)s::integer < k.retired_below THEN 'gone'
                 WHEN NOT cur.kek_version = ANY(%(keks)s::integer[])
                   OR NOT req.kek_version = ANY(%(keks)s::integer[]) THEN 'kek_unavailable'
@@ -53,7 +55,8 @@ SELECT expires_at::text AS session_expires_at, epoch AS session_epoch, s_revisio
        s_mac AS session_row_mac, name_hash AS client_name_hash, password_hash AS client_password_hash,
        role AS client_role, c_revision AS client_revision, c_mac AS client_row_mac, key_id,
        current_version AS key_current_version, retired_below AS key_retired_below,
-       rotation_period_ms AS key_rotation_period_ms, k_revision AS key_revision, k_mac AS key_row_mac,
+       rotation_period_ms AS key_rotation_period_ms, exportable AS key_exportable,
+       k_revision AS key_revision, k_mac AS key_row_mac,
        superseded, rotation_due, cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome
 FROM found;
 
@@ -70,7 +73,8 @@ RETURNING id;
 -- name: update_key
 -- Every change of what a key serves writes its MAC anew (kms.rows).
 UPDATE keys SET current_version = %(current_version)s, retired_below = %(retired_below)s,
-                rotation_period_ms = %(rotation_period_ms)s, revision = %(revision)s, row_mac = %(row_mac)s,
+                rotation_period_ms = %(rotation_period_ms)s, exportable = %(exportable)s, revision = %(revision)s,
+                row_mac = %(row_mac)s,
                 deleted_at = CASE WHEN %(deleted)s THEN coalesce(deleted_at, now()) END,
                 destroy_after = CASE WHEN %(deleted)s THEN coalesce(destroy_after, now() + %(wait)s) END
 WHERE id = %(id)s;
@@ -82,21 +86,21 @@ VALUES (%(key_id)s, %(version)s, 'in-use', %(kek_version)s, %(wrapped_dek)s);
 -- name: lock_key
 -- The caller's key row with what its MAC covers (kms.rows), locked: rotations queue here.
 SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL AS deleted,
-       rotation_period_ms, revision, row_mac
+       rotation_period_ms, exportable, revision, row_mac
 FROM keys
 WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s AND (deleted_at IS NULL) <> %(deleted)s
 FOR UPDATE;
 
 -- name: lock_key_if_free
 SELECT k.id, k.client_id, k.ref_hash, k.current_version, k.retired_below, false AS deleted, k.rotation_period_ms,
-       k.revision, k.row_mac, k.rotation_period_ms IS NOT NULL
+       k.exportable, revision, k.row_mac, k.rotation_period_ms IS NOT NULL
          AND v.created_at + k.rotation_period_ms * interval '1 millisecond' <= now() AS due
 FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.version = k.current_version
 WHERE k.id = %(key_id)s AND k.deleted_at IS NULL
 FOR UPDATE OF k SKIP LOCKED;
 
 -- name: lock_owner_keys
-SELECT id, client_id, ref_hash, current_version, retired_below, false AS deleted, rotation_period_ms, revision,
+SELECT id, client_id, ref_hash, current_version, retired_below, false AS deleted, rotation_period_ms, exportable, revision,
        row_mac
 FROM keys WHERE client_id = %(client_id)s AND deleted_at IS NULL
 ORDER BY id FOR UPDATE;
@@ -116,8 +120,8 @@ DELETE FROM keys WHERE id = %(key_id)s RETURNING revision;
 SELECT deleted_at IS NOT NULL AS deleted FROM keys WHERE client_id = %(client_id)s AND ref_hash = %(ref_hash)s;
 
 -- name: key_metadata
-SELECT k.ref_hash, k.ref_enc, k.current_version, k.rotation_period_ms, k.created_at, v.created_at AS rotated_at,
-       k.destroy_after
+SELECT k.ref_hash, k.ref_enc, k.current_version, k.rotation_period_ms, k.exportable, k.created_at,
+       v.created_at AS rotated_at, k.destroy_after
 FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.version = k.current_version
 WHERE k.client_id = %(client_id)s AND (%(ref_hash)s::bytea IS NULL OR k.ref_hash = %(ref_hash)s)
 ORDER BY k.created_at, k.id;
@@ -181,7 +185,7 @@ SELECT 1 FROM keys WHERE client_id = %(client_id)s AND ref_hash = ANY(%(candidat
 -- The caller's imported key, not named yet, with what its MAC covers; a parallel request moving it
 -- first leaves nothing to find here once it commits.
 SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL AS deleted,
-       rotation_period_ms, revision, row_mac
+       rotation_period_ms, exportable, revision, row_mac
 FROM keys
 WHERE client_id = %(client_id)s AND ref_hash = ANY(%(candidates)s)
 FOR UPDATE;
@@ -238,3 +242,59 @@ ORDER BY host, pid, worker_pid;
 -- each one's check value (secret_checks, under KEK or KEK_<n>).
 SELECT CASE WHEN name = 'KEK' THEN 1 ELSE substr(name, 5)::integer END AS kek_version, check_value
 FROM secret_checks WHERE name = 'KEK' OR name ~ '^KEK_[0-9]+$';
+
+-- name: use_key
+-- The server-side operations' one statement (kms/operations): the token check, the key row with
+-- what its MAC covers, the wrapped DEKs of the current version and of the versions named (a
+-- batch's ciphertexts may name several), and, when the request was worked out already with DEKs
+-- unwrapped earlier (kms.operations.keycache), its audit record. That record is written only if
+-- the key row still is what the work assumed: the same key, every version used still served, and
+-- for encryption the same current version, not due for rotation. Otherwise nothing is written, the
+-- service sees why in the columns and works the request out again from what this read. Columns
+-- are named as lookup_key names them, so the same checks read them (kms.keys.service.check_key_read);
+-- which versions are served is read off the key row, never off key_versions.state.
+WITH caller AS (
+    SELECT s.expires_at, s.epoch, s.revision AS s_revision, s.row_mac AS s_mac, c.id, c.name_hash,
+           c.password_hash, c.role, c.revision AS c_revision, c.row_mac AS c_mac
+    FROM sessions s JOIN clients c ON c.id = s.client_id
+    WHERE s.jti = %(jti)s AND s.client_id = %(client_id)s
+      AND s.revoked_at IS NULL AND s.expires_at > now() AND c.status = 'active' AND s.epoch = c.session_epoch
+), found AS (
+    SELECT caller.expires_at, caller.epoch, caller.s_revision, caller.s_mac, caller.name_hash, caller.password_hash,
+           caller.role, caller.c_revision, caller.c_mac, k.id AS key_id, k.current_version, k.retired_below,
+           k.rotation_period_ms, k.exportable, k.revision AS k_revision, k.row_mac AS k_mac,
+           EXISTS (SELECT 1 FROM key_versions nxt WHERE nxt.key_id = k.id AND nxt.version = k.current_version + 1)
+             AS superseded,
+           k.rotation_period_ms IS NOT NULL
+             AND (SELECT cur.created_at FROM key_versions cur WHERE cur.key_id = k.id AND cur.version = k.current_version)
+                 + k.rotation_period_ms * interval '1 millisecond' <= now() AS rotation_due
+    FROM caller
+    LEFT JOIN keys k ON k.client_id = caller.id AND k.ref_hash = %(ref_hash)s AND k.deleted_at IS NULL
+), audited AS (
+    INSERT INTO audit_events (event_id, at, actor, action, target, version, outcome, request_id, source_ip, detail,
+                              row_mac)
+    SELECT %(event_id)s::uuid, %(at)s::timestamptz, %(actor)s::text, %(action)s::text, encode(%(ref_hash)s, 'hex'),
+           %(version)s::integer, %(outcome)s::text, %(request_id)s::uuid, %(source_ip)s::text, %(detail)s::text,
+           %(row_mac)s::bytea
+    FROM found
+    WHERE %(audit)s::boolean AND found.key_id = %(expect_key_id)s::bigint AND NOT found.superseded
+      AND found.retired_below <= %(lowest_version)s::integer AND found.current_version >= %(highest_version)s::integer
+      AND (%(expect_current)s::integer IS NULL
+           OR (found.current_version = %(expect_current)s::integer AND found.rotation_due IS NOT TRUE))
+)
+SELECT found.expires_at::text AS session_expires_at, found.epoch AS session_epoch,
+       found.s_revision AS session_revision, found.s_mac AS session_row_mac, found.name_hash AS client_name_hash,
+       found.password_hash AS client_password_hash, found.role AS client_role, found.c_revision AS client_revision,
+       found.c_mac AS client_row_mac, found.key_id, found.current_version AS key_current_version,
+       found.retired_below AS key_retired_below, found.rotation_period_ms AS key_rotation_period_ms,
+       found.exportable AS key_exportable, found.k_revision AS key_revision, found.k_mac AS key_row_mac, found.superseded, found.rotation_due,
+       served.versions, served.kek_versions, served.wrapped_deks
+FROM found
+LEFT JOIN LATERAL (
+    SELECT array_agg(v.version ORDER BY v.version) AS versions, array_agg(v.kek_version ORDER BY v.version) AS kek_versions,
+           array_agg(v.wrapped_dek ORDER BY v.version) AS wrapped_deks
+    FROM key_versions v
+    WHERE %(read_deks)s::boolean AND v.key_id = found.key_id
+      AND (v.version = found.current_version OR v.version = ANY(%(versions)s::integer[]))
+      AND v.wrapped_dek IS NOT NULL
+) served ON true;

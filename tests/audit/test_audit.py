@@ -156,7 +156,7 @@ def test_audit_endpoint_pages_events_for_admins_only(client, auth):
     assert client.get("/audit", headers=bearer(token)).status_code == 403
     first = client.get("/audit?limit=2", headers=bearer(auth.admin_token)).json()["events"]
     assert len(first) == 2 and first[0]["seq"] < first[1]["seq"]
-    assert set(first[0]) == {"seq", "at", "actor", "action", "target", "version", "outcome", "requestId", "sourceIp", "repeats"}
+    assert set(first[0]) == {"seq", "at", "actor", "action", "target", "version", "outcome", "requestId", "sourceIp", "repeats", "detail"}
     rest = client.get(f"/audit?after={first[-1]['seq']}", headers=bearer(auth.admin_token)).json()["events"]
     assert rest and rest[0]["seq"] > first[-1]["seq"]
     assert client.get("/audit?limit=0", headers=bearer(auth.admin_token)).status_code == 400

@@ -187,7 +187,7 @@ def test_a_change_no_audit_event_records_is_never_committed(app):
             with kms_db.transaction(conn) as cur:
                 cur.execute("SELECT 1")
                 KEYS.sign(cur, kms, id=1, client_id=uuid.uuid4(), ref_hash=b"x", current_version=2, retired_below=1,
-                          deleted=False, rotation_period_ms=None, revision=2)
+                          deleted=False, rotation_period_ms=None, exportable=True, revision=2)
 
 
 def test_admin_login_still_works_after_its_own_changes(client, auth):

@@ -37,13 +37,15 @@ def test_encrypt_and_decrypt_round_trip_with_associated_data(sdk):
         sdk.decrypt("invoices", tampered, aad=b"invoice:42")
 
 
-def test_blobs_record_their_key_version_and_survive_rotation(sdk):
+@pytest.mark.parametrize("local", [False, True], ids=["server", "local"])
+def test_blobs_record_their_key_version_and_survive_rotation(sdk, local):
     sdk.generate_key("invoices")
-    old = sdk.encrypt("invoices", b"before")
+    old = sdk.encrypt("invoices", b"before", local=local)
     assert sdk.rotate_key("invoices").version == 2
-    new = sdk.encrypt("invoices", b"after")
-    assert old[4:8] == b"\x00\x00\x00\x01" and new[4:8] == b"\x00\x00\x00\x02"
-    assert sdk.decrypt("invoices", old) == b"before" and sdk.decrypt("invoices", new) == b"after"
+    new = sdk.encrypt("invoices", b"after", local=local)
+    assert old[17:21] == b"\x00\x00\x00\x01" and new[17:21] == b"\x00\x00\x00\x02"
+    assert sdk.decrypt("invoices", old, local=local) == b"before"
+    assert sdk.decrypt("invoices", new, local=local) == b"after"
 
 
 def logins(db, outcome="success") -> int:
@@ -66,11 +68,11 @@ def test_deks_are_cached_until_they_expire_then_fetched_again(sdk, db, monkeypat
     sdk.generate_key("invoices")
     before = lookups(db)
     for _ in range(5):
-        sdk.encrypt("invoices", b"x")
+        sdk.encrypt("invoices", b"x", local=True)
     assert lookups(db) == before + 1  # one look-up, then the cache
     assert "dek" not in repr(sdk.get_key("invoices").encrypt_with)
     clock.offset = 5 * 60 + 1  # past the expiresAt the KMS gave (5 minutes)
-    sdk.encrypt("invoices", b"x")
+    sdk.encrypt("invoices", b"x", local=True)
     assert lookups(db) == before + 2
 
 

@@ -80,7 +80,8 @@ def test_every_client_route_has_a_command(live_server, auth):
     assert logged_out.stderr.startswith(b"logged in as cli-svc and out again")
     help_text = subprocess.run([KMS_CLIENT, "--help"], capture_output=True, text=True, timeout=60).stdout
     for command in ("signup", "logout", "list", "versions", "generate", "get", "rotate", "retire",
-                    "set-rotation-period", "delete", "restore", "encrypt", "decrypt"):
+                    "set-rotation-period", "delete", "restore", "set-not-exportable", "encrypt", "decrypt", "reencrypt",
+                    "data-key"):
         assert f"\n    {command} " in help_text or f"\n    {command}\n" in help_text, command
         assert subprocess.run([KMS_CLIENT, command, "--help"], capture_output=True, timeout=60).returncode == 0
 
@@ -238,9 +239,13 @@ def test_blob_errors_keep_their_exit_codes(live_server, auth):
     auth.new_client("blob-svc")
     assert run_cli(live_server, "generate", "k", user="blob-svc").returncode == 0
     garbage = run_cli(live_server, "decrypt", "k", stdin=b"this is not a blob at all", user="blob-svc")
-    assert garbage.returncode == 2 and garbage.stderr == b"kms-client: not a KMS blob\n"
-    blob = run_cli(live_server, "encrypt", "k", stdin=b"hello", user="blob-svc").stdout.strip()
-    altered = blob[:-6] + (b"AAAA" if blob[-6:-2] != b"AAAA" else b"BBBB") + blob[-2:]
+    assert garbage.returncode == 2 and garbage.stderr == b"kms-client: not a KMS stream or blob\n"
+    sealed = run_cli(live_server, "encrypt", "k", stdin=b"hello", user="blob-svc").stdout
+    altered = sealed[:-1] + bytes([sealed[-1] ^ 1])
     tampered = run_cli(live_server, "decrypt", "k", stdin=altered, user="blob-svc")
-    assert tampered.returncode == 4
-    assert tampered.stderr == b"kms-client: the blob was altered, or the key or aad differs\n"
+    assert tampered.returncode == 4, tampered.stderr
+    assert tampered.stderr == b"kms-client: the stream was altered or truncated, or the key or context differs\n"
+    other_aad = run_cli(live_server, "decrypt", "k", "--aad", "x", stdin=sealed, user="blob-svc")
+    assert other_aad.returncode == 4 and other_aad.stdout == b""
+    bad_pair = run_cli(live_server, "encrypt", "k", "--context", "no-equals", stdin=b"x", user="blob-svc")
+    assert bad_pair.returncode == 2 and "NAME=VALUE" in one_line(bad_pair)

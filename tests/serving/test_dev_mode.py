@@ -1,5 +1,6 @@
 """`kms dev`: README's walkthrough works against it as written, it checks its port before printing
 a secret, and it leaves nothing behind however it is stopped."""
+import base64
 import os
 import re
 import shutil
@@ -131,6 +132,19 @@ def test_readme_walkthrough_does_what_its_comments_say_against_dev_mode(tmp_path
         restored = call("POST", "/keys/invoices-db/actions/restore", token)
         assert restored.status_code == 200, restored.text  # changed my mind: it works in dev mode too
         assert http.get(dev.base + "/keys/invoices-db", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        made = call("POST", "/keys/actions/generate", token, json={"keyReference": "cards", "exportable": False})
+        assert made.json() == {"exportable": False, "version": 1}
+        assert http.get(dev.base + "/keys/cards", headers={"Authorization": f"Bearer {token}"}).status_code == 409
+        card = base64.urlsafe_b64encode(b"card 4111").rstrip(b"=").decode()
+        sealed = call("POST", "/keys/cards/actions/encrypt", token,
+                      json={"plaintext": card, "context": {"customer": "42"}}).json()["ciphertext"]
+        opened = call("POST", "/keys/cards/actions/decrypt", token,
+                      json={"ciphertext": sealed, "context": {"customer": "42"}}).json()
+        assert opened == {"plaintext": "Y2FyZCA0MTEx", "version": 1}
+        assert http.post(dev.base + "/keys/cards/actions/decrypt", headers={"Authorization": f"Bearer {token}"},
+                         json={"ciphertext": sealed, "context": {"customer": "43"}}).json()["error"] == "decryption_failed"
+        data_key = call("POST", "/keys/cards/actions/generate-data-key", token, json={"context": {"file": "a.pdf"}})
+        assert set(data_key.json()) == {"ciphertext", "plaintext", "version"}
         assert call("POST", "/auth/logout", token).status_code == 204
         assert http.get(dev.base + "/keys", headers={"Authorization": f"Bearer {token}"}).status_code == 401
         clients = call("GET", "/clients", admin).json()["clients"]

@@ -222,7 +222,7 @@ def test_a_chunked_body_over_the_limit_is_refused(live_server):
     port = int(live_server.rsplit(":", 1)[1])
     chunk = b"%x\r\n%s\r\n" % (32768, b"x" * 32768)
     answer = _raw_exchange(port, b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                                 b"Transfer-Encoding: chunked\r\n\r\n", chunk, more_times=8)
+                                 b"Transfer-Encoding: chunked\r\n\r\n", chunk, more_times=40)  # 1.25 MiB
     assert answer.startswith(b"HTTP/1.1 413 ")
 
 
