@@ -64,3 +64,34 @@ def test_upgrading_re_macs_the_stored_key_rows_and_only_those_that_check_out(new
     with pytest.raises(IntegrityFailure):
         check(tampered)
     assert bytes(tampered[9]) == bytes(KEYS_BEFORE_EXPORTABLE.mac(keys, **rows["tampered"]))  # left as it was
+
+
+def test_upgrading_from_before_revisions_macs_key_rows_over_every_column_once(new_database, base_env, monkeypatch):
+    """From schema 6 (before revisions): migration 007 MACs the key rows anew over the declaration
+    of today (exportable true, revision 1), and 009's step finds them MAC'd already."""
+    url = new_database()
+    files = kms_db.migration_files()
+    monkeypatch.setattr(kms_db, "migration_files", lambda: [f for f in files if f[0] <= 6])
+    kms_db.migrate(url)
+    keys = SimpleNamespace(keyring=crypto.Keyring({1: secret(base_env, "KEK")}, 1, secret(base_env, "DB_SECRET")),
+                           revisions=Revisions())
+    owner = uuid.uuid4()
+    conn = psycopg2.connect(url)
+    with conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO clients (id, name_hash, name_enc, password_hash, role) VALUES (%s, %s, '\\x00', 'x', "
+                    "'client')", (str(owner), owner.bytes))
+        cur.execute("INSERT INTO keys (client_id, ref_hash, ref_enc, current_version, retired_below) "
+                    "VALUES (%s, %s, '\\x00', 2, 1)", (str(owner), crypto.keyed_hash(b"k" * 32, b"old")))
+    monkeypatch.setattr(kms_db, "migration_files", lambda: files)
+    app = create_app({**base_env, "DATABASE_URL": url})
+    app.extensions["kms"].close()
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, client_id, ref_hash, current_version, retired_below, deleted_at IS NOT NULL AS deleted, "
+                    "rotation_period_ms, exportable, revision, row_mac FROM keys")
+        (row,) = cur.fetchall()
+    conn.close()
+    names = ("id", "client_id", "ref_hash", "current_version", "retired_below", "deleted", "rotation_period_ms",
+             "exportable", "revision", "row_mac")
+    stored = dict(zip(names, row))
+    assert stored["exportable"] is True and stored["revision"] == 1
+    KEYS.check(keys, SimpleNamespace(**stored))
