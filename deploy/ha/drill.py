@@ -191,6 +191,20 @@ def standby_caught_up(stack) -> bool:
         conn.close()
 
 
+def failure_causes(stack) -> dict:
+    """The KMS processes' logged failure causes, counted: what a failed step needs explained."""
+    causes = Counter()
+    for name in ("kms1", "kms2"):
+        for line in (stack.work / f"{name}.log").read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("level") in ("warning", "error") and entry.get("logger") != "kms.access":
+                causes[f"{entry.get('msg')}: {entry.get('cause') or entry.get('error_code')}"] += 1
+    return dict(causes.most_common(8))
+
+
 class Load:
     """A bounded mixed load through haproxy's TLS frontend; every answer recorded with its request id."""
 
@@ -430,6 +444,8 @@ def main() -> int:
         say(f"kms audit verify: exit {verified.returncode}: {(verified.stdout or verified.stderr).strip()}")
         ok = (sum(lost_writes.values()) == 0 and verified.returncode == 0 and not lookup_errors
               and set(write_errors) <= {503})
+        if not ok:
+            say(f"why the KMS answered 503 (causes from its logs): {failure_causes(stack)}")
         say("DRILL PASSED" if ok else "DRILL FAILED")
         return 0 if ok else 1
     except BaseException:
