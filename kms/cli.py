@@ -21,6 +21,7 @@ from flask.cli import AppGroup, FlaskGroup
 
 from kms import db
 from kms.audit import cli as audit_cli
+from kms.audit.freshness import catch_up
 from kms.audit.service import flush_refusals
 from kms.auth import cli as auth_cli
 from kms.clients import cli as clients_cli
@@ -76,6 +77,8 @@ def open_runtime(check: bool) -> Kms:
     if check:
         try:
             kms.check()
+            with kms.pool.connection() as conn:  # the newest revision of every row changed so far
+                catch_up(kms, conn)
         except BaseException:
             kms.close()
             raise

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 import click
 from flask import current_app
 
-from kms.audit.freshness import catch_up
 from kms.context import Context
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTEGRITY = 1, 2, 3, 4
@@ -88,7 +87,6 @@ def cli_context():
     """A service call's context for a command: host access is the authority, audited as `cli`."""
     kms = open_kms()
     with kms.pool.connection() as conn:
-        catch_up(kms, conn)  # the newest revision of every row changed so far (kms.audit.freshness)
         yield Context(kms=kms, conn=conn, source_ip="local", origin="cli")
 
 

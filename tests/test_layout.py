@@ -13,10 +13,11 @@ PACKAGE = ROOT / "kms"
 DOMAINS = ("kms.auth", "kms.keys", "kms.operations", "kms.clients", "kms.audit", "kms.importing")
 # Infrastructure: what every domain may use, and which may use no domain.
 INFRASTRUCTURE = ("kms.access", "kms.ciphertext", "kms.config", "kms.context", "kms.crypto", "kms.db", "kms.errors", "kms.expiring",
+                  "kms.failures",
                   "kms.ids", "kms.keyproviders", "kms.observability", "kms.rows", "kms.rules", "kms.timefmt",
                   "kms.web")
 # Pure: importable anywhere (the SDK's tests, a script) without the server's frameworks.
-PURE = ("kms.ciphertext", "kms.crypto", "kms.rules", "kms.errors", "kms.context", "kms.ids", "kms.timefmt", "kms.expiring",
+PURE = ("kms.ciphertext", "kms.crypto", "kms.failures", "kms.rules", "kms.errors", "kms.context", "kms.ids", "kms.timefmt", "kms.expiring",
         "kms.keyproviders.base", "kms.keyproviders.environment", "kms.keyproviders.pkcs11")
 FRAMEWORKS = ("flask", "werkzeug", "psycopg2", "prometheus_client", "waitress", "flask_smorest", "marshmallow")
 # Imports inside a function, each keeping an optional dependency optional.

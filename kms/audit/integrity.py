@@ -5,7 +5,7 @@ import logging
 from flask import has_request_context
 
 from kms.audit.service import record_alone
-from kms.observability.logs import OncePer, log_failure
+from kms.failures import OncePer, log_failure
 from kms.web.routing import context
 
 log = logging.getLogger("kms.errors")

@@ -11,7 +11,7 @@ import threading
 from collections import Counter
 
 from kms.context import Context
-from kms.observability.logs import OncePer, log_failure
+from kms.failures import OncePer, log_failure
 
 log = logging.getLogger("kms.audit")
 _FAILURES = OncePer()

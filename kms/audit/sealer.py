@@ -11,7 +11,7 @@ from kms.audit.service import flush_refusals, record, record_alone, seal_pending
 from kms.audit.sink import open_sink, ship
 from kms.context import Context
 from kms.rows import stale_rows
-from kms.observability.logs import OncePer, log_failure
+from kms.failures import OncePer, log_failure
 
 log = logging.getLogger("kms.audit")
 

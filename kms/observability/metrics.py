@@ -17,7 +17,7 @@ from prometheus_client import values as prometheus_values
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
-from kms.observability.logs import OncePer, log_failure
+from kms.failures import OncePer, log_failure
 
 log = logging.getLogger("kms")
 

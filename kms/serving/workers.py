@@ -28,7 +28,7 @@ from kms.app import create_app
 from kms.audit.sealer import start_sealer
 from kms.auth.passwords import HashGate
 from kms.config import ConfigError
-from kms.observability.logs import cause
+from kms.failures import cause
 from kms.observability.metrics import fold_dead_process, use_multiprocess_metrics
 from kms.runtime import Kms
 from kms.serving.lifecycle import bind_listener, die_with_parent, name_this_process, stop_on_signals

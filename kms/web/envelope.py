@@ -16,7 +16,7 @@ from werkzeug.exceptions import HTTPException
 from kms.crypto import KekMissing
 from kms.errors import ApiError, IntegrityFailure, KekNotHeld, ServiceUnavailable
 from kms.keyproviders.base import KekUnavailable
-from kms.observability.logs import OncePer, log_failure
+from kms.failures import OncePer, log_failure
 from kms.web import REQUEST_ID
 
 log = logging.getLogger("kms.errors")
@@ -131,7 +131,7 @@ def register_error_handlers(app, report_integrity_failure: Callable[..., None]):
     def _unexpected(error):
         if isinstance(error, HTTPException):
             return handle_http_exception(error)
-        # The exception's text may quote data: its cause is scrubbed (kms.observability.logs.cause).
+        # The exception's text may quote data: its cause is scrubbed (kms.failures.cause).
         log_failure(log, logging.ERROR, "unhandled exception", error, _FAILURES, where=_where(error))
         return error_response(500, "internal_error", ApiError.message)
 

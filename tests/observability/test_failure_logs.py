@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from kms.audit.sealer import Sealer
-from kms.observability.logs import OncePer, cause
+from kms.failures import OncePer, cause
 from kms.serving.throwaway_postgres import _free_port
 from tests.conftest import ServerProcess, bearer
 
