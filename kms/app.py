@@ -19,6 +19,7 @@ from kms.auth.tokens import init_jwt, verify_bearer_first
 from kms.clients.routes import bp as clients_bp
 from kms.config import Settings, load_settings
 from kms.errors import ServiceUnavailable
+from kms.grants.routes import bp as grants_bp
 from kms.keys import service as keys_service
 from kms.keys.routes import bp as keys_bp
 from kms.observability.metrics import database_collector
@@ -34,7 +35,7 @@ from schemas.common import ErrorSchema
 log = logging.getLogger("kms")
 
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
-BLUEPRINTS = (auth_bp, keys_bp, key_operations_bp, clients_bp, audit_bp, operations_bp)
+BLUEPRINTS = (auth_bp, keys_bp, key_operations_bp, grants_bp, clients_bp, audit_bp, operations_bp)
 
 
 class KmsFlask(Flask):

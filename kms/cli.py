@@ -33,6 +33,7 @@ from kms.db import MigrationNeedsSecrets
 from kms.errors import ApiError, IntegrityFailure, ServiceUnavailable, StoredDataCorrupt
 from kms.importing import cli as importing_cli
 from kms.keys import cli as keys_cli
+from kms.grants.service import expire_grants
 from kms.keys.service import destroy_due_keys, list_client_keys, rotate_due_keys
 from kms.observability.logs import configure_logging
 from kms.runtime import Kms
@@ -123,16 +124,17 @@ def gen_secret():
 
 @keys_cli.keys.command("rotate-due")
 def rotate_due():
-    """Cron job: rotate keys past their rotation period, destroy keys whose deletion is due, and
-    clear expired sessions and old records."""
+    """Cron job: rotate keys past their rotation period, destroy keys whose deletion is due, record
+    the end of expired grants, and clear expired sessions and old records."""
     progress = Progress("rotating keys past their period")
     with cli_context() as ctx:
         flush_refusals(ctx)
         rotated = rotate_due_keys(ctx, progress=progress)
         destroyed = destroy_due_keys(ctx)
+        expired = expire_grants(ctx)
         purged = purge_stale_records(ctx)
     click.echo(f"rotated {rotated} keys ({progress.finish()}), destroyed {destroyed} keys, "
-               f"cleared {purged} expired sessions")
+               f"ended {expired} expired grants, cleared {purged} expired sessions")
 
 
 @keys_cli.keys.command("list")

@@ -1,0 +1,159 @@
+"""How a request names a key: a reference of the caller's own (`invoices-db`), or
+`{owner}:{reference}` for a key another client granted it operations on (kms.grants).
+
+A key is found by its owner's id and the hashed reference. For a shared key the owner's id comes
+from the owner's name; the grantee's statement then reads the owner's client row (active, under
+that name) and the grantee's live grant with what their MACs cover, and nothing is believed before
+they check out (kms.rows). What this module keeps per process only saves round trips: the owner's
+id by name, and the grant last verified for a grantee and key (its id goes into the audit record
+the statement writes). The statement checks both; a stale entry costs a second try, never a
+wrong answer.
+"""
+import json
+import time
+import uuid
+from typing import NamedTuple
+
+from kms import crypto, db
+from kms.auth.service import hash_clientname
+from kms.context import Context
+from kms.errors import NotFound, Unauthorized
+from kms.expiring import ExpiringMap
+from kms.rows import CLIENTS, GRANTS
+
+NO_SUCH_KEY = "No key with that reference."
+# Operations a grant can name (API.md, "Grants"): `fetch` is the DEK routes.
+OPERATIONS = ("decrypt", "encrypt", "fetch", "generate-data-key", "reencrypt")
+REMEMBERED_FOR_S = 60.0
+
+
+class KnownGrant(NamedTuple):
+    """A grant as last verified (its row's MAC checked): grants never change but by revocation,
+    so its id stands for the rest."""
+    id: uuid.UUID
+    operations: tuple[str, ...]
+    context_subset: dict | None
+    expires_at: object  # datetime | None
+
+
+class KeyAddress(NamedTuple):
+    reference: str  # as the owner names it
+    owner_id: uuid.UUID
+    ref_hash: bytes
+    owner_name_hash: bytes | None = None  # set when the caller is a grantee
+    grant: KnownGrant | None = None  # the grant this process last verified, for a grantee
+    owner_remembered: bool = False  # the owner's id came from this process's memory, not the database
+
+    @property
+    def shared(self) -> bool:
+        return self.owner_name_hash is not None
+
+    @property
+    def address(self) -> tuple:
+        return self.owner_id, self.ref_hash
+
+    def statement_parameters(self, ctx: Context) -> dict:
+        """What lookup_key and use_key take to find this key (and, shared, the owner and grant)."""
+        return {"owner_id": str(self.owner_id), "shared": self.shared, "owner_name_hash": self.owner_name_hash,
+                "grant_id": None if self.grant is None else str(self.grant.id)}
+
+
+class GrantorMemory:
+    """Owner ids by name hash, and grants by (grantee, owner, hashed reference), for a minute."""
+
+    def __init__(self, size: int = 10_000):
+        self._owners = ExpiringMap(size)
+        self._grants = ExpiringMap(size)
+
+    def owner(self, name_hash: bytes):
+        return self._owners.get(name_hash, time.monotonic())
+
+    def remember_owner(self, name_hash: bytes, owner_id: uuid.UUID):
+        self._owners.put(name_hash, owner_id, time.monotonic() + REMEMBERED_FOR_S)
+
+    def forget_owner(self, name_hash: bytes):
+        self._owners.put(name_hash, None, time.monotonic())
+
+    def grant(self, grantee_id: uuid.UUID, owner_id: uuid.UUID, ref_hash: bytes) -> KnownGrant | None:
+        return self._grants.get((grantee_id, owner_id, ref_hash), time.monotonic())
+
+    def remember_grant(self, grantee_id: uuid.UUID, owner_id: uuid.UUID, ref_hash: bytes, grant: KnownGrant):
+        self._grants.put((grantee_id, owner_id, ref_hash), grant, time.monotonic() + REMEMBERED_FOR_S)
+
+
+def hash_key_reference(kms, owner_id: uuid.UUID, reference: str) -> bytes:
+    return crypto.keyed_hash(kms.settings.key_ref_secret, b"kms-key-reference-v1", owner_id.bytes, reference.encode())
+
+
+def caller_id(ctx: Context) -> uuid.UUID:
+    if ctx.claims is None:
+        raise Unauthorized()
+    return ctx.claims.client_id
+
+
+def own_address(ctx: Context, reference: str) -> KeyAddress:
+    """A key of the caller's own: `{owner}:` is refused here (404, as for no such key), for the
+    routes a grant never opens (rotate, retire, delete, restore, set-*, versions, grants)."""
+    if ":" in reference:
+        raise NotFound(NO_SUCH_KEY)
+    owner_id = caller_id(ctx)
+    return KeyAddress(reference, owner_id, hash_key_reference(ctx.kms, owner_id, reference))
+
+
+def resolve(ctx: Context, name: str) -> KeyAddress:
+    """The key `name` names for the caller: its own, or `{owner}:{reference}` of another client
+    (404 when no such owner exists; whether a grant exists is the statement's to say)."""
+    if ":" not in name:
+        return own_address(ctx, name)
+    owner_name, reference = name.split(":", 1)
+    me = caller_id(ctx)
+    name_hash = hash_clientname(ctx.kms, owner_name)
+    memory = ctx.kms.grantors
+    owner_id = memory.owner(name_hash)
+    remembered = owner_id is not None
+    if owner_id is None:
+        with db.transaction(ctx.conn) as cur:
+            cur.execute(db.sql.client_for_login, {"name_hash": name_hash})  # believed once the statement checks it
+            row = cur.fetchone()
+        if row is None or row.status != "active":
+            raise NotFound(NO_SUCH_KEY)
+        owner_id = row.id
+        memory.remember_owner(name_hash, owner_id)
+    ref_hash = hash_key_reference(ctx.kms, owner_id, reference)
+    if owner_id == me:  # the caller's own key, named in full
+        return KeyAddress(reference, owner_id, ref_hash)
+    return KeyAddress(reference, owner_id, ref_hash, name_hash, memory.grant(me, owner_id, ref_hash), remembered)
+
+
+def owner_moved(ctx: Context, address: KeyAddress, row) -> bool:
+    """Whether a grantee's statement found no owner under the id this process remembered for the
+    name (the owner was deleted and the name taken again): then it is forgotten, and the caller
+    resolves the name afresh and asks once more."""
+    if not (address.shared and address.owner_remembered and row.o_mac is None):
+        return False
+    ctx.kms.grantors.forget_owner(address.owner_name_hash)
+    return True
+
+
+def check_shared(ctx: Context, address: KeyAddress, row, operation: str) -> KeyAddress:
+    """For a grantee: believe the owner's client row and the grant the statement read only once
+    their MACs check out (a forged or revived grant is refused as no grant, 404, and reported),
+    and remember the grant. Returns the address with the grant as read (None: there is none)."""
+    if not address.shared:
+        return address
+    kms = ctx.kms
+    if row.o_mac is None or row.grant_id is None:
+        return address._replace(grant=None)
+    CLIENTS.check_values(kms, (address.owner_id, row.o_name_hash, row.o_password_hash, row.o_role, row.o_status,
+                               row.o_epoch, row.o_revision, row.o_mac), refused_with=404)
+    me = caller_id(ctx)
+    operations = " ".join(row.g_operations)
+    GRANTS.check_values(kms, (row.grant_id, row.key_id, me, operations, row.g_expires_at, row.g_context, False,
+                              row.g_revision, row.g_mac), refused_with=404)
+    grant = KnownGrant(row.grant_id, tuple(row.g_operations), decode_context(row.g_context), row.g_expires_at)
+    kms.grantors.remember_grant(me, address.owner_id, address.ref_hash, grant)
+    return address._replace(grant=grant)
+
+
+def decode_context(text: str | None) -> dict | None:
+    return None if text is None else json.loads(text)
