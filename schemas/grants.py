@@ -9,10 +9,20 @@ from schemas.keys import KeyReferencePath
 from schemas.operations import ContextField
 
 
+class OperationList(fields.List):
+    """Operation names, its problems said in one flat message (the error envelope's `fields` holds
+    lists of strings, never an item's own)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, list) or not all(isinstance(name, str) and name in OPERATIONS for name in value):
+            raise ValidationError("A list of operations, each one of: " + ", ".join(OPERATIONS) + ".")
+        return list(value)
+
+
 class GrantRequest(StrictSchema):
     grantee = fields.String(required=True, validate=CLIENTNAME, metadata={
         "description": "The clientname of the one client the grant is for (never a wildcard)."})
-    operations = fields.List(fields.String(validate=validate.OneOf(OPERATIONS)), required=True,
+    operations = OperationList(fields.String(validate=validate.OneOf(OPERATIONS)), required=True,
                              validate=validate.Length(min=1, max=len(OPERATIONS)), metadata={
         "description": "What the grantee may do with the key: fetch (the DEK routes; exportable keys only), encrypt, "
                        "decrypt, reencrypt, generate-data-key. Never rotate, retire, delete, restore, set-* or grant."})

@@ -75,8 +75,8 @@ def _detail(grant_id, **more) -> str:
 def create_grant(ctx: Context, reference: str, grantee: str, operations: list[str],
                  expires_at: datetime | None = None, context_subset: dict | None = None) -> dict:
     """The owner grants `grantee` `operations` on its key `reference`. 404 for no such key or no
-    such active client, 400 for granting itself or `fetch` on a key that is not exportable, 409 when
-    the grantee holds a live grant on the key already (revoke it first: a grant never changes)."""
+    such active client, 400 for granting itself, 409 for `fetch` on a key that is not exportable or
+    when the grantee holds a live grant on the key already (revoke it first: a grant never changes)."""
     operations = sorted(set(operations))
     if not operations or any(name not in OPERATIONS for name in operations):
         raise BadRequest("operations: one or more of " + ", ".join(OPERATIONS) + ".", code="validation_failed",
@@ -86,8 +86,7 @@ def create_grant(ctx: Context, reference: str, grantee: str, operations: list[st
         owner = authenticate(cur, ctx)
         key = lock_key(cur, ctx, address.owner_id, address.ref_hash, reference)
         if "fetch" in operations and not key.exportable:
-            raise BadRequest("This key is not exportable: `fetch` cannot be granted on it.", code="not_exportable",
-                             fields={"operations": ["fetch: the key is not exportable."]})
+            raise Conflict("This key is not exportable: `fetch` cannot be granted on it.", code="not_exportable")
         cur.execute(db.sql.client_for_login, {"name_hash": hash_clientname(ctx.kms, grantee)})
         found = cur.fetchone()
         if found is None or found.status != "active":

@@ -37,6 +37,7 @@ class KnownGrant(NamedTuple):
 
 
 class KeyAddress(NamedTuple):
+    name: str  # as the request names it: `invoices-db`, or `billing:invoices-db`
     reference: str  # as the owner names it
     owner_id: uuid.UUID
     ref_hash: bytes
@@ -59,11 +60,12 @@ class KeyAddress(NamedTuple):
 
 
 class GrantorMemory:
-    """Owner ids by name hash, and grants by (grantee, owner, hashed reference), for a minute."""
+    """For a minute: owner ids by name hash, and each grantee's shared addresses as last resolved
+    (with the grant last verified), so that a grantee's request costs what an owner's does."""
 
     def __init__(self, size: int = 10_000):
         self._owners = ExpiringMap(size)
-        self._grants = ExpiringMap(size)
+        self._addresses = ExpiringMap(size)
 
     def owner(self, name_hash: bytes):
         return self._owners.get(name_hash, time.monotonic())
@@ -71,14 +73,16 @@ class GrantorMemory:
     def remember_owner(self, name_hash: bytes, owner_id: uuid.UUID):
         self._owners.put(name_hash, owner_id, time.monotonic() + REMEMBERED_FOR_S)
 
-    def forget_owner(self, name_hash: bytes):
-        self._owners.put(name_hash, None, time.monotonic())
+    def address(self, grantee_id: uuid.UUID, name: str) -> KeyAddress | None:
+        return self._addresses.get((grantee_id, name), time.monotonic())
 
-    def grant(self, grantee_id: uuid.UUID, owner_id: uuid.UUID, ref_hash: bytes) -> KnownGrant | None:
-        return self._grants.get((grantee_id, owner_id, ref_hash), time.monotonic())
+    def remember(self, grantee_id: uuid.UUID, address: KeyAddress):
+        self._addresses.put((grantee_id, address.name), address._replace(owner_remembered=True),
+                            time.monotonic() + REMEMBERED_FOR_S)
 
-    def remember_grant(self, grantee_id: uuid.UUID, owner_id: uuid.UUID, ref_hash: bytes, grant: KnownGrant):
-        self._grants.put((grantee_id, owner_id, ref_hash), grant, time.monotonic() + REMEMBERED_FOR_S)
+    def forget(self, grantee_id: uuid.UUID, address: KeyAddress):
+        self._owners.put(address.owner_name_hash, None, time.monotonic())
+        self._addresses.put((grantee_id, address.name), None, time.monotonic())
 
 
 def hash_key_reference(kms, owner_id: uuid.UUID, reference: str) -> bytes:
@@ -97,7 +101,7 @@ def own_address(ctx: Context, reference: str) -> KeyAddress:
     if ":" in reference:
         raise NotFound(NO_SUCH_KEY)
     owner_id = caller_id(ctx)
-    return KeyAddress(reference, owner_id, hash_key_reference(ctx.kms, owner_id, reference))
+    return KeyAddress(reference, reference, owner_id, hash_key_reference(ctx.kms, owner_id, reference))
 
 
 def resolve(ctx: Context, name: str) -> KeyAddress:
@@ -105,10 +109,13 @@ def resolve(ctx: Context, name: str) -> KeyAddress:
     (404 when no such owner exists; whether a grant exists is the statement's to say)."""
     if ":" not in name:
         return own_address(ctx, name)
-    owner_name, reference = name.split(":", 1)
     me = caller_id(ctx)
-    name_hash = hash_clientname(ctx.kms, owner_name)
     memory = ctx.kms.grantors
+    known = memory.address(me, name)
+    if known is not None:
+        return known
+    owner_name, reference = name.split(":", 1)
+    name_hash = hash_clientname(ctx.kms, owner_name)
     owner_id = memory.owner(name_hash)
     remembered = owner_id is not None
     if owner_id is None:
@@ -121,8 +128,10 @@ def resolve(ctx: Context, name: str) -> KeyAddress:
         memory.remember_owner(name_hash, owner_id)
     ref_hash = hash_key_reference(ctx.kms, owner_id, reference)
     if owner_id == me:  # the caller's own key, named in full
-        return KeyAddress(reference, owner_id, ref_hash)
-    return KeyAddress(reference, owner_id, ref_hash, name_hash, memory.grant(me, owner_id, ref_hash), remembered)
+        return KeyAddress(name, reference, owner_id, ref_hash)
+    address = KeyAddress(name, reference, owner_id, ref_hash, name_hash, None, remembered)
+    memory.remember(me, address)
+    return address
 
 
 def owner_moved(ctx: Context, address: KeyAddress, row) -> bool:
@@ -131,7 +140,7 @@ def owner_moved(ctx: Context, address: KeyAddress, row) -> bool:
     resolves the name afresh and asks once more."""
     if not (address.shared and address.owner_remembered and row.o_mac is None):
         return False
-    ctx.kms.grantors.forget_owner(address.owner_name_hash)
+    ctx.kms.grantors.forget(caller_id(ctx), address)
     return True
 
 
@@ -142,17 +151,23 @@ def check_shared(ctx: Context, address: KeyAddress, row, operation: str) -> KeyA
     if not address.shared:
         return address
     kms = ctx.kms
+    me = caller_id(ctx)
     if row.o_mac is None or row.grant_id is None:
-        return address._replace(grant=None)
+        if address.grant is not None:
+            address = address._replace(grant=None)
+            kms.grantors.remember(me, address)
+        return address
     CLIENTS.check_values(kms, (address.owner_id, row.o_name_hash, row.o_password_hash, row.o_role, row.o_status,
                                row.o_epoch, row.o_revision, row.o_mac), refused_with=404)
-    me = caller_id(ctx)
     operations = " ".join(row.g_operations)
     GRANTS.check_values(kms, (row.grant_id, row.key_id, me, operations, row.g_expires_at, row.g_context, False,
                               row.g_revision, row.g_mac), refused_with=404)
+    if address.grant is not None and address.grant.id == row.grant_id:  # grants never change
+        return address
     grant = KnownGrant(row.grant_id, tuple(row.g_operations), decode_context(row.g_context), row.g_expires_at)
-    kms.grantors.remember_grant(me, address.owner_id, address.ref_hash, grant)
-    return address._replace(grant=grant)
+    address = address._replace(grant=grant)
+    kms.grantors.remember(me, address)
+    return address
 
 
 def decode_context(text: str | None) -> dict | None:

@@ -96,7 +96,7 @@ def test_fetch_grants_the_dek_routes_of_exportable_keys_only(pair, client):
     assert shared.json()["encryptWith"]["dek"] == own["encryptWith"]["dek"]
     assert client.get("/keys/billing:invoices/1", headers=bearer(pair.grantee)).status_code == 200
     envelope(client.get("/keys/billing:invoices/7", headers=bearer(pair.grantee)), 404, "not_found")
-    body = pair.grant(ref="vault", operations=["fetch", "decrypt"], status=400)
+    body = pair.grant(ref="vault", operations=["fetch", "decrypt"], status=409)
     assert body["error"] == "not_exportable"
 
 
