@@ -126,7 +126,7 @@ def list_grants_to_me(ctx: Context) -> list[dict]:
     """The live grants made to the caller, with each key's owner and reference: what it may name."""
     with db.transaction(ctx.conn) as cur:
         caller = authenticate(cur, ctx)
-        cur.execute(db.sql.grants_to_client, {"client_id": caller.id})
+        cur.execute(db.sql.client_grants, {"to_client": caller.id, "by_client": None})
         return [_public(ctx, row, owner=_name(ctx, row.owner_name_enc, row.owner_id),
                         keyReference=_reference(ctx, row)) for row in cur.fetchall()]
 
@@ -136,12 +136,9 @@ def list_client_grants(ctx: Context, client_id: uuid.UUID) -> list[dict]:
     with db.transaction(ctx.conn) as cur:
         if ctx.origin != "cli":
             require_admin(cur, ctx)
-        found = []
-        for query in (db.sql.grants_by_client, db.sql.grants_to_client):
-            cur.execute(query, {"client_id": client_id})
-            found += [_public(ctx, row, owner=_name(ctx, row.owner_name_enc, row.owner_id),
-                              keyReference=_reference(ctx, row)) for row in cur.fetchall()]
-    return found
+        cur.execute(db.sql.client_grants, {"to_client": client_id, "by_client": client_id})
+        return [_public(ctx, row, owner=_name(ctx, row.owner_name_enc, row.owner_id), keyReference=_reference(ctx, row))
+                for row in cur.fetchall()]
 
 
 def revoke_grant(ctx: Context, reference: str, grant_id: uuid.UUID):

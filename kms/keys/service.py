@@ -187,48 +187,26 @@ def generate_key(ctx: Context, reference: str, exportable: bool = True) -> KeyMa
     return material
 
 
-class LookUpRow(NamedTuple):
-    """The columns of the look-up statement (sql/queries/keys.sql, lookup_key), in its order: the
-    hot path names them once here instead of asking the cursor to build a record type from its
-    description on every call (tests/test_rows.py holds the two together)."""
-    session_expires_at: str
-    session_epoch: int
-    session_revision: int
-    session_row_mac: bytes
-    client_name_hash: bytes
-    client_password_hash: str
-    client_role: str
-    client_revision: int
-    client_row_mac: bytes
-    key_id: int | None
-    key_current_version: int | None
-    key_retired_below: int | None
-    key_rotation_period_ms: int | None
-    key_exportable: bool | None
-    key_revision: int | None
-    key_row_mac: bytes | None
-    superseded: bool | None
-    rotation_due: bool | None
-    cur_kek: int | None
-    cur_wrapped: bytes | None
-    req_version: int | None
-    req_kek: int | None
-    req_wrapped: bytes | None
-    outcome: str
-    # A grantee's look-up: the owner's client row and the grant, with what their MACs cover.
-    o_name_hash: bytes | None
-    o_password_hash: str | None
-    o_role: str | None
-    o_status: str | None
-    o_epoch: int | None
-    o_revision: int | None
-    o_mac: bytes | None
-    grant_id: uuid.UUID | None
-    g_operations: list | None
-    g_expires_at: object
-    g_context: str | None
-    g_revision: int | None
-    g_mac: bytes | None
+# The columns every statement that reads a key to serve it returns first, in this order, named so
+# that the same checks read them (_check_look_up): the session, the client, the key row.
+KEY_READ = [("session_expires_at", str), ("session_epoch", int), ("session_revision", int),
+            ("session_row_mac", bytes), ("client_name_hash", bytes), ("client_password_hash", str),
+            ("client_role", str), ("client_revision", int), ("client_row_mac", bytes), ("key_id", int | None),
+            ("key_current_version", int | None), ("key_retired_below", int | None),
+            ("key_rotation_period_ms", int | None), ("key_exportable", bool | None), ("key_revision", int | None),
+            ("key_row_mac", bytes | None), ("superseded", bool | None), ("rotation_due", bool | None)]
+# ... and, for a grantee, the owner's client row and the grant, with what their MACs cover
+# (kms.keys.address.check_shared).
+SHARED_READ = [("o_name_hash", bytes | None), ("o_password_hash", str | None), ("o_role", str | None),
+               ("o_status", str | None), ("o_epoch", int | None), ("o_revision", int | None), ("o_mac", bytes | None),
+               ("grant_id", uuid.UUID | None), ("g_operations", list | None), ("g_expires_at", object),
+               ("g_context", str | None), ("g_revision", int | None), ("g_mac", bytes | None)]
+# The look-up statement's columns (sql/queries/keys.sql, lookup_key), in its order: the hot path
+# names them once here instead of asking the cursor to build a record type from its description on
+# every call (tests/test_rows.py holds the two together).
+LookUpRow = NamedTuple("LookUpRow", [
+    *KEY_READ, ("cur_kek", int | None), ("cur_wrapped", bytes | None), ("req_version", int | None),
+    ("req_kek", int | None), ("req_wrapped", bytes | None), ("outcome", str), *SHARED_READ])
 
 
 def _look_up(conn, params: dict, durable: bool) -> LookUpRow | None:

@@ -31,7 +31,7 @@ from kms.audit.service import new_event
 from kms.context import Context
 from kms.errors import ApiError, BadRequest, Forbidden, Gone, NotFound, Unauthorized
 from kms.keys.address import NO_SUCH_KEY, KeyAddress, KnownGrant, check_shared, owner_moved, resolve
-from kms.keys.service import check_key_read, claimed_alone, rotate_if_due, unwrap_version
+from kms.keys.service import KEY_READ, SHARED_READ, check_key_read, claimed_alone, rotate_if_due, unwrap_version
 from kms.rules import KEY_ADDRESS_PATTERN, KEY_ADDRESS_PROBLEM
 
 DECRYPTION_FAILED = ("The ciphertext cannot be decrypted with this key and context (altered, of another key, or "
@@ -174,43 +174,9 @@ def parse_items(ctx: Context, operation: str, body: dict) -> tuple[list[Item], b
 
 # The key
 
-class KeyRead(NamedTuple):
-    """The columns of use_key (sql/queries/keys.sql), in its order."""
-    session_expires_at: str
-    session_epoch: int
-    session_revision: int
-    session_row_mac: bytes
-    client_name_hash: bytes
-    client_password_hash: str
-    client_role: str
-    client_revision: int
-    client_row_mac: bytes
-    key_id: int | None
-    key_current_version: int | None
-    key_retired_below: int | None
-    key_rotation_period_ms: int | None
-    key_exportable: bool | None
-    key_revision: int | None
-    key_row_mac: bytes | None
-    superseded: bool | None
-    rotation_due: bool | None
-    versions: list | None
-    kek_versions: list | None
-    wrapped_deks: list | None
-    o_name_hash: bytes | None
-    o_password_hash: str | None
-    o_role: str | None
-    o_status: str | None
-    o_epoch: int | None
-    o_revision: int | None
-    o_mac: bytes | None
-    grant_id: uuid.UUID | None
-    g_operations: list | None
-    g_expires_at: object
-    g_context: str | None
-    g_revision: int | None
-    g_mac: bytes | None
-    grant_expired: bool | None
+# The columns of use_key (sql/queries/keys.sql), in its order.
+KeyRead = NamedTuple("KeyRead", [*KEY_READ, ("versions", list | None), ("kek_versions", list | None),
+                                 ("wrapped_deks", list | None), *SHARED_READ, ("grant_expired", bool | None)])
 
 
 @dataclass

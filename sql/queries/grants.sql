@@ -16,24 +16,16 @@ FROM grants g JOIN clients c ON c.id = g.grantee_id
 WHERE g.key_id = %(key_id)s AND g.revoked_at IS NULL
 ORDER BY g.created_at, g.id;
 
--- name: grants_to_client
--- The live grants made to a client on keys not deleted, with each key's owner and reference (encrypted).
+-- name: client_grants
+-- The live grants made to a client (`to_client`) or on its keys (`by_client`), on keys not deleted,
+-- with each key's owner and reference (encrypted); either parameter may be NULL.
 SELECT g.id, g.key_id, g.grantee_id, g.operations, g.expires_at, g.context_subset, false AS revoked, g.revision,
        g.row_mac, g.created_at, k.client_id AS owner_id, k.ref_hash, k.ref_enc, o.name_enc AS owner_name_enc,
        c.name_enc AS grantee_name_enc
 FROM grants g JOIN keys k ON k.id = g.key_id JOIN clients o ON o.id = k.client_id
 JOIN clients c ON c.id = g.grantee_id
-WHERE g.grantee_id = %(client_id)s AND g.revoked_at IS NULL AND k.deleted_at IS NULL
-ORDER BY g.created_at, g.id;
-
--- name: grants_by_client
--- The live grants a client made, on its keys not deleted (admin).
-SELECT g.id, g.key_id, g.grantee_id, g.operations, g.expires_at, g.context_subset, false AS revoked, g.revision,
-       g.row_mac, g.created_at, k.client_id AS owner_id, k.ref_hash, k.ref_enc, o.name_enc AS owner_name_enc,
-       c.name_enc AS grantee_name_enc
-FROM grants g JOIN keys k ON k.id = g.key_id JOIN clients o ON o.id = k.client_id
-JOIN clients c ON c.id = g.grantee_id
-WHERE k.client_id = %(client_id)s AND g.revoked_at IS NULL AND k.deleted_at IS NULL
+WHERE g.revoked_at IS NULL AND k.deleted_at IS NULL
+  AND (g.grantee_id = %(to_client)s OR k.client_id = %(by_client)s)
 ORDER BY g.created_at, g.id;
 
 -- name: lock_grant
