@@ -8,8 +8,9 @@ on are filler written with SQL (their rows carry no valid MAC, and no request re
 make the grants table and its indexes the size a busy deployment's are.
 
 Each round runs the four kinds in turn, for BENCH_SECONDS at BENCH_CONNECTIONS (default 16); a
-ratio is the median of the rounds' ratios (grantee / owner), a row the run with the median
-throughput.
+ratio is the median of the rounds' ratios, a row the run with the median throughput. The cost
+through the grant is given twice: by throughput (owner / grantee) and by the CPU each request took,
+server and PostgreSQL (grantee / owner), which other work on the machine blurs less.
 
     python bench/bench_grants.py      (needs wrk; BENCH_SECONDS, BENCH_ROUNDS, BENCH_THREADS,
                                        BENCH_WORKERS, BENCH_CONNECTIONS, BENCH_DATABASE_URL)
@@ -129,9 +130,14 @@ def main():
                 print(f"{row(f'{name:<16} c={CONNECTIONS}', median)}   CPU/request: server {server * 1000:.0f} us + "
                       f"PostgreSQL {postgres * 1000:.0f} us", flush=True)
             for kind in ("lookup", "decrypt"):
-                ratios = [o["rps"] / g["rps"] for o, g in zip(results[f"{kind}, owner"], results[f"{kind}, grantee"])]
-                print(f"{kind}: cost through the grant = {statistics.median(ratios):.3f}x the owner's "
-                      f"(owner / grantee throughput; rounds {' '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+                owner_runs, grantee_runs = results[f"{kind}, owner"], results[f"{kind}, grantee"]
+                ratios = [o["rps"] / g["rps"] for o, g in zip(owner_runs, grantee_runs)]
+                cpu = [(g["server_ms"] + g["postgres_ms"]) / (o["server_ms"] + o["postgres_ms"])
+                       for o, g in zip(owner_runs, grantee_runs)]
+                print(f"{kind}: cost through the grant = {statistics.median(ratios):.3f}x the owner's by throughput "
+                      f"(owner / grantee; rounds {' '.join(f'{r:.2f}' for r in ratios)}), "
+                      f"{statistics.median(cpu):.3f}x by CPU per request, server and PostgreSQL "
+                      f"(rounds {' '.join(f'{r:.2f}' for r in cpu)})", flush=True)
 
 
 if __name__ == "__main__":
