@@ -31,6 +31,7 @@ from kms.console import (OPENER, IntegrityProblem, OneLineFailure, Progress, Unr
                          print_table)
 from kms.db import MigrationNeedsSecrets
 from kms.errors import ApiError, IntegrityFailure, ServiceUnavailable, StoredDataCorrupt
+from kms.grants import cli as grants_cli
 from kms.importing import cli as importing_cli
 from kms.keys import cli as keys_cli
 from kms.grants.service import expire_grants
@@ -217,8 +218,8 @@ class KmsCommand(FlaskGroup, KmsGroup):
 main = KmsCommand(name="kms", help="KMS: serve (`kms serve`, `kms dev`) and administer (every other command) "
                                    "the key management service. Configuration comes from the environment, "
                                    "from .env in this directory or above, or from --env-file.")
-for _command in (*auth_cli.COMMANDS, *clients_cli.COMMANDS, *keys_cli.COMMANDS, *audit_cli.COMMANDS,
-                 *importing_cli.COMMANDS):
+for _command in (*auth_cli.COMMANDS, *clients_cli.COMMANDS, *keys_cli.COMMANDS, *grants_cli.COMMANDS,
+                 *audit_cli.COMMANDS, *importing_cli.COMMANDS):
     kms_cli.add_command(_command)
 main.add_command(serve)
 main.add_command(dev)

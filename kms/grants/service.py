@@ -154,6 +154,19 @@ def revoke_grant(ctx: Context, reference: str, grant_id: uuid.UUID):
         record(cur, ctx, "grant.revoke", target=bytes(row.ref_hash).hex(), detail=_detail(row.id))
 
 
+def revoke_grant_by_id(ctx: Context, grant_id: uuid.UUID):
+    """The command line's revocation (`kms grants revoke`), where host access is the authority."""
+    if ctx.origin != "cli":
+        raise NotFound(NO_SUCH_GRANT)
+    with db.transaction(ctx.conn) as cur:
+        cur.execute(db.sql.lock_grant, {"grant_id": grant_id})
+        row = cur.fetchone()
+        if row is None:
+            raise NotFound(NO_SUCH_GRANT)
+        _end(cur, ctx, row)
+        record(cur, ctx, "grant.revoke", target=bytes(row.ref_hash).hex(), detail=_detail(row.id))
+
+
 def _names_key(cur, ctx: Context, caller, reference: str, row) -> bool:
     """Whether `reference` names the grant's key for this caller: its own key, or for an admin any
     client's as `{owner}:{ref}` (or a key of its own)."""
