@@ -132,10 +132,13 @@ def list_grants_to_me(ctx: Context) -> list[dict]:
 
 
 def list_client_grants(ctx: Context, client_id: uuid.UUID) -> list[dict]:
-    """Admin: the live grants made by or to a client."""
+    """Admin: the live grants made by or to a client (404 for a client unknown or deleted)."""
     with db.transaction(ctx.conn) as cur:
         if ctx.origin != "cli":
             require_admin(cur, ctx)
+        cur.execute(db.sql.lock_client, {"client_id": client_id})
+        if cur.fetchone() is None:
+            raise NotFound("No client with that id.")
         cur.execute(db.sql.client_grants, {"to_client": client_id, "by_client": client_id})
         return [_public(ctx, row, owner=_name(ctx, row.owner_name_enc, row.owner_id), keyReference=_reference(ctx, row))
                 for row in cur.fetchall()]

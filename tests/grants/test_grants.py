@@ -3,6 +3,7 @@ against a real PostgreSQL; every refusal performed, and the database writer's at
 import base64
 import json
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -222,6 +223,7 @@ def test_listings_and_uses(pair, client, auth):
     owner_id = auth.client_id("billing")
     assert len(client.get(f"/clients/{owner_id}/grants", headers=bearer(auth.admin_token)).json()["grants"]) == 1
     envelope(client.get(f"/clients/{owner_id}/grants", headers=bearer(pair.owner)), 403)
+    envelope(client.get(f"/clients/{uuid.uuid4()}/grants", headers=bearer(auth.admin_token)), 404, "not_found")
     assert pair.decrypt(ciphertext).status_code == 200
     assert pair.decrypt(ciphertext).status_code == 200
     uses = client.get(f"/keys/invoices/grants/{grant['id']}/uses", headers=bearer(pair.owner)).json()["uses"]
