@@ -17,8 +17,10 @@ CREATE TABLE grants (
     revision       integer NOT NULL DEFAULT 1 CHECK (revision >= 1),
     row_mac        bytea NOT NULL
 );
-CREATE UNIQUE INDEX grants_live_per_grantee ON grants (key_id, grantee_id) WHERE revoked_at IS NULL;
-CREATE INDEX grants_live_by_grantee ON grants (grantee_id) WHERE revoked_at IS NULL;
+-- A grantee's use finds its grant by both columns; a grantee's listing by the first; a key's
+-- listing, and the cascade of its destruction, by the key.
+CREATE UNIQUE INDEX grants_live_per_grantee ON grants (grantee_id, key_id) WHERE revoked_at IS NULL;
+CREATE INDEX grants_by_key ON grants (key_id);
 
 -- The use of a grant is recorded on each operation's audit event (`detail`: {"grant": id, ...});
 -- a key's owner reads a grant's uses through this index.

@@ -5,7 +5,7 @@
 -- One live grant per grantee and key (grants_live_per_grantee): nothing comes back when there is one.
 INSERT INTO grants (id, key_id, grantee_id, operations, expires_at, context_subset, revision, row_mac)
 VALUES (%(id)s, %(key_id)s, %(grantee_id)s, %(operations)s, %(expires_at)s, %(context_subset)s, 1, %(row_mac)s)
-ON CONFLICT (key_id, grantee_id) WHERE revoked_at IS NULL DO NOTHING
+ON CONFLICT (grantee_id, key_id) WHERE revoked_at IS NULL DO NOTHING
 RETURNING created_at;
 
 -- name: key_grants

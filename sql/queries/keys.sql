@@ -39,14 +39,14 @@ WITH caller AS (
              AND cur.created_at + k.rotation_period_ms * interval '1 millisecond' <= now() AS rotation_due,
            cur.kek_version AS cur_kek, cur.wrapped_dek AS cur_wrapped,
            req.version AS req_version, req.kek_version AS req_kek, req.wrapped_dek AS req_wrapped,
-           o.name_hash AS o_name_hash, o.password_hash AS o_password_hash, o.role AS o_role, o.status AS o_status,
-           o.session_epoch AS o_epoch, o.revision AS o_revision, o.row_mac AS o_mac, g.id AS grant_id,
-           g.operations AS g_operations, g.expires_at AS g_expires_at, g.context_subset AS g_context,
-           g.revision AS g_revision, g.row_mac AS g_mac,
+           shared.o_name_hash, shared.o_password_hash, shared.o_role, shared.o_status, shared.o_epoch,
+           shared.o_revision, shared.o_mac, shared.grant_id, shared.g_operations, shared.g_expires_at, shared.g_context,
+           shared.g_revision, shared.g_mac,
            CASE WHEN k.id IS NULL OR (%(version)s::integer IS NOT NULL AND req.version IS NULL) THEN 'not_found'
-                WHEN %(shared)s::boolean AND (g.id IS NULL OR o.id IS NULL OR o.status <> 'active'
-                                              OR NOT 'fetch' = ANY(g.operations) OR g.expires_at <= now()) THEN 'not_found'
-                WHEN %(shared)s::boolean AND g.id IS DISTINCT FROM %(grant_id)s::uuid THEN 'grant_changed'
+                WHEN %(shared)s::boolean AND (shared.grant_id IS NULL OR shared.o_status <> 'active'
+                                              OR NOT 'fetch' = ANY(shared.g_operations)
+                                              OR shared.g_expires_at <= now()) THEN 'not_found'
+                WHEN %(shared)s::boolean AND shared.grant_id IS DISTINCT FROM %(grant_id)s::uuid THEN 'grant_changed'
                 WHEN NOT k.exportable THEN 'not_exportable'
                 WHEN %(version)s::integer < k.retired_below THEN 'gone'
                 WHEN NOT cur.kek_version = ANY(%(keks)s::integer[])
@@ -54,8 +54,15 @@ WITH caller AS (
                 ELSE 'success' END AS outcome
     FROM caller
     LEFT JOIN keys k ON k.client_id = %(owner_id)s::uuid AND k.ref_hash = %(ref_hash)s AND k.deleted_at IS NULL
-    LEFT JOIN clients o ON %(shared)s::boolean AND o.id = k.client_id AND o.name_hash = %(owner_name_hash)s::bytea
-    LEFT JOIN grants g ON %(shared)s::boolean AND g.key_id = k.id AND g.grantee_id = caller.id AND g.revoked_at IS NULL
+    LEFT JOIN LATERAL (
+        SELECT o.name_hash AS o_name_hash, o.password_hash AS o_password_hash, o.role AS o_role, o.status AS o_status,
+               o.session_epoch AS o_epoch, o.revision AS o_revision, o.row_mac AS o_mac, g.id AS grant_id,
+               g.operations AS g_operations, g.expires_at AS g_expires_at, g.context_subset AS g_context,
+               g.revision AS g_revision, g.row_mac AS g_mac
+        FROM clients o
+        LEFT JOIN grants g ON g.key_id = k.id AND g.grantee_id = caller.id AND g.revoked_at IS NULL
+        WHERE %(shared)s::boolean AND o.id = k.client_id AND o.name_hash = %(owner_name_hash)s::bytea
+    ) shared ON true
     LEFT JOIN key_versions cur ON cur.key_id = k.id AND cur.version = k.current_version
     LEFT JOIN key_versions nxt ON nxt.key_id = k.id AND nxt.version = k.current_version + 1
     LEFT JOIN key_versions req ON req.key_id = k.id AND req.version = %(version)s::integer
@@ -288,14 +295,18 @@ WITH caller AS (
            k.rotation_period_ms IS NOT NULL
              AND (SELECT cur.created_at FROM key_versions cur WHERE cur.key_id = k.id AND cur.version = k.current_version)
                  + k.rotation_period_ms * interval '1 millisecond' <= now() AS rotation_due,
-           o.name_hash AS o_name_hash, o.password_hash AS o_password_hash, o.role AS o_role, o.status AS o_status,
-           o.session_epoch AS o_epoch, o.revision AS o_revision, o.row_mac AS o_mac, g.id AS grant_id,
-           g.operations AS g_operations, g.expires_at AS g_expires_at, g.context_subset AS g_context,
-           g.revision AS g_revision, g.row_mac AS g_mac, g.expires_at <= now() AS grant_expired
+           shared.*, shared.g_expires_at <= now() AS grant_expired
     FROM caller
     LEFT JOIN keys k ON k.client_id = %(owner_id)s::uuid AND k.ref_hash = %(ref_hash)s AND k.deleted_at IS NULL
-    LEFT JOIN clients o ON %(shared)s::boolean AND o.id = k.client_id AND o.name_hash = %(owner_name_hash)s::bytea
-    LEFT JOIN grants g ON %(shared)s::boolean AND g.key_id = k.id AND g.grantee_id = caller.id AND g.revoked_at IS NULL
+    LEFT JOIN LATERAL (  -- as lookup_key's
+        SELECT o.name_hash AS o_name_hash, o.password_hash AS o_password_hash, o.role AS o_role, o.status AS o_status,
+               o.session_epoch AS o_epoch, o.revision AS o_revision, o.row_mac AS o_mac, g.id AS grant_id,
+               g.operations AS g_operations, g.expires_at AS g_expires_at, g.context_subset AS g_context,
+               g.revision AS g_revision, g.row_mac AS g_mac
+        FROM clients o
+        LEFT JOIN grants g ON g.key_id = k.id AND g.grantee_id = caller.id AND g.revoked_at IS NULL
+        WHERE %(shared)s::boolean AND o.id = k.client_id AND o.name_hash = %(owner_name_hash)s::bytea
+    ) shared ON true
 ), audited AS (
     INSERT INTO audit_events (event_id, at, actor, action, target, version, outcome, request_id, source_ip, detail,
                               row_mac)
