@@ -34,7 +34,13 @@ class GrantRequest(StrictSchema):
 
     @validates("expiresAt")
     def _in_the_future(self, value, **kwargs):
-        if value is not None and value <= datetime.now(timezone.utc):
+        if value is None:
+            return
+        try:
+            value = value.astimezone(timezone.utc)
+        except OverflowError:  # past year 9999 in UTC: no time we can store or compare
+            raise ValidationError("Not a valid datetime.") from None
+        if value <= datetime.now(timezone.utc):
             raise ValidationError("Must be in the future.")
 
 
