@@ -274,3 +274,39 @@ def test_an_expiry_beyond_what_a_time_can_hold_is_a_400(pair, expires_at):
 
 def test_the_grants_of_an_unknown_client_are_a_404(client, auth):
     envelope(client.get(f"/clients/{uuid.uuid4()}/grants", headers=bearer(auth.admin_token)), 404)
+
+
+def test_a_key_that_does_not_exist_costs_what_one_without_a_grant_does(pair, client, auth, monkeypatch):
+    """The same statements, in number, for an owner's key without a grant and for a reference the
+    owner has no key under: no timing tells them apart (the owner's name stays remembered)."""
+    from kms import db
+    ciphertext = pair.sealed()
+    stranger = auth.new_client("stranger")
+    counted = {"statements": 0}
+    execute_prepared, transaction = db.execute_prepared, db.transaction
+
+    def counting_execute(*args, **kwargs):
+        counted["statements"] += 1
+        return execute_prepared(*args, **kwargs)
+
+    def counting_transaction(*args, **kwargs):
+        counted["statements"] += 1
+        return transaction(*args, **kwargs)
+
+    monkeypatch.setattr(db, "execute_prepared", counting_execute)
+    monkeypatch.setattr(db, "transaction", counting_transaction)
+
+    def cost(name: str, route: str) -> int:
+        counted["statements"] = 0
+        if route == "get":
+            response = client.get(f"/keys/{name}", headers=bearer(stranger))
+        else:
+            response = post(client, stranger, f"/keys/{name}/actions/decrypt",
+                            {"ciphertext": ciphertext, "context": CONTEXT})
+        envelope(response, 404, "not_found")
+        return counted["statements"]
+
+    for route in ("get", "decrypt"):
+        cost("billing:invoices", route)  # the owner's name remembered
+        for _ in range(2):
+            assert cost("billing:missing", route) == cost("billing:invoices", route), route
