@@ -219,11 +219,12 @@ def _end(cur, ctx: Context, row):
 
 def end_client_grants(cur, ctx: Context, client_id: uuid.UUID) -> int:
     """In the caller's transaction (a client's deletion): every live grant to the client or on its
-    keys ends; the caller's audit event names each change."""
+    keys ends, each recorded as a revocation (its owner reads it in the grant's uses)."""
     cur.execute(db.sql.lock_client_grants, {"client_id": client_id})
     rows = cur.fetchall()
     for row in rows:
         _end(cur, ctx, row)
+        record(cur, ctx, "grant.revoke", target=bytes(row.ref_hash).hex(), detail=_detail(row.id))
     return len(rows)
 
 

@@ -37,13 +37,13 @@ WHERE g.id = %(grant_id)s AND g.revoked_at IS NULL
 FOR UPDATE OF g;
 
 -- name: lock_client_grants
--- The live grants made to a client or on its keys, locked (its deletion revokes them).
+-- The live grants made to a client or on its keys, locked (its deletion revokes them), with each
+-- key's hashed reference (the audit event of each end names it).
 SELECT g.id, g.key_id, g.grantee_id, g.operations, g.expires_at, g.context_subset, false AS revoked, g.revision,
-       g.row_mac
-FROM grants g
-WHERE g.revoked_at IS NULL
-  AND (g.grantee_id = %(client_id)s OR g.key_id IN (SELECT id FROM keys WHERE client_id = %(client_id)s))
-ORDER BY g.id FOR UPDATE;
+       g.row_mac, k.ref_hash
+FROM grants g JOIN keys k ON k.id = g.key_id
+WHERE g.revoked_at IS NULL AND (g.grantee_id = %(client_id)s OR k.client_id = %(client_id)s)
+ORDER BY g.id FOR UPDATE OF g;
 
 -- name: lock_expired_grants
 -- Live grants past their expiry (the cron job records their end), a batch at a time.

@@ -1,6 +1,7 @@
 """Attacks on grants: a grantee (or a stranger) trying to learn which keys exist, to use a grant for
 more than it names, to step outside its contextSubset, and a database writer trying to keep a
 grant alive or to make one unending; and inputs that must be a 4xx, never a 500."""
+import json
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -310,3 +311,19 @@ def test_a_key_that_does_not_exist_costs_what_one_without_a_grant_does(pair, cli
         cost("billing:invoices", route)  # the owner's name remembered
         for _ in range(2):
             assert cost("billing:missing", route) == cost("billing:invoices", route), route
+
+
+@pytest.mark.parametrize("deleted", ["reporting", "billing"])
+def test_a_grant_ended_by_a_client_deletion_shows_its_end_in_its_uses(pair, client, auth, deleted):
+    """/uses shows a grant's creation, its uses and its end: also an end by the deletion of its
+    grantee or of its owner (the admin reads it, as the owner is gone in the second case)."""
+    ciphertext = pair.sealed()
+    grant = pair.grant()
+    assert pair.decrypt(ciphertext).status_code == 200
+    assert client.delete(f"/clients/{auth.client_id(deleted)}", headers=bearer(auth.admin_token)).status_code == 204
+    if deleted == "reporting":
+        uses = client.get(f"/keys/invoices/grants/{grant['id']}/uses", headers=bearer(pair.owner)).json()["uses"]
+        assert [use["action"] for use in uses] == ["grant.create", "key.decrypt", "grant.revoke"]
+    events = client.get("/audit?limit=1000", headers=bearer(auth.admin_token)).json()["events"]
+    ends = [event for event in events if event["action"] == "grant.revoke"]
+    assert [json.loads(event["detail"])["grant"] for event in ends] == [grant["id"]]
