@@ -327,3 +327,15 @@ def test_a_grant_ended_by_a_client_deletion_shows_its_end_in_its_uses(pair, clie
     events = client.get("/audit?limit=1000", headers=bearer(auth.admin_token)).json()["events"]
     ends = [event for event in events if event["action"] == "grant.revoke"]
     assert [json.loads(event["detail"])["grant"] for event in ends] == [grant["id"]]
+
+
+def test_an_admin_holds_no_grant_by_its_role(pair, client, auth):
+    """An admin lists and revokes grants; it uses another client's key only as any grantee would."""
+    ciphertext = pair.sealed()
+    admin = auth.admin_token
+    envelope(client.get("/keys/billing:invoices", headers=bearer(admin)), 404, "not_found")
+    envelope(pair.decrypt(ciphertext, token=admin), 404, "not_found")
+    envelope(client.get("/keys/billing:invoices/grants", headers=bearer(admin)), 404, "not_found")
+    envelope(post(client, admin, "/keys/billing:invoices/grants", {"grantee": "reporting", "operations": ["decrypt"]}),
+             404, "not_found")
+    envelope(post(client, admin, "/keys/billing:invoices/actions/rotate", None), 404, "not_found")
