@@ -91,7 +91,8 @@ def create_grant(ctx: Context, reference: str, grantee: str, operations: list[st
                  expires_at: datetime | None = None, context_subset: dict | None = None) -> dict:
     """The owner grants `grantee` `operations` on its key `reference`. 404 for no such key or no
     such active client, 400 for granting itself, 409 for `fetch` on a key that is not exportable or
-    when the grantee holds a live grant on the key already (revoke it first: a grant never changes)."""
+    when the grantee holds a live grant on the key already (revoke it first: a grant never changes;
+    one past its expiry is ended here)."""
     operations = sorted(set(operations))
     if context_subset:  # a subset no context could hold would allow nothing, ever
         checked_context(context_subset, "contextSubset", ctx.kms.settings)
@@ -116,6 +117,11 @@ def create_grant(ctx: Context, reference: str, grantee: str, operations: list[st
         if grantee_row.id == owner.id:
             raise BadRequest("A key's owner needs no grant on it.", code="validation_failed",
                              fields={"grantee": ["The key's owner."]})
+        cur.execute(db.sql.lock_expired_grant, {"key_id": key.id, "grantee_id": grantee_row.id})
+        expired = cur.fetchone()
+        if expired is not None:  # it allowed nothing since its expiry: its end is recorded now, not by the cron job
+            _end(cur, ctx, expired)
+            record(cur, ctx, "grant.expire", target=address.ref_hash.hex(), detail=_detail(expired.id))
         grant = {"id": uuid.uuid4(), "key_id": key.id, "grantee_id": grantee_row.id,
                  "operations": " ".join(operations), "expires_at": expires_at,
                  "context_subset": _canonical(context_subset), "revoked": False, "revision": 1}

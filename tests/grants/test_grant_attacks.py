@@ -339,3 +339,20 @@ def test_an_admin_holds_no_grant_by_its_role(pair, client, auth):
     envelope(post(client, admin, "/keys/billing:invoices/grants", {"grantee": "reporting", "operations": ["decrypt"]}),
              404, "not_found")
     envelope(post(client, admin, "/keys/billing:invoices/actions/rotate", None), 404, "not_found")
+
+
+def test_a_grant_past_its_expiry_is_no_live_grant(pair, client, auth):
+    """Past its expiry a grant allows nothing: listings of live grants leave it out at once (not only
+    once the expiry job has run), and the owner may grant the grantee again without revoking it
+    first; that new grant records the old one's end."""
+    soon = datetime.now(timezone.utc) + timedelta(seconds=1)
+    old = pair.grant(operations=["decrypt"], expiresAt=soon.isoformat())
+    time.sleep(max(0.0, (soon - datetime.now(timezone.utc)).total_seconds()) + 0.2)
+    assert client.get("/keys/invoices/grants", headers=bearer(pair.owner)).json() == {"grants": []}
+    assert client.get("/grants", headers=bearer(pair.grantee)).json() == {"grants": []}
+    assert client.get(f"/clients/{auth.client_id('billing')}/grants",
+                      headers=bearer(auth.admin_token)).json() == {"grants": []}
+    new = pair.grant(operations=["encrypt"])
+    assert [g["id"] for g in client.get("/grants", headers=bearer(pair.grantee)).json()["grants"]] == [new["id"]]
+    uses = client.get(f"/keys/invoices/grants/{old['id']}/uses", headers=bearer(pair.owner)).json()["uses"]
+    assert [use["action"] for use in uses] == ["grant.create", "grant.expire"]
