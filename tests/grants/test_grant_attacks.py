@@ -356,3 +356,38 @@ def test_a_grant_past_its_expiry_is_no_live_grant(pair, client, auth):
     assert [g["id"] for g in client.get("/grants", headers=bearer(pair.grantee)).json()["grants"]] == [new["id"]]
     uses = client.get(f"/keys/invoices/grants/{old['id']}/uses", headers=bearer(pair.owner)).json()["uses"]
     assert [use["action"] for use in uses] == ["grant.create", "grant.expire"]
+
+
+def test_no_request_begun_after_a_revocation_answered_is_served(pair, live_server):
+    """Grantees decrypting in parallel (the key kept, the grant remembered) while the owner revokes:
+    every request sent after the revocation was answered gets 404."""
+    import threading
+
+    import requests
+
+    ciphertext = pair.sealed()
+    grant = pair.grant()
+    outcomes, stop = [], threading.Event()
+
+    def decrypting():
+        with requests.Session() as session:
+            while not stop.is_set():
+                began = time.monotonic()
+                status = session.post(f"{live_server}/keys/billing:invoices/actions/decrypt",
+                                      json={"ciphertext": ciphertext, "context": CONTEXT},
+                                      headers=bearer(pair.grantee), timeout=30).status_code
+                outcomes.append((began, status))
+
+    threads = [threading.Thread(target=decrypting) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    assert pair.client.delete(f"/keys/invoices/grants/{grant['id']}", headers=bearer(pair.owner)).status_code == 204
+    revoked = time.monotonic()
+    time.sleep(0.5)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    before = {status for began, status in outcomes if began < revoked}
+    after = [status for began, status in outcomes if began > revoked]
+    assert 200 in before and after and set(after) == {404}, (before, set(after))
