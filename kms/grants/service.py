@@ -28,6 +28,7 @@ from kms.auth.service import hash_clientname
 from kms.rows import CLIENTS, GRANTS
 
 NO_SUCH_GRANT = "No such grant on that key."
+_REVISION_MAX = 2**31 - 1  # grants.revision is an integer
 NO_SUCH_CLIENT = "No active client with that name."
 
 
@@ -209,16 +210,17 @@ def _names_key(cur, ctx: Context, caller, reference: str, row) -> bool:
 
 def _end(cur, ctx: Context, row):
     """Revoke a locked grant row at its next revision (the caller's audit event records the
-    change). A row altered in the database allowed nothing; it is reported and ended as it is,
-    never signed: ending a grant takes authority away, so nobody's revocation, deletion or cron
-    job waits on the row's MAC."""
+    change). A row altered in the database (or put back) allowed nothing: it is reported, and
+    ended all the same, so that nobody's revocation, deletion or cron job waits on its MAC. Its
+    end is signed past the revision stored, so that no copy of the grant, neither the one altered
+    nor the one from before the alteration, can be put back live."""
+    grant = _columns(row)
     try:
-        grant = _checked(ctx, row)
-    except IntegrityFailure as failure:
+        GRANTS.check_values(ctx.kms, (*grant.values(), row.row_mac))
+    except IntegrityFailure as failure:  # ending it takes nothing away, whatever it says
         report_integrity_failure(failure.table, failure.row_id, rolled_back=failure.rolled_back)
-        cur.execute(db.sql.revoke_grant, {"id": row.id, "revision": row.revision, "row_mac": row.row_mac})
-        return
-    grant.update(revoked=True, revision=grant["revision"] + 1)
+    known = ctx.kms.revisions.newest("grants", row.id) or 1
+    grant.update(revoked=True, revision=min(max(grant["revision"], known), _REVISION_MAX - 1) + 1)
     cur.execute(db.sql.revoke_grant, {"id": row.id, "revision": grant["revision"],
                                       "row_mac": GRANTS.sign(cur, ctx.kms, **grant)})
 

@@ -391,3 +391,21 @@ def test_no_request_begun_after_a_revocation_answered_is_served(pair, live_serve
     before = {status for began, status in outcomes if began < revoked}
     after = [status for began, status in outcomes if began > revoked]
     assert 200 in before and after and set(after) == {404}, (before, set(after))
+
+
+def test_a_grant_ended_while_altered_cannot_be_put_back(pair, client, db):
+    """A writer alters a live grant (refused on use), the owner revokes it, then the writer puts
+    back the row as it was before the alteration, MAC and all: it is an older copy of an ended
+    grant, refused and reported like any put back."""
+    ciphertext = pair.sealed()
+    grant = pair.grant()
+    assert pair.decrypt(ciphertext).status_code == 200
+    with db.cursor() as cur:
+        cur.execute("SELECT operations, revision, row_mac FROM grants WHERE id = %s", (grant["id"],))
+        operations, revision, row_mac = cur.fetchone()
+    tamper(db, "UPDATE grants SET operations = %s WHERE id = %s", (["decrypt", "encrypt"], grant["id"]))
+    assert client.delete(f"/keys/invoices/grants/{grant['id']}", headers=bearer(pair.owner)).status_code == 204
+    tamper(db, "UPDATE grants SET revoked_at = NULL, operations = %s, revision = %s, row_mac = %s WHERE id = %s",
+           (operations, revision, row_mac, grant["id"]))
+    envelope(pair.decrypt(ciphertext), 404, "not_found")
+    assert integrity_failures(db)[-1] == (f"grants:{grant['id']}", "rolled_back")
