@@ -360,10 +360,9 @@ def reencrypt(ctx: Context, key: UsedKey, items: list[Item]) -> dict:
         if isinstance(target, ApiError):
             item.error = target
             continue
-        if target is not key:
-            _outside_grant(target, [item], "toContext")
-            if item.error is not None:
-                continue
+        _outside_grant(target, [item], "toContext")  # into a shared key, this one too
+        if item.error is not None:
+            continue
         version, aead, dek_id = _current(ctx, target)
         item.result = {"ciphertext": _seal(version, aead, dek_id, plaintext, item.to_context), "version": version}
         if target is not key:
@@ -513,3 +512,7 @@ def _audit_event(ctx: Context, action: str, key: UsedKey, items: list[Item]) -> 
 def _write_audit(ctx: Context, event: dict):
     with ctx.conn.cursor(cursor_factory=psycopg2.extensions.cursor) as cur:
         db.execute_prepared(cur, "insert_audit_event", event, prefix=_durability(ctx))
+
+
+# What grants use (kms.grants): a contextSubset is bounded as a context is.
+checked_context = _context
