@@ -100,6 +100,10 @@ def create_grant(ctx: Context, reference: str, grantee: str, operations: list[st
     if not operations or any(name not in OPERATIONS for name in operations):
         raise BadRequest("operations: one or more of " + ", ".join(OPERATIONS) + ".", code="validation_failed",
                          fields={"operations": ["Unknown operation."]})
+    if "fetch" in operations and context_subset:
+        raise BadRequest("contextSubset: a grant with fetch hands over the DEK, which works under any context, so "
+                         "a subset would constrain nothing.", code="validation_failed",
+                         fields={"contextSubset": ["Not with fetch: the DEK works under any context."]})
     address = own_address(ctx, reference)
     with db.transaction(ctx.conn) as cur:
         owner = authenticate(cur, ctx)

@@ -341,7 +341,8 @@ def decrypt(ctx: Context, key: UsedKey, items: list[Item]) -> dict:
 
 def reencrypt(ctx: Context, key: UsedKey, items: list[Item]) -> dict:
     """Under the current version of this key or of `toKeyReference` (another key of the caller's,
-    or one granted it `encrypt`): the plaintext never leaves the server."""
+    or one granted it `encrypt`): the plaintext never leaves the server. Out of a shared key, only
+    into a key of the same owner unless the grant also gives `decrypt`."""
     targets: dict[str, UsedKey | ApiError] = {key.reference: key}
     into: dict[str, tuple[UsedKey, list[Item]]] = {}
     for item in items:
@@ -359,6 +360,11 @@ def reencrypt(ctx: Context, key: UsedKey, items: list[Item]) -> dict:
                 target = targets[name] = error
         if isinstance(target, ApiError):
             item.error = target
+            continue
+        if key.grant is not None and target.owner_id != key.owner_id and "decrypt" not in key.grant.operations:
+            # Out of a shared key into one its owner does not hold, the grantee could decrypt it
+            # there: that is `decrypt`, which this grant does not give (as no grant: 404).
+            item.error = NotFound(NO_SUCH_KEY)
             continue
         _outside_grant(target, [item], "toContext")  # into a shared key, this one too
         if item.error is not None:

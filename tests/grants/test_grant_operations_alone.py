@@ -1,5 +1,5 @@
-"""Refusals the grants do not make yet (these tests fail): each operation on its own, as the
-contract says, would need them. Left for a decision on the contract."""
+"""Each operation on its own: `reencrypt` alone never moves a shared key's data where the grantee
+could decrypt it, and a `contextSubset` is not promised where `fetch` hands the DEK over."""
 import pytest
 
 from tests.conftest import bearer, envelope
