@@ -199,11 +199,11 @@ def revoke_grant_by_id(ctx: Context, grant_id: uuid.UUID):
 
 
 def _names_key(cur, ctx: Context, caller, reference: str, row) -> bool:
-    """Whether `reference` names the grant's key for this caller: its own key, or for an admin any
-    client's as `{owner}:{ref}` (or a key of its own)."""
+    """Whether `reference` names the grant's key for this caller: its own key (named alone or in
+    full), or for an admin any client's as `{owner}:{ref}`."""
     if ":" not in reference:
         return row.owner_id == caller.id and own_address(ctx, reference).ref_hash == bytes(row.ref_hash)
-    if not caller.is_admin:
+    if not (caller.is_admin or row.owner_id == caller.id):
         return False
     owner_name, ref = reference.split(":", 1)
     cur.execute(db.sql.client_for_login, {"name_hash": hash_clientname(ctx.kms, owner_name)})

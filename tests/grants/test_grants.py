@@ -236,6 +236,9 @@ def test_listings_and_uses(pair, client, auth):
     assert client.delete(f"/keys/billing:invoices/grants/{grant['id']}",
                          headers=bearer(auth.admin_token)).status_code == 204
     envelope(pair.decrypt(ciphertext), 404, "not_found")
+    again = pair.grant(operations=["decrypt"])  # the owner revokes naming its key in full, too
+    envelope(client.delete(f"/keys/billing:invoices/grants/{again['id']}", headers=bearer(pair.grantee)), 404)
+    assert client.delete(f"/keys/billing:invoices/grants/{again['id']}", headers=bearer(pair.owner)).status_code == 204
     actions = [u["action"] for u in client.get(f"/keys/invoices/grants/{grant['id']}/uses",
                                                headers=bearer(pair.owner)).json()["uses"]]
     assert actions[-1] == "grant.revoke"
