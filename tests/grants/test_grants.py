@@ -279,14 +279,14 @@ def test_reencrypt_into_a_key_shared_for_encrypt(pair, client, auth):
 def test_the_command_line_lists_and_revokes_grants(pair, runner):
     ciphertext = pair.sealed()
     grant = pair.grant(operations=["decrypt", "encrypt"])
-    listed = runner.invoke(args=["kms", "grants", "list", "billing"])
+    listed = runner.invoke(args=["kms", "clients", "grants", "billing"])
     assert listed.exit_code == 0, listed.output
     assert grant["id"] in listed.output and "billing:invoices" in listed.output and "decrypt,encrypt" in listed.output
-    as_json = runner.invoke(args=["kms", "grants", "list", "reporting", "--json"])
+    as_json = runner.invoke(args=["kms", "clients", "grants", "reporting", "--json"])
     assert json.loads(as_json.output.splitlines()[0])["id"] == grant["id"]
     revoked = runner.invoke(args=["kms", "grants", "revoke", grant["id"]])
     assert revoked.exit_code == 0 and "revoked grant" in revoked.output, revoked.output
     envelope(pair.decrypt(ciphertext), 404, "not_found")
     again = runner.invoke(args=["kms", "grants", "revoke", grant["id"]])
     assert again.exit_code != 0 and "Traceback" not in again.output and "No such grant" in again.output
-    assert runner.invoke(args=["kms", "grants", "list", "nobody-here"]).exit_code != 0
+    assert runner.invoke(args=["kms", "clients", "grants", "nobody-here"]).exit_code != 0
