@@ -19,6 +19,7 @@ from kms.auth.tokens import init_jwt, verify_bearer_first
 from kms.clients.routes import bp as clients_bp
 from kms.config import Settings, load_settings
 from kms.errors import ServiceUnavailable
+from kms.grants.routes import bp as grants_bp
 from kms.keys import service as keys_service
 from kms.keys.routes import bp as keys_bp
 from kms.observability.metrics import database_collector
@@ -36,7 +37,7 @@ log = logging.getLogger("kms")
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 # Content-Type headers that are JSON without parsing them (request.is_json parses every time)
 PLAIN_JSON = frozenset({"application/json", "application/json; charset=utf-8", "application/json;charset=utf-8"})
-BLUEPRINTS = (auth_bp, keys_bp, key_operations_bp, clients_bp, audit_bp, operations_bp)
+BLUEPRINTS = (auth_bp, keys_bp, key_operations_bp, grants_bp, clients_bp, audit_bp, operations_bp)
 
 
 class KmsFlask(Flask):

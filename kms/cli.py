@@ -31,8 +31,10 @@ from kms.console import (OPENER, IntegrityProblem, OneLineFailure, Progress, Unr
                          print_table)
 from kms.db import MigrationNeedsSecrets
 from kms.errors import ApiError, IntegrityFailure, ServiceUnavailable, StoredDataCorrupt
+from kms.grants import cli as grants_cli
 from kms.importing import cli as importing_cli
 from kms.keys import cli as keys_cli
+from kms.grants.service import expire_grants
 from kms.keys.service import destroy_due_keys, list_client_keys, rotate_due_keys
 from kms.observability.logs import configure_logging
 from kms.runtime import Kms
@@ -123,16 +125,17 @@ def gen_secret():
 
 @keys_cli.keys.command("rotate-due")
 def rotate_due():
-    """Cron job: rotate keys past their rotation period, destroy keys whose deletion is due, and
-    clear expired sessions and old records."""
+    """Cron job: rotate keys past their rotation period, destroy keys whose deletion is due, record
+    the end of expired grants, and clear expired sessions and old records."""
     progress = Progress("rotating keys past their period")
     with cli_context() as ctx:
         flush_refusals(ctx)
         rotated = rotate_due_keys(ctx, progress=progress)
         destroyed = destroy_due_keys(ctx)
+        expired = expire_grants(ctx)
         purged = purge_stale_records(ctx)
     click.echo(f"rotated {rotated} keys ({progress.finish()}), destroyed {destroyed} keys, "
-               f"cleared {purged} expired sessions")
+               f"ended {expired} expired grants, cleared {purged} expired sessions")
 
 
 @keys_cli.keys.command("list")
@@ -215,8 +218,8 @@ class KmsCommand(FlaskGroup, KmsGroup):
 main = KmsCommand(name="kms", help="KMS: serve (`kms serve`, `kms dev`) and administer (every other command) "
                                    "the key management service. Configuration comes from the environment, "
                                    "from .env in this directory or above, or from --env-file.")
-for _command in (*auth_cli.COMMANDS, *clients_cli.COMMANDS, *keys_cli.COMMANDS, *audit_cli.COMMANDS,
-                 *importing_cli.COMMANDS):
+for _command in (*auth_cli.COMMANDS, *clients_cli.COMMANDS, *keys_cli.COMMANDS, *grants_cli.COMMANDS,
+                 *audit_cli.COMMANDS, *importing_cli.COMMANDS):
     kms_cli.add_command(_command)
 main.add_command(serve)
 main.add_command(dev)

@@ -85,6 +85,8 @@ class IntegrityFailure(ApiError):
         self.rolled_back = rolled_back
         if status == 401:
             super().__init__(Unauthorized.message, code="unauthorized")
+        elif status == 404:  # a grant: as if there were none (no key is revealed to exist)
+            super().__init__("No key with that reference.", code="not_found")
         else:
             super().__init__()
         self.status = status

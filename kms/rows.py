@@ -180,7 +180,11 @@ KEYS = MacdTable("keys", ("id", "client_id", "ref_hash", "current_version", "ret
 # The audit chain's own state: whether a chain was ever started (so "no chain yet" can be told
 # from "chain wiped") and a tampering found and not yet acknowledged (kms.audit.chainstate).
 AUDIT_CHAIN_STATE = MacdTable("audit_chain_state", ("id", "chain_id", "started", "tampered", "revision"), 500)
-TABLES = (CLIENTS, SESSIONS, SIGNUP_TOKENS, KEYS, AUDIT_CHAIN_STATE)
+# A grant (kms.grants): which client may use which key for which operations, until when, within
+# which context. Refused as if it did not exist (404): a grantee learns nothing of a forged grant.
+GRANTS = MacdTable("grants", ("id", "key_id", "grantee_id", "operations", "expires_at", "context_subset", "revoked",
+                              "revision"), 404, {"revoked": "revoked_at IS NOT NULL"})
+TABLES = (CLIENTS, SESSIONS, SIGNUP_TOKENS, KEYS, AUDIT_CHAIN_STATE, GRANTS)
 
 
 def typed_session(values: tuple) -> tuple:

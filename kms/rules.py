@@ -7,6 +7,11 @@ CLIENTNAME_PROBLEM = "Must be %d-%d characters of A-Z a-z 0-9 -." % CLIENTNAME_L
 KEY_REFERENCE_LENGTH = (1, 64)
 KEY_REFERENCE_PATTERN = "^[A-Za-z0-9-]{%d,%d}$" % KEY_REFERENCE_LENGTH
 KEY_REFERENCE_PROBLEM = "Must be %d-%d characters of A-Z a-z 0-9 -." % KEY_REFERENCE_LENGTH
+# A key as a request names it: a reference of the caller's, or `{owner}:{reference}` of a key
+# another client granted it (the colon occurs in neither name).
+KEY_ADDRESS_PATTERN = "^(?:[A-Za-z0-9-]{%d,%d}:)?" % CLIENTNAME_LENGTH + KEY_REFERENCE_PATTERN[1:]
+KEY_ADDRESS_PROBLEM = (KEY_REFERENCE_PROBLEM.removesuffix(".") + ", or OWNER:REFERENCE with an owner's clientname of "
+                       "%d-%d of those characters." % CLIENTNAME_LENGTH)  # no braces: marshmallow formats it
 MAX_VERSION = 2**31 - 1  # key versions are PostgreSQL integers
 
 MINUTE_MS = 60 * 1000

@@ -16,6 +16,7 @@ from kms.config import ConfigError, Settings, kek_variable
 from kms.errors import ServiceUnavailable
 from kms.keyproviders.base import key_check_value
 from kms.keyproviders.opening import open_keks
+from kms.keys.address import GrantorMemory
 from kms.keys.imported import source_kek_versions
 from kms.keys.kek_holders import held_check_values, refresh
 from kms.observability.metrics import Metrics
@@ -44,6 +45,7 @@ class Kms:
     recent_logins: RecentLogins
     revisions: Revisions
     operation_keys: OperationKeys
+    grantors: GrantorMemory
     # AUDIT_FAIL_CLOSED_AFTER: set while the oldest unsealed audit event is older than that
     # (kms.audit.freshness.ChangeFollower); audited work is then refused.
     audit_behind: bool = False
@@ -68,6 +70,7 @@ class Kms:
             recent_logins=RecentLogins(settings.login_repeat_window_ms / 1000),
             revisions=Revisions(),
             operation_keys=OperationKeys(settings.operation_key_cache_ms / 1000),
+            grantors=GrantorMemory(),
         )
         kms.revisions.confirm = OlderCopyCheck(settings.database_url)
         return kms

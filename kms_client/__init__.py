@@ -296,6 +296,35 @@ class Client:
         self._forget(reference)
         return self._call("POST", f"/keys/{_segment(reference)}/actions/set-exportable", {"exportable": exportable})
 
+    # Grants: sharing a key with another client. A grantee names a shared key "{owner}:{reference}"
+    # in every call above that takes a reference.
+
+    def grant(self, reference: str, grantee: str, operations, *, expires_at: str | None = None,
+              context_subset: dict | None = None) -> dict:
+        """Let `grantee` use this client's key for `operations` (fetch, encrypt, decrypt, reencrypt,
+        generate-data-key), until `expires_at` (RFC 3339) and only with a context holding
+        `context_subset`, if given. Returns the grant (its `id` revokes it)."""
+        body = {"grantee": grantee, "operations": list(operations)}
+        if expires_at is not None:
+            body["expiresAt"] = expires_at
+        if context_subset:
+            body["contextSubset"] = context_subset
+        return self._call("POST", f"/keys/{_segment(reference)}/grants", body)
+
+    def list_grants(self, reference: str | None = None) -> list[dict]:
+        """The live grants on one of this client's keys; without a reference, those made to this
+        client (with each key's owner and reference)."""
+        return self._call("GET", "/grants" if reference is None else f"/keys/{_segment(reference)}/grants")["grants"]
+
+    def revoke_grant(self, reference: str, grant_id: str) -> None:
+        """End a grant on one of this client's keys: it allows nothing from now on."""
+        self._call("DELETE", f"/keys/{_segment(reference)}/grants/{_segment(str(grant_id))}")
+
+    def grant_uses(self, reference: str, grant_id: str, *, after: int = 0, limit: int = 100) -> list[dict]:
+        """The audit events naming a grant on one of this client's keys: its creation, each use, its end."""
+        query = urllib.parse.urlencode({"after": after, "limit": limit})
+        return self._call("GET", f"/keys/{_segment(reference)}/grants/{_segment(str(grant_id))}/uses?{query}")["uses"]
+
     # Keys that never leave the KMS: the server encrypts and decrypts
 
     def _operation(self, reference: str, action: str, body: dict):

@@ -27,6 +27,8 @@ import json
 import os
 import re
 import sys
+import time
+from datetime import datetime, timezone
 
 from kms_client import BLOB_MAGIC, BlobError, Client, KmsError, KmsUnreachable, ciphertext, stream
 
@@ -267,6 +269,28 @@ def data_key(client: Client, args):
     _print_json(answer)
 
 
+def grant(client: Client, args):
+    expires_at = None
+    if args.expires is not None:
+        expires_at = datetime.fromtimestamp(time.time() + args.expires / 1000, timezone.utc).isoformat()
+    _print_json(client.grant(args.ref, args.to, args.operation, expires_at=expires_at,
+                             context_subset=_context(args.context_subset)))
+    _done(f"{args.to} may now {', '.join(args.operation)} with {args.ref}, naming it {args.user}:{args.ref}")
+
+
+def grants(client: Client, args):
+    _print_json(client.list_grants(args.ref))
+
+
+def revoke_grant(client: Client, args):
+    client.revoke_grant(args.ref, args.grant_id)
+    _done(f"revoked grant {args.grant_id} on {args.ref}: it allows nothing from now on")
+
+
+def grant_uses(client: Client, args):
+    _print_json(client.grant_uses(args.ref, args.grant_id))
+
+
 def parser() -> argparse.ArgumentParser:
     top = Parser(prog="kms-client", description=__doc__.split("\n\n")[1],
                                   epilog=__doc__.split("\n\n")[-1], formatter_class=argparse.RawTextHelpFormatter)
@@ -323,6 +347,22 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--to-ref", default=None, help="another key to move to")
             sub.add_argument("--to-context", action="append", type=_pair, metavar="NAME=VALUE",
                              help="the context to bind to instead (default: the same)")
+    sub = command("grant", grant, "let another client use this key for named operations; prints the grant")
+    sub.add_argument("--to", required=True, metavar="CLIENT", help="the grantee's clientname")
+    sub.add_argument("--operation", action="append", required=True,
+                     choices=("fetch", "encrypt", "decrypt", "reencrypt", "generate-data-key"),
+                     help="an operation it may do (repeat for more)")
+    sub.add_argument("--expires", type=_duration_ms, default=None, metavar="DURATION",
+                     help="the grant ends after this long (90m, 12h, 30d; default: never)")
+    sub.add_argument("--context-subset", action="append", type=_pair, metavar="NAME=VALUE",
+                     help="a pair the grantee's context must hold (repeat for more)")
+    sub = command("grants", grants, "the live grants on my key REF as JSON; without REF, the grants made to me "
+                                    "(name a key shared with me OWNER:REF)", ref=False)
+    sub.add_argument("ref", nargs="?", help="one of my keys (default: list the grants made to me)")
+    sub = command("revoke-grant", revoke_grant, "end a grant on my key at once")
+    sub.add_argument("grant_id", metavar="GRANT_ID", help="the grant's id, as `kms-client grants REF` shows it")
+    sub = command("grant-uses", grant_uses, "the audit events naming a grant on my key, as JSON")
+    sub.add_argument("grant_id", metavar="GRANT_ID", help="the grant's id")
     sub = command("data-key", data_key, "print a fresh data key as JSON (plaintext and the ciphertext to keep)")
     sub.add_argument("--context", action="append", type=_pair, metavar="NAME=VALUE", help=context_help)
     sub.add_argument("--no-plaintext", action="store_true", help="only the data key's ciphertext")

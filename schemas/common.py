@@ -1,12 +1,13 @@
 from marshmallow import Schema, ValidationError, fields, validate
 
-from kms.rules import (CLIENTNAME_PATTERN, CLIENTNAME_PROBLEM, KEY_REFERENCE_PATTERN, KEY_REFERENCE_PROBLEM,
-                       password_problem)
+from kms.rules import (CLIENTNAME_PATTERN, CLIENTNAME_PROBLEM, KEY_ADDRESS_PATTERN, KEY_ADDRESS_PROBLEM,
+                       KEY_REFERENCE_PATTERN, KEY_REFERENCE_PROBLEM, password_problem)
 from kms.timefmt import rfc3339
 
 # `$` would also match before a final newline: \Z does not.
 CLIENTNAME = validate.Regexp(CLIENTNAME_PATTERN.removesuffix("$") + r"\Z", error=CLIENTNAME_PROBLEM)
 KEY_REFERENCE = validate.Regexp(KEY_REFERENCE_PATTERN.removesuffix("$") + r"\Z", error=KEY_REFERENCE_PROBLEM)
+KEY_ADDRESS = validate.Regexp(KEY_ADDRESS_PATTERN.removesuffix("$") + r"\Z", error=KEY_ADDRESS_PROBLEM)
 
 
 def validate_password(password: str):

@@ -1,7 +1,7 @@
 from marshmallow import fields, validate
 
 from kms.rules import DAY_MS, MAX_VERSION
-from schemas.common import KEY_REFERENCE, AsciiInteger, Milliseconds, Schema, StrictBoolean, StrictSchema, Timestamp
+from schemas.common import KEY_ADDRESS, KEY_REFERENCE, AsciiInteger, Milliseconds, Schema, StrictBoolean, StrictSchema, Timestamp
 
 KEY_STATES = ("in-use", "deprecated", "retired")
 
@@ -19,7 +19,9 @@ class SetExportableRequest(StrictSchema):
 
 
 class KeyReferencePath(StrictSchema):
-    ref = fields.String(required=True, validate=KEY_REFERENCE)
+    """A key as the path names it: the caller's reference, or `{owner}:{reference}` of a key shared
+    with it (routes a grant never opens answer that 404, as for no such key)."""
+    ref = fields.String(required=True, validate=KEY_ADDRESS)
 
 
 class KeyVersionPath(KeyReferencePath):

@@ -6,7 +6,7 @@ Limits stated here are the defaults (kms.config); an operator may change them.""
 from marshmallow import ValidationError, fields
 
 from kms.config import DEFAULT
-from schemas.common import KEY_REFERENCE, Schema, StrictBoolean, StrictSchema
+from schemas.common import KEY_ADDRESS, Schema, StrictBoolean, StrictSchema
 
 # base64url (RFC 4648), padded or not: only the lengths a whole number of bytes can have.
 BASE64URL = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2}(?:==)?|[A-Za-z0-9_-]{3}=?)?$"
@@ -98,7 +98,7 @@ class DecryptRequest(CheckedByTheService):
 
 
 def KeyReference(**kwargs):
-    return fields.String(validate=KEY_REFERENCE, **kwargs)
+    return fields.String(validate=KEY_ADDRESS, **kwargs)
 
 
 class ReencryptItem(StrictSchema):

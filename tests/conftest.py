@@ -41,7 +41,8 @@ ADMIN_PASSWORD = "Root-admin-passw0rd"
 CLIENT_PASSWORD = "Client-passw0rd!"
 WRONG_PASSWORD = "Wrong-passw0rd!"
 APP_TABLES = ("clients, sessions, signup_tokens, login_failures, keys, key_versions, secret_checks, audit_events, "
-              "legacy_signup_tokens_used, import_sources, imported_clients, imported_keys, audit_chain_state, kek_holders")
+              "legacy_signup_tokens_used, import_sources, imported_clients, imported_keys, audit_chain_state, kek_holders, "
+              "grants")
 
 
 # What kms.auth.passwords hashes with: OWASP's Argon2id parameters.

@@ -158,7 +158,8 @@ def test_options_is_not_allowed_and_405_names_what_is(client):
 def test_openapi_documents_the_path_parameters_the_server_enforces(client):
     paths = client.get("/openapi.json").json()["paths"]
     parameters = {p["name"]: p["schema"] for p in paths["/keys/{ref}/{version}"]["parameters"]}
-    assert parameters["ref"]["pattern"] == "^[A-Za-z0-9-]{1,64}$" and parameters["ref"]["maxLength"] == 64
+    assert parameters["ref"]["pattern"] == "^(?:[A-Za-z0-9-]{4,64}:)?[A-Za-z0-9-]{1,64}$"  # {owner}:{ref} too
+    assert parameters["ref"]["maxLength"] == 64 + 1 + 64
     assert parameters["version"] == {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
     client_parameters = {p["name"]: p["schema"] for p in paths["/clients/{client_id}/role"]["parameters"]}
     assert client_parameters["client_id"]["format"] == "uuid"

@@ -72,7 +72,9 @@ def run_schemathesis(depth: str, config: Path, base_url: str, token: str, *args:
          "--no-color", "--seed", seed, *args],
         env={**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS), "KMS_FUZZ_CALLER_ID": caller},
         capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"KMS_FUZZ_SEED={seed}\n" + result.stdout[-4000:]
+    failures = result.stdout.find("= FAILURES =")  # what failed, with its curl, rather than the summary alone
+    shown = result.stdout[failures:failures + 6000] if failures >= 0 else result.stdout[-4000:]
+    assert result.returncode == 0, f"KMS_FUZZ_SEED={seed}\n" + shown
     return result
 
 

@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "kms"
 
-DOMAINS = ("kms.auth", "kms.keys", "kms.operations", "kms.clients", "kms.audit", "kms.importing")
+DOMAINS = ("kms.auth", "kms.keys", "kms.operations", "kms.grants", "kms.clients", "kms.audit", "kms.importing")
 # Infrastructure: what every domain may use, and which may use no domain.
 INFRASTRUCTURE = ("kms.access", "kms.ciphertext", "kms.config", "kms.context", "kms.crypto", "kms.db", "kms.errors", "kms.expiring",
                   "kms.failures",

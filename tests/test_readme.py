@@ -64,5 +64,6 @@ def test_readme_runs_top_to_bottom_against_dev_mode(tmp_path):
     assert "X-Key-Deprecated: true" in out
     assert '"state":"deprecated"' in out.replace(" ", "") and "b'card 4111'" in out
     assert "secret" in out  # kms-client decrypt printed the plaintext back
+    assert out.replace(" ", "").count('"plaintext":"Y2FyZCA0MTEx"') == 2  # decrypted by its owner, then through a grant
     assert "Traceback" not in result.stderr
     assert wait_for_no_leftovers(tmp_path, dev.database_dir) == []

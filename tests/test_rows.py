@@ -289,13 +289,17 @@ def test_the_look_up_statement_reads_what_its_checks_name(cursor):
     ones it does not return are pinned by its WHERE clause (kms.keys.service._check_look_up)."""
     params = {"jti": str(uuid.uuid4()), "client_id": str(uuid.uuid4()), "ref_hash": b"x", "version": None,
               "event_id": uuid.uuid4(), "at": "2026-01-01T00:00:00+00:00", "request_id": None, "source_ip": None,
-              "row_mac": b"x", "audit": False, "keks": [1]}
+              "row_mac": b"x", "audit": False, "keks": [1], "detail": None, "owner_id": str(uuid.uuid4()),
+              "shared": True, "owner_name_hash": b"o", "grant_id": None}
     cursor.execute(kms_db.sql.lookup_key, params)
     assert tuple(column.name for column in cursor.description) == LookUpRow._fields  # as the hot path reads it
     read = {column.name for column in cursor.description}
     assert {"session_expires_at", "session_epoch", "session_row_mac"} <= read
     assert {"client_name_hash", "client_password_hash", "client_role", "client_row_mac"} <= read
     assert {"key_id", "key_current_version", "key_retired_below", "key_rotation_period_ms", "key_row_mac"} <= read
+    # a grantee's: the owner's client row and the grant (kms.keys.address.check_shared)
+    assert {"o_name_hash", "o_password_hash", "o_role", "o_status", "o_epoch", "o_revision", "o_mac"} <= read
+    assert {"grant_id", "g_operations", "g_expires_at", "g_context", "g_revision", "g_mac"} <= read
 
 
 def test_a_row_with_one_maced_column_changed_is_refused(app):

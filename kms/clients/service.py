@@ -12,6 +12,7 @@ from kms.audit.service import record
 from kms.access import require_admin
 from kms.auth.service import hash_clientname
 from kms.context import Context
+from kms.grants.service import end_client_grants
 from kms.keys.service import schedule_owner_keys_deletion
 from kms.errors import Conflict, NotFound, StoredDataCorrupt
 from kms.rows import CLIENTS
@@ -106,13 +107,15 @@ def set_enabled(ctx: Context, client_id: uuid.UUID, enabled: bool):
 
 
 def delete_client(ctx: Context, client_id: uuid.UUID):
-    """Revoke its tokens, free its name, schedule its keys for deletion."""
+    """Revoke its tokens, free its name, schedule its keys for deletion, end every grant made to
+    it or on its keys."""
     with db.transaction(ctx.conn) as cur:
         target, last_admin = _lock_target(cur, ctx, client_id)
         if last_admin:
             raise Conflict(LAST_ADMIN, code="last_admin")
         _update(cur, ctx, target, status="deleted", name_hash=None, revoke_sessions=True)
         schedule_owner_keys_deletion(cur, ctx, client_id)
+        end_client_grants(cur, ctx, client_id)
         record(cur, ctx, "client.delete", target=str(client_id))
 
 

@@ -19,6 +19,7 @@ from kms.access import TOKEN_NOT_LIVE, authenticate
 from kms.context import Context
 from kms.errors import (ApiError, Conflict, Forbidden, Gone, IntegrityFailure, KekNotHeld, NotFound, StoredDataCorrupt,
                         Unauthorized)
+from kms.keys.address import NO_SUCH_KEY, check_shared, hash_key_reference, own_address, owner_moved, resolve
 from kms.keys.imported import claim_imported_key, imported_key_named, rewrap_source_secrets
 from kms.keys.kek_holders import held_check_values, lacking, live_holders
 from kms.rows import CLIENTS, KEYS, SESSIONS, typed_client, typed_session
@@ -27,7 +28,6 @@ from kms.timefmt import rfc3339_from_now
 log = logging.getLogger("kms.keys")
 
 ENCODING = "base64url (RFC 4648)"
-NO_SUCH_KEY = "No key with that reference."
 NOT_EXPORTABLE = "This key is not exportable: its DEK never leaves the KMS; use the key's encrypt and decrypt actions."
 
 
@@ -44,20 +44,10 @@ class KeyMaterial(NamedTuple):
                 "expiresAt": self.expires_at}
 
 
-def hash_key_reference(kms, owner_id: uuid.UUID, reference: str) -> bytes:
-    return crypto.keyed_hash(kms.settings.key_ref_secret, b"kms-key-reference-v1", owner_id.bytes, reference.encode())
-
-
-def _owner(ctx: Context) -> uuid.UUID:
-    if ctx.claims is None:
-        raise Unauthorized()
-    return ctx.claims.client_id
-
-
 def _address(ctx: Context, reference: str) -> tuple[uuid.UUID, bytes]:
-    """The caller's id and the hashed reference: how a key is found."""
-    owner_id = _owner(ctx)
-    return owner_id, hash_key_reference(ctx.kms, owner_id, reference)
+    """The caller's id and the hashed reference of a key of its own: how a key is found by the
+    routes a grant never opens (`{owner}:{ref}` is 404 there)."""
+    return own_address(ctx, reference).address
 
 
 class KeyRow(NamedTuple):
@@ -197,34 +187,26 @@ def generate_key(ctx: Context, reference: str, exportable: bool = True) -> KeyMa
     return material
 
 
-class LookUpRow(NamedTuple):
-    """The columns of the look-up statement (sql/queries/keys.sql, lookup_key), in its order: the
-    hot path names them once here instead of asking the cursor to build a record type from its
-    description on every call (tests/test_rows.py holds the two together)."""
-    session_expires_at: str
-    session_epoch: int
-    session_revision: int
-    session_row_mac: bytes
-    client_name_hash: bytes
-    client_password_hash: str
-    client_role: str
-    client_revision: int
-    client_row_mac: bytes
-    key_id: int | None
-    key_current_version: int | None
-    key_retired_below: int | None
-    key_rotation_period_ms: int | None
-    key_exportable: bool | None
-    key_revision: int | None
-    key_row_mac: bytes | None
-    superseded: bool | None
-    rotation_due: bool | None
-    cur_kek: int | None
-    cur_wrapped: bytes | None
-    req_version: int | None
-    req_kek: int | None
-    req_wrapped: bytes | None
-    outcome: str
+# The columns every statement that reads a key to serve it returns first, in this order, named so
+# that the same checks read them (_check_look_up): the session, the client, the key row.
+KEY_READ = [("session_expires_at", str), ("session_epoch", int), ("session_revision", int),
+            ("session_row_mac", bytes), ("client_name_hash", bytes), ("client_password_hash", str),
+            ("client_role", str), ("client_revision", int), ("client_row_mac", bytes), ("key_id", int | None),
+            ("key_current_version", int | None), ("key_retired_below", int | None),
+            ("key_rotation_period_ms", int | None), ("key_exportable", bool | None), ("key_revision", int | None),
+            ("key_row_mac", bytes | None), ("superseded", bool | None), ("rotation_due", bool | None)]
+# ... and, for a grantee, the owner's client row and the grant, with what their MACs cover
+# (kms.keys.address.check_shared).
+SHARED_READ = [("o_name_hash", bytes | None), ("o_password_hash", str | None), ("o_role", str | None),
+               ("o_status", str | None), ("o_epoch", int | None), ("o_revision", int | None), ("o_mac", bytes | None),
+               ("grant_id", uuid.UUID | None), ("g_operations", list | None), ("g_expires_at", object),
+               ("g_context", str | None), ("g_revision", int | None), ("g_mac", bytes | None)]
+# The look-up statement's columns (sql/queries/keys.sql, lookup_key), in its order: the hot path
+# names them once here instead of asking the cursor to build a record type from its description on
+# every call (tests/test_rows.py holds the two together).
+LookUpRow = NamedTuple("LookUpRow", [
+    *KEY_READ, ("cur_kek", int | None), ("cur_wrapped", bytes | None), ("req_version", int | None),
+    ("req_kek", int | None), ("req_wrapped", bytes | None), ("outcome", str), *SHARED_READ])
 
 
 def _look_up(conn, params: dict, durable: bool) -> LookUpRow | None:
@@ -240,14 +222,19 @@ def _look_up(conn, params: dict, durable: bool) -> LookUpRow | None:
 def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[KeyMaterial, KeyMaterial]:
     """(decryptWith, encryptWith). One statement, one round trip: it checks the token, reads both
     versions and writes the audit record of a successful look-up. Nothing read is believed before
-    its row's MAC checks out."""
-    owner_id, ref_hash = _address(ctx, reference)
+    its row's MAC checks out. `reference` may name a key another client granted `fetch` on
+    (`{owner}:{ref}`): the statement then also reads the owner and the grant, and the record
+    names the grant."""
+    address = resolve(ctx, reference)
+    owner_id, ref_hash = address.address
     target = ref_hash.hex()
     def statement_parameters():
-        params = new_event(ctx, "key.lookup", "success", target=target, version=version)
+        detail = None if address.grant is None else '{"grant":"%s"}' % address.grant.id
+        params = new_event(ctx, "key.lookup", "success", target=target, version=version, detail=detail)
         # UUIDs go as text (the statement casts them): psycopg2 adapts UUID objects in Python.
         params.update(jti=ctx.claims.jti_text, client_id=ctx.claims.client_id_text, ref_hash=ref_hash,
-                      audit=ctx.kms.settings.audit_key_lookups, keks=ctx.kms.keyring.held_versions)
+                      audit=ctx.kms.settings.audit_key_lookups, keks=ctx.kms.keyring.held_versions,
+                      **address.statement_parameters(ctx))
         return params
 
     durable = ctx.kms.settings.audit_key_lookups_durable
@@ -264,8 +251,24 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
     if row is None:
         raise Unauthorized(TOKEN_NOT_LIVE)
     _check_look_up(ctx, row, owner_id, ref_hash)
-    if row.key_id is None and _claimed_alone(ctx, owner_id, reference, ref_hash):  # an imported key's first use
+    if owner_moved(ctx, address, row):
+        address = resolve(ctx, reference)
+        owner_id, ref_hash = address.address
+        target = ref_hash.hex()
         row = _look_up(ctx.conn, statement_parameters(), durable)
+        if row is None:
+            raise Unauthorized(TOKEN_NOT_LIVE)
+        _check_look_up(ctx, row, owner_id, ref_hash)
+    if row.outcome == "grant_changed":  # a grant this process had not verified yet: once more, naming it
+        address = check_shared(ctx, address, row, "fetch")
+        row = _look_up(ctx.conn, statement_parameters(), durable)
+        if row is None:
+            raise Unauthorized(TOKEN_NOT_LIVE)
+        _check_look_up(ctx, row, owner_id, ref_hash)
+    elif address.shared and row.outcome == "success":
+        check_shared(ctx, address, row, "fetch")
+    if row.key_id is None and not address.shared and _claimed_alone(ctx, owner_id, reference, ref_hash):
+        row = _look_up(ctx.conn, statement_parameters(), durable)  # an imported key's first use
         if row is None:
             raise Unauthorized(TOKEN_NOT_LIVE)
         _check_look_up(ctx, row, owner_id, ref_hash)
@@ -277,6 +280,8 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
                               else (row.req_kek, row.req_version))
             refusal = kek_not_held(ctx, key_id, which, missing)
             outcome = refusal.code
+        if outcome == "grant_changed":  # changed again between the two statements: none to serve by
+            outcome = "not_found"
         if ctx.kms.settings.audit_key_lookups:
             record_alone(ctx, "key.lookup", outcome, target=target, version=version)
         if refusal is not None:
@@ -285,7 +290,7 @@ def get_key(ctx: Context, reference: str, version: int | None = None) -> tuple[K
             raise Gone("That version was retired and is no longer served.", code="version_retired")
         if outcome == "not_exportable":
             raise Conflict(NOT_EXPORTABLE, code="not_exportable")
-        raise NotFound(NO_SUCH_KEY if key_id is None else "The key has no such version.")
+        raise NotFound(NO_SUCH_KEY if key_id is None or address.shared else "The key has no such version.")
 
     encrypt_with = _rotate_if_due(ctx, key_id) if row.rotation_due else None
     if encrypt_with is None:
@@ -616,6 +621,7 @@ def rewrap_keys(ctx: Context, batch: int = 500, progress=None) -> RewrapResult:
 # What the server-side operations (kms/operations) use, as look-ups use it: how a key is found, the
 # checks of a read of its row, unwrapping, rotation when due, the first use of an imported key.
 key_address = _address
+lock_key = _lock_key
 check_key_read = _check_look_up
 unwrap_version = _unwrap
 rotate_if_due = _rotate_if_due

@@ -9,9 +9,10 @@ Ciphertexts are kms.ciphertext's format. Whatever is wrong with a ciphertext (no
 ours, altered, another key's, another context) the caller gets one answer, `decryption_failed`, after
 the same work; a retired version is the exception the contract names (410), as its DEK is gone.
 
-Operations are named as grants will name them (fetch, encrypt, decrypt, reencrypt,
-generate-data-key): `_read_key` is where a grantee's `{owner}:{ref}` would be resolved and its grant
-for the operation checked.
+A key may be another client's, named `{owner}:{ref}`, when that client granted the caller the
+operation (kms.grants): the statement reads the owner and the grant beside the key, `_read_key`
+refuses what the grant does not allow exactly as a key that does not exist (404), and an item whose
+context lacks a pair of the grant's `contextSubset` gets 403. The audit record names the grant.
 """
 import binascii
 import functools
@@ -30,15 +31,15 @@ from kms import ciphertext, crypto, db
 from kms.access import TOKEN_NOT_LIVE
 from kms.audit.service import new_event
 from kms.context import Context
-from kms.errors import ApiError, BadRequest, Gone, NotFound, Unauthorized
-from kms.keys.service import (NO_SUCH_KEY, check_key_read, claimed_alone, key_address, rotate_if_due,
-                              unwrap_version)
-from kms.rules import KEY_REFERENCE_LENGTH, KEY_REFERENCE_PATTERN
+from kms.errors import ApiError, BadRequest, Forbidden, Gone, NotFound, Unauthorized
+from kms.keys.address import NO_SUCH_KEY, KeyAddress, KnownGrant, check_shared, owner_moved, resolve
+from kms.keys.service import KEY_READ, SHARED_READ, check_key_read, claimed_alone, rotate_if_due, unwrap_version
+from kms.rules import KEY_ADDRESS_PATTERN, KEY_ADDRESS_PROBLEM
 
 DECRYPTION_FAILED = ("The ciphertext cannot be decrypted with this key and context (altered, of another key, or "
                      "another context).")
 VERSION_RETIRED = "The ciphertext's key version was retired: its DEK is gone."
-_REFERENCE = re.compile(KEY_REFERENCE_PATTERN.removesuffix("$") + r"\Z")
+_REFERENCE = re.compile(KEY_ADDRESS_PATTERN.removesuffix("$") + r"\Z")
 
 # What each operation's items may carry.
 FIELDS = {
@@ -142,8 +143,7 @@ def _parse(operation: str, raw, settings) -> Item:
             if operation == "reencrypt":
                 to_reference = raw.get("toKeyReference")
                 if to_reference is not None and not (isinstance(to_reference, str) and _REFERENCE.match(to_reference)):
-                    raise _invalid("toKeyReference", f"{KEY_REFERENCE_LENGTH[0]}-{KEY_REFERENCE_LENGTH[1]} "
-                                                     "characters of A-Z a-z 0-9 -.")
+                    raise _invalid("toKeyReference", KEY_ADDRESS_PROBLEM)
                 item.to_reference = to_reference
                 to_context = raw.get("toContext")
                 item.to_context = item.context if to_context is None else _context(to_context, "toContext", settings)
@@ -181,29 +181,9 @@ def parse_items(ctx: Context, operation: str, body: dict) -> tuple[list[Item], b
 
 # The key
 
-class KeyRead(NamedTuple):
-    """The columns of use_key (sql/queries/keys.sql), in its order."""
-    session_expires_at: str
-    session_epoch: int
-    session_revision: int
-    session_row_mac: bytes
-    client_name_hash: bytes
-    client_password_hash: str
-    client_role: str
-    client_revision: int
-    client_row_mac: bytes
-    key_id: int | None
-    key_current_version: int | None
-    key_retired_below: int | None
-    key_rotation_period_ms: int | None
-    key_exportable: bool | None
-    key_revision: int | None
-    key_row_mac: bytes | None
-    superseded: bool | None
-    rotation_due: bool | None
-    versions: list | None
-    kek_versions: list | None
-    wrapped_deks: list | None
+# The columns of use_key (sql/queries/keys.sql), in its order.
+KeyRead = NamedTuple("KeyRead", [*KEY_READ, ("versions", list | None), ("kek_versions", list | None),
+                                 ("wrapped_deks", list | None), *SHARED_READ, ("grant_expired", bool | None)])
 
 
 @dataclass
@@ -219,6 +199,7 @@ class UsedKey:
     wrapped: dict = field(default_factory=dict)  # version -> (KEK version, wrapped DEK), as read
     deks: dict = field(default_factory=dict)  # version -> (AESGCM, key id)
     touched: set = field(default_factory=set)
+    grant: KnownGrant | None = None  # the grant the caller uses this key by, if not its own
 
     @property
     def target(self) -> str:
@@ -229,14 +210,14 @@ class UsedKey:
         return self.owner_id, self.ref_hash
 
 
-_NO_AUDIT = {"audit": False, "event_id": None, "at": None, "actor": None, "action": None, "version": None,
+_NO_AUDIT = {"audit": False, "operation": None, "event_id": None, "at": None, "actor": None, "action": None, "version": None,
              "outcome": None, "request_id": None, "source_ip": None, "detail": None, "row_mac": None,
              "expect_key_id": None, "lowest_version": None, "highest_version": None, "expect_current": None}
 
 
-def _select(ctx: Context, ref_hash: bytes, versions: list[int], audit: dict = _NO_AUDIT) -> KeyRead:
-    params = {"jti": ctx.claims.jti_text, "client_id": ctx.claims.client_id_text, "ref_hash": ref_hash,
-              "versions": versions, "read_deks": not audit["audit"], **audit}
+def _select(ctx: Context, address: KeyAddress, versions: list[int], audit: dict = _NO_AUDIT) -> KeyRead:
+    params = {"jti": ctx.claims.jti_text, "client_id": ctx.claims.client_id_text, "ref_hash": address.ref_hash,
+              "versions": versions, "read_deks": not audit["audit"], **audit, **address.statement_parameters(ctx)}
     with ctx.conn.cursor(cursor_factory=psycopg2.extensions.cursor) as cur:  # one statement, its own transaction
         db.execute_prepared(cur, "use_key", params, prefix=_durability(ctx))
         row = cur.fetchone()
@@ -251,21 +232,47 @@ def _durability(ctx: Context) -> str:
     return "" if ctx.kms.settings.audit_key_lookups_durable else db.sql.relax_commit_durability + "; "
 
 
-def _read_key(ctx: Context, reference: str, versions: list[int]) -> UsedKey:
-    """The caller's key with the wrapped DEKs of its current version and of `versions`; 401 for a
-    token no longer live, 404 for no such key (deleted keys included)."""
-    owner_id, ref_hash = key_address(ctx, reference)
-    row = _select(ctx, ref_hash, versions)
-    check_key_read(ctx, row, owner_id, ref_hash)
-    if row.key_id is None and claimed_alone(ctx, owner_id, reference, ref_hash):  # an imported key's first use
-        row = _select(ctx, ref_hash, versions)
-        check_key_read(ctx, row, owner_id, ref_hash)
+def _read_key(ctx: Context, name: str, versions: list[int], operation: str) -> UsedKey:
+    """The key `name` names for the caller (its own, or `{owner}:{ref}` granted it for `operation`)
+    with the wrapped DEKs of its current version and of `versions`; 401 for a token no longer
+    live, 404 for no such key (deleted keys, and keys the caller holds no such grant on, included)."""
+    address = resolve(ctx, name)
+    row = _select(ctx, address, versions)
+    check_key_read(ctx, row, *address.address)
+    if owner_moved(ctx, address, row):
+        address = resolve(ctx, name)
+        row = _select(ctx, address, versions)
+        check_key_read(ctx, row, *address.address)
+    if address.shared:
+        address = check_shared(ctx, address, row, operation)
+        if row.key_id is None or not _grant_allows(address.grant, operation, row.o_status, row.grant_expired):
+            raise NotFound(NO_SUCH_KEY)
+    elif row.key_id is None and claimed_alone(ctx, address.owner_id, address.reference, address.ref_hash):
+        row = _select(ctx, address, versions)  # an imported key's first use
+        check_key_read(ctx, row, *address.address)
     if row.key_id is None:
         raise NotFound(NO_SUCH_KEY)
     wrapped = {version: (kek, bytes(blob)) for version, kek, blob in
                zip(row.versions or (), row.kek_versions or (), row.wrapped_deks or ())}
-    return UsedKey(reference, owner_id, ref_hash, row.key_id, row.key_current_version, row.key_retired_below,
-                   bool(row.rotation_due), wrapped)
+    return UsedKey(name, address.owner_id, address.ref_hash, row.key_id, row.key_current_version,
+                   row.key_retired_below, bool(row.rotation_due), wrapped, grant=address.grant)
+
+
+def _grant_allows(grant: KnownGrant | None, operation: str, owner_status: str | None, expired: bool | None) -> bool:
+    return grant is not None and GRANTED_AS[operation] in grant.operations and owner_status == "active" \
+        and not expired
+
+
+def _outside_grant(key: UsedKey, items: list[Item], which: str = "context"):
+    """Items whose context lacks a pair of the grant's contextSubset: 403 each."""
+    subset = key.grant and key.grant.context_subset
+    if not subset:
+        return
+    for item in items:
+        context = getattr(item, "to_context" if which == "toContext" else "context")
+        if item.error is None and any(context.get(name) != value for name, value in subset.items()):
+            item.error = Forbidden(f"The grant allows this key only with a {which} holding its contextSubset.",
+                                   code="context_not_granted")
 
 
 def _dek(ctx: Context, key: UsedKey, version: int) -> tuple[AESGCM, bytes]:
@@ -340,8 +347,8 @@ def decrypt(ctx: Context, key: UsedKey, items: list[Item]) -> dict:
 
 
 def reencrypt(ctx: Context, key: UsedKey, items: list[Item]) -> dict:
-    """Under the current version of this key or of `toKeyReference` (another key of the caller's):
-    the plaintext never leaves the server."""
+    """Under the current version of this key or of `toKeyReference` (another key of the caller's,
+    or one granted it `encrypt`): the plaintext never leaves the server."""
     targets: dict[str, UsedKey | ApiError] = {key.reference: key}
     into: dict[str, tuple[UsedKey, list[Item]]] = {}
     for item in items:
@@ -354,12 +361,16 @@ def reencrypt(ctx: Context, key: UsedKey, items: list[Item]) -> dict:
         target = targets.get(name)
         if target is None:
             try:
-                target = targets[name] = _read_key(ctx, name, [])
+                target = targets[name] = _read_key(ctx, name, [], "encrypt")
             except NotFound as error:
                 target = targets[name] = error
         if isinstance(target, ApiError):
             item.error = target
             continue
+        if target is not key:
+            _outside_grant(target, [item], "toContext")
+            if item.error is not None:
+                continue
         version, aead, dek_id = _current(ctx, target)
         item.result = {"ciphertext": _seal(version, aead, dek_id, plaintext, item.to_context), "version": version}
         if target is not key:
@@ -383,6 +394,9 @@ def generate_data_key(ctx: Context, key: UsedKey, items: list[Item]) -> dict:
 OPERATIONS = {"encrypt": encrypt, "decrypt": decrypt, "reencrypt": reencrypt, "generate_data_key": generate_data_key}
 ACTIONS = {"encrypt": "key.encrypt", "decrypt": "key.decrypt", "reencrypt": "key.reencrypt",
            "generate_data_key": "key.generate_data_key"}
+# What a grant must name for each (kms.keys.address.OPERATIONS).
+GRANTED_AS = {"encrypt": "encrypt", "decrypt": "decrypt", "reencrypt": "reencrypt",
+              "generate_data_key": "generate-data-key"}
 OPENS = frozenset({"decrypt", "reencrypt"})  # the operations that open ciphertexts of the key
 SEALS = frozenset({"encrypt", "reencrypt", "generate_data_key"})  # those that encrypt under its current version
 
@@ -410,7 +424,8 @@ def _run_with_read_key(ctx: Context, operation: str, reference: str, items: list
     """Read the key (and the wrapped DEKs the items name), work the items out, write the audit
     record: two round trips. What was unwrapped is kept for the next request."""
     key = _read_key(ctx, reference, sorted({item.version for item in items if item.error is None
-                                            and item.version is not None}))
+                                            and item.version is not None}), operation)
+    _outside_grant(key, items)
     into = OPERATIONS[operation](ctx, key, items)
     _write_audit(ctx, _audit_event(ctx, ACTIONS[operation], key, items))
     for target, moved in into.values():
@@ -424,7 +439,10 @@ def _run_with_kept_key(ctx: Context, operation: str, reference: str, items: list
     the token and the key row and writes the audit record only if the row still is what the work
     assumed (kms.operations.keycache). False, with the items as they were, when that cannot be
     done or the row has moved on: the caller then reads the key and works them out again."""
-    owner_id, ref_hash = key_address(ctx, reference)
+    address = resolve(ctx, reference)
+    owner_id, ref_hash = address.address
+    if address.shared and (address.grant is None or GRANTED_AS[operation] not in address.grant.operations):
+        return False  # a grant not verified here yet: read it
     kept = ctx.kms.operation_keys.get((owner_id, ref_hash))
     if kept is None:
         return False
@@ -434,16 +452,24 @@ def _run_with_kept_key(ctx: Context, operation: str, reference: str, items: list
         return False
     if operation == "reencrypt" and any(item.to_reference not in (None, reference) for item in items):
         return False
-    key = UsedKey(reference, owner_id, ref_hash, kept.key_id, kept.current, deks=dict(kept.deks))
+    key = UsedKey(reference, owner_id, ref_hash, kept.key_id, kept.current, deks=dict(kept.deks), grant=address.grant)
     before = [(item.error, item.result) for item in items]
+    _outside_grant(key, items)
     OPERATIONS[operation](ctx, key, items)
     event = _audit_event(ctx, ACTIONS[operation], key, items)
     lowest, highest = min(key.touched, default=key.current), max(key.touched, default=key.current)
     expect_current = key.current if operation in SEALS else None
-    row = _select(ctx, ref_hash, [], {**event, "audit": True, "expect_key_id": key.key_id, "lowest_version": lowest,
-                                      "highest_version": highest, "expect_current": expect_current})
+    row = _select(ctx, address, [], {**event, "audit": True, "operation": GRANTED_AS[operation],
+                                     "expect_key_id": key.key_id, "lowest_version": lowest,
+                                     "highest_version": highest, "expect_current": expect_current})
     check_key_read(ctx, row, owner_id, ref_hash)
-    if (row.key_id == key.key_id and not row.superseded and row.key_retired_below <= lowest
+    if address.shared:
+        seen = check_shared(ctx, address, row, GRANTED_AS[operation]).grant
+        fits = seen is not None and seen.id == address.grant.id and row.o_status == "active" \
+            and not row.grant_expired
+    else:
+        fits = True
+    if (fits and row.key_id == key.key_id and not row.superseded and row.key_retired_below <= lowest
             and row.key_current_version >= highest
             and (expect_current is None or (row.key_current_version == expect_current and not row.rotation_due))):
         return True  # the statement wrote the audit record
@@ -482,18 +508,22 @@ def _audit_event(ctx: Context, action: str, key: UsedKey, items: list[Item]) -> 
                 counts[item.error.code] = counts.get(item.error.code, 0) + 1
         errors = tuple(sorted(counts.items()))
     context_keys = tuple(sorted({name for item in items for name in item.context})[:32])
+    grant = None if key.grant is None else str(key.grant.id)  # the owner reads the grant's uses by it (kms.grants)
     version = next(iter(key.touched)) if len(key.touched) == 1 else None
     return new_event(ctx, action, outcome, target=key.target, version=version,
-                     detail=_detail_json(len(items), failed, tuple(sorted(key.touched)), errors, context_keys))
+                     detail=_detail_json(len(items), failed, tuple(sorted(key.touched)), errors, context_keys, grant))
 
 
 @functools.lru_cache(maxsize=1024)  # requests of one kind repeat the same detail
-def _detail_json(items: int, failed: int, versions: tuple, errors: tuple | None, context_keys: tuple) -> str:
+def _detail_json(items: int, failed: int, versions: tuple, errors: tuple | None, context_keys: tuple,
+                 grant: str | None) -> str:
     detail = {"items": items, "failed": failed, "versions": list(versions)}
     if errors:
         detail["errors"] = dict(errors)
     if context_keys:
         detail["contextKeys"] = list(context_keys)
+    if grant is not None:
+        detail["grant"] = grant
     return json.dumps(detail, separators=(",", ":"), sort_keys=True)
 
 

@@ -14,7 +14,7 @@ from werkzeug.routing import BaseConverter
 from kms.context import Context
 from kms.db import get_db
 from kms.errors import BadRequest, Unauthorized
-from kms.rules import KEY_REFERENCE_LENGTH, KEY_REFERENCE_PATTERN, MAX_VERSION
+from kms.rules import CLIENTNAME_LENGTH, KEY_ADDRESS_PATTERN, KEY_REFERENCE_LENGTH, MAX_VERSION
 from kms.web import CLAIMS, REQUEST_ID
 
 NO_STORE = [("Cache-Control", "no-store")]
@@ -146,12 +146,18 @@ class ClientIdSegment(_PathSegment):
     pass
 
 
+class GrantIdSegment(_PathSegment):
+    pass
+
+
 # converter name -> (class, the parameter's schema in /openapi.json)
 PATH_SEGMENTS = {
-    "keyref": (KeyReferenceSegment, {"type": "string", "pattern": KEY_REFERENCE_PATTERN,
-                                     "minLength": KEY_REFERENCE_LENGTH[0], "maxLength": KEY_REFERENCE_LENGTH[1]}),
+    "keyref": (KeyReferenceSegment, {"type": "string", "pattern": KEY_ADDRESS_PATTERN,
+                                     "minLength": KEY_REFERENCE_LENGTH[0],
+                                     "maxLength": CLIENTNAME_LENGTH[1] + 1 + KEY_REFERENCE_LENGTH[1]}),
     "version": (VersionSegment, {"type": "integer", "minimum": 1, "maximum": MAX_VERSION}),
     "clientid": (ClientIdSegment, {"type": "string", "format": "uuid"}),
+    "grantid": (GrantIdSegment, {"type": "string", "format": "uuid"}),
 }
 
 

@@ -85,6 +85,9 @@ SELECT id::text AS id, revision FROM signup_tokens WHERE id::text = ANY(%(ids)s)
 -- name: keys_revisions
 SELECT id::text AS id, revision FROM keys WHERE id::text = ANY(%(ids)s);
 
+-- name: grants_revisions
+SELECT id::text AS id, revision FROM grants WHERE id::text = ANY(%(ids)s);
+
 -- name: audit_chain_state_revisions
 SELECT 'True' AS id, revision FROM audit_chain_state WHERE 'True' = ANY(%(ids)s);  -- its id as kms.rows names it
 

@@ -14,6 +14,11 @@
 -- when a version to serve is wrapped under a KEK version the server does not hold (`keks`), so
 -- that nothing is recorded as served (kms.keys.kek_holders); 'not_exportable' for a key that
 -- gives no DEK (the server-side operations use it).
+-- A grantee's look-up (`shared`: `owner_id` is another client's, named `{owner}:{ref}`) also reads
+-- the owner's client row (it must be active, under that name) and the caller's live grant on the
+-- key, with what their MACs cover: without a grant for 'fetch', unexpired, it is 'not_found', as
+-- for no key at all; 'grant_changed' when the grant is not the one `grant_id` expected (the
+-- service's audit record names it), so the service records nothing yet, learns it and asks again.
 -- Of the session and client rows, only the columns the WHERE clause does not pin already come back
 -- (the caller's ids are the token's, a live session is not revoked, an active client's epoch is
 -- its session's); the expiry comes as text, as building a datetime costs more than the check, and
@@ -34,21 +39,39 @@ WITH caller AS (
              AND cur.created_at + k.rotation_period_ms * interval '1 millisecond' <= now() AS rotation_due,
            cur.kek_version AS cur_kek, cur.wrapped_dek AS cur_wrapped,
            req.version AS req_version, req.kek_version AS req_kek, req.wrapped_dek AS req_wrapped,
+           shared.o_name_hash, shared.o_password_hash, shared.o_role, shared.o_status, shared.o_epoch,
+           shared.o_revision, shared.o_mac, shared.grant_id, shared.g_operations, shared.g_expires_at, shared.g_context,
+           shared.g_revision, shared.g_mac,
            CASE WHEN k.id IS NULL OR (%(version)s::integer IS NOT NULL AND req.version IS NULL) THEN 'not_found'
+                WHEN %(shared)s::boolean AND (shared.grant_id IS NULL OR shared.o_status <> 'active'
+                                              OR NOT 'fetch' = ANY(shared.g_operations)
+                                              OR shared.g_expires_at <= now()) THEN 'not_found'
+                WHEN %(shared)s::boolean AND shared.grant_id IS DISTINCT FROM %(grant_id)s::uuid THEN 'grant_changed'
                 WHEN NOT k.exportable THEN 'not_exportable'
                 WHEN %(version)s::integer < k.retired_below THEN 'gone'
                 WHEN NOT cur.kek_version = ANY(%(keks)s::integer[])
                   OR NOT req.kek_version = ANY(%(keks)s::integer[]) THEN 'kek_unavailable'
                 ELSE 'success' END AS outcome
     FROM caller
-    LEFT JOIN keys k ON k.client_id = caller.id AND k.ref_hash = %(ref_hash)s AND k.deleted_at IS NULL
+    LEFT JOIN keys k ON k.client_id = %(owner_id)s::uuid AND k.ref_hash = %(ref_hash)s AND k.deleted_at IS NULL
+    LEFT JOIN LATERAL (
+        SELECT o.name_hash AS o_name_hash, o.password_hash AS o_password_hash, o.role AS o_role, o.status AS o_status,
+               o.session_epoch AS o_epoch, o.revision AS o_revision, o.row_mac AS o_mac, g.id AS grant_id,
+               g.operations AS g_operations, g.expires_at AS g_expires_at, g.context_subset AS g_context,
+               g.revision AS g_revision, g.row_mac AS g_mac
+        FROM clients o
+        LEFT JOIN grants g ON g.key_id = k.id AND g.grantee_id = caller.id AND g.revoked_at IS NULL
+        WHERE %(shared)s::boolean AND o.id = k.client_id AND o.name_hash = %(owner_name_hash)s::bytea
+    ) shared ON true
     LEFT JOIN key_versions cur ON cur.key_id = k.id AND cur.version = k.current_version
     LEFT JOIN key_versions nxt ON nxt.key_id = k.id AND nxt.version = k.current_version + 1
     LEFT JOIN key_versions req ON req.key_id = k.id AND req.version = %(version)s::integer
 ), audited AS (
-    INSERT INTO audit_events (event_id, at, actor, action, target, version, outcome, request_id, source_ip, row_mac)
+    INSERT INTO audit_events (event_id, at, actor, action, target, version, outcome, request_id, source_ip, detail,
+                              row_mac)
     SELECT %(event_id)s::uuid, %(at)s::timestamptz, %(client_id)s::text, 'key.lookup', encode(%(ref_hash)s, 'hex'),
-           %(version)s::integer, 'success', %(request_id)s::uuid, %(source_ip)s::text, %(row_mac)s::bytea
+           %(version)s::integer, 'success', %(request_id)s::uuid, %(source_ip)s::text, %(detail)s::text,
+           %(row_mac)s::bytea
     FROM found WHERE outcome = 'success' AND %(audit)s::boolean
 )
 SELECT expires_at::text AS session_expires_at, epoch AS session_epoch, s_revision AS session_revision,
@@ -57,7 +80,9 @@ SELECT expires_at::text AS session_expires_at, epoch AS session_epoch, s_revisio
        current_version AS key_current_version, retired_below AS key_retired_below,
        rotation_period_ms AS key_rotation_period_ms, exportable AS key_exportable,
        k_revision AS key_revision, k_mac AS key_row_mac,
-       superseded, rotation_due, cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome
+       superseded, rotation_due, cur_kek, cur_wrapped, req_version, req_kek, req_wrapped, outcome,
+       o_name_hash, o_password_hash, o_role, o_status, o_epoch, o_revision, o_mac, grant_id, g_operations,
+       g_expires_at, g_context, g_revision, g_mac
 FROM found;
 
 -- name: lock_generate
@@ -252,7 +277,9 @@ FROM secret_checks WHERE name = 'KEK' OR name ~ '^KEK_[0-9]+$';
 -- for encryption the same current version, not due for rotation. Otherwise nothing is written, the
 -- service sees why in the columns and works the request out again from what this read. Columns
 -- are named as lookup_key names them, so the same checks read them (kms.keys.service.check_key_read);
--- which versions are served is read off the key row, never off key_versions.state.
+-- which versions are served is read off the key row, never off key_versions.state. A grantee's
+-- request (`shared`) reads the owner's client row and the caller's live grant as lookup_key does;
+-- its record is written only if the grant is the one the work assumed and allows `operation`.
 WITH caller AS (
     SELECT s.expires_at, s.epoch, s.revision AS s_revision, s.row_mac AS s_mac, c.id, c.name_hash,
            c.password_hash, c.role, c.revision AS c_revision, c.row_mac AS c_mac
@@ -267,9 +294,19 @@ WITH caller AS (
              AS superseded,
            k.rotation_period_ms IS NOT NULL
              AND (SELECT cur.created_at FROM key_versions cur WHERE cur.key_id = k.id AND cur.version = k.current_version)
-                 + k.rotation_period_ms * interval '1 millisecond' <= now() AS rotation_due
+                 + k.rotation_period_ms * interval '1 millisecond' <= now() AS rotation_due,
+           shared.*, shared.g_expires_at <= now() AS grant_expired
     FROM caller
-    LEFT JOIN keys k ON k.client_id = caller.id AND k.ref_hash = %(ref_hash)s AND k.deleted_at IS NULL
+    LEFT JOIN keys k ON k.client_id = %(owner_id)s::uuid AND k.ref_hash = %(ref_hash)s AND k.deleted_at IS NULL
+    LEFT JOIN LATERAL (  -- as lookup_key's
+        SELECT o.name_hash AS o_name_hash, o.password_hash AS o_password_hash, o.role AS o_role, o.status AS o_status,
+               o.session_epoch AS o_epoch, o.revision AS o_revision, o.row_mac AS o_mac, g.id AS grant_id,
+               g.operations AS g_operations, g.expires_at AS g_expires_at, g.context_subset AS g_context,
+               g.revision AS g_revision, g.row_mac AS g_mac
+        FROM clients o
+        LEFT JOIN grants g ON g.key_id = k.id AND g.grantee_id = caller.id AND g.revoked_at IS NULL
+        WHERE %(shared)s::boolean AND o.id = k.client_id AND o.name_hash = %(owner_name_hash)s::bytea
+    ) shared ON true
 ), audited AS (
     INSERT INTO audit_events (event_id, at, actor, action, target, version, outcome, request_id, source_ip, detail,
                               row_mac)
@@ -281,6 +318,9 @@ WITH caller AS (
       AND found.retired_below <= %(lowest_version)s::integer AND found.current_version >= %(highest_version)s::integer
       AND (%(expect_current)s::integer IS NULL
            OR (found.current_version = %(expect_current)s::integer AND found.rotation_due IS NOT TRUE))
+      AND (NOT %(shared)s::boolean
+           OR (found.grant_id = %(grant_id)s::uuid AND found.o_status = 'active'
+               AND %(operation)s::text = ANY(found.g_operations) AND found.grant_expired IS NOT TRUE))
 )
 SELECT found.expires_at::text AS session_expires_at, found.epoch AS session_epoch,
        found.s_revision AS session_revision, found.s_mac AS session_row_mac, found.name_hash AS client_name_hash,
@@ -288,7 +328,9 @@ SELECT found.expires_at::text AS session_expires_at, found.epoch AS session_epoc
        found.c_mac AS client_row_mac, found.key_id, found.current_version AS key_current_version,
        found.retired_below AS key_retired_below, found.rotation_period_ms AS key_rotation_period_ms,
        found.exportable AS key_exportable, found.k_revision AS key_revision, found.k_mac AS key_row_mac, found.superseded, found.rotation_due,
-       served.versions, served.kek_versions, served.wrapped_deks
+       served.versions, served.kek_versions, served.wrapped_deks, found.o_name_hash, found.o_password_hash,
+       found.o_role, found.o_status, found.o_epoch, found.o_revision, found.o_mac, found.grant_id, found.g_operations,
+       found.g_expires_at, found.g_context, found.g_revision, found.g_mac, found.grant_expired
 FROM found
 LEFT JOIN LATERAL (
     SELECT array_agg(v.version ORDER BY v.version) AS versions, array_agg(v.kek_version ORDER BY v.version) AS kek_versions,

@@ -81,7 +81,7 @@ def test_every_client_route_has_a_command(live_server, auth):
     help_text = subprocess.run([KMS_CLIENT, "--help"], capture_output=True, text=True, timeout=60).stdout
     for command in ("signup", "logout", "list", "versions", "generate", "get", "rotate", "retire",
                     "set-rotation-period", "delete", "restore", "set-not-exportable", "encrypt", "decrypt", "reencrypt",
-                    "data-key"):
+                    "data-key", "grant", "grants", "revoke-grant", "grant-uses"):
         assert f"\n    {command} " in help_text or f"\n    {command}\n" in help_text, command
         assert subprocess.run([KMS_CLIENT, command, "--help"], capture_output=True, timeout=60).returncode == 0
 
