@@ -134,10 +134,12 @@ def main():
                 ratios = [o["rps"] / g["rps"] for o, g in zip(owner_runs, grantee_runs)]
                 cpu = [(g["server_ms"] + g["postgres_ms"]) / (o["server_ms"] + o["postgres_ms"])
                        for o, g in zip(owner_runs, grantee_runs)]
+                medians = (statistics.median(g["server_ms"] + g["postgres_ms"] for g in grantee_runs)
+                           / statistics.median(o["server_ms"] + o["postgres_ms"] for o in owner_runs))
                 print(f"{kind}: cost through the grant = {statistics.median(ratios):.3f}x the owner's by throughput "
-                      f"(owner / grantee; rounds {' '.join(f'{r:.2f}' for r in ratios)}), "
-                      f"{statistics.median(cpu):.3f}x by CPU per request, server and PostgreSQL "
-                      f"(rounds {' '.join(f'{r:.2f}' for r in cpu)})", flush=True)
+                      f"(owner / grantee; rounds {' '.join(f'{r:.2f}' for r in ratios)}); by CPU per request, server "
+                      f"and PostgreSQL, {medians:.3f}x (the medians' ratio), {statistics.median(cpu):.3f}x (the rounds' "
+                      f"median: {' '.join(f'{r:.2f}' for r in cpu)})", flush=True)
 
 
 if __name__ == "__main__":

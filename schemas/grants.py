@@ -2,6 +2,7 @@ from datetime import datetime, timezone
 
 from marshmallow import ValidationError, fields, validate, validates
 
+from kms.config import DEFAULT
 from kms.keys.address import OPERATIONS
 from schemas.audit import AuditEvent, AuditQuery
 from schemas.common import CLIENTNAME, Schema, StrictSchema, Timestamp
@@ -29,12 +30,19 @@ class GrantRequest(StrictSchema):
     expiresAt = fields.AwareDateTime(format="iso", load_default=None, allow_none=True, metadata={
         "description": "RFC 3339 with a time zone; the grant allows nothing from then on."})
     contextSubset = ContextField(keys=fields.String(), values=fields.String(), allow_none=True, load_default=None,
-                                 metadata={"description": "Pairs the grantee's `context` must contain, each exactly "
-                                                          "(else 403)."})
+                                 metadata={"maxProperties": DEFAULT.operation_max_context_pairs,
+                                           "description": "Pairs the grantee's `context` must contain, each exactly "
+                                                          "(else 403); bounded as a context is (else 400)."})
 
     @validates("expiresAt")
     def _in_the_future(self, value, **kwargs):
-        if value is not None and value <= datetime.now(timezone.utc):
+        if value is None:
+            return
+        try:
+            value = value.astimezone(timezone.utc)
+        except OverflowError:  # past year 9999 in UTC: no time we can store or compare
+            raise ValidationError("Not a valid datetime.") from None
+        if value <= datetime.now(timezone.utc):
             raise ValidationError("Must be in the future.")
 
 

@@ -18,7 +18,8 @@ def test_public_routes_are_the_ones_their_blueprints_mark_public(app):
     public = {endpoint for endpoint in app.extensions["kms.public_endpoints"]}
     assert public == {"auth.signup", "auth.login", "Operations.healthz", "Operations.readyz", "Operations.metrics",
                       "api-docs.openapi_json"}
-    assert {blueprint.name for blueprint in BLUEPRINTS} == {"auth", "keys", "key_operations", "clients", "audit", "Operations"}
+    assert {blueprint.name for blueprint in BLUEPRINTS} == {"auth", "keys", "key_operations", "grants", "clients", "audit",
+                                                                "Operations"}
 
 
 def test_openapi_marks_exactly_the_public_routes_as_needing_no_token(client):

@@ -19,7 +19,8 @@ from tests.conftest import ADMIN_NAME, KMS_COMMAND as KMS, ROOT, bare_env
 ARGUMENTS = {
     ("clients", "delete"): ["some-svc", "--yes"], ("clients", "disable"): ["some-svc"],
     ("clients", "enable"): ["some-svc"], ("clients", "role"): ["some-svc", "admin"],
-    ("clients", "unlock"): ["some-svc"], ("signup-token",): ["--name", "some-svc"],
+    ("clients", "unlock"): ["some-svc"], ("clients", "grants"): ["some-svc"], ("signup-token",): ["--name", "some-svc"],
+    ("grants", "revoke"): ["00000000-0000-4000-8000-000000000000"],
     ("kek", "generate"): ["--pkcs11", "pkcs11:token=kms;object=kek-2"],
     ("import-seed",): ["--from", "postgresql://kms@127.0.0.1:1/kms", "--seed-env", "SEED_ENV"],
     ("audit", "acknowledge"): ["--head", "1:" + "0" * 64],

@@ -10,11 +10,12 @@ from flask.cli import AppGroup
 from kms.auth.service import unlock_client
 from kms.clients.service import delete_client, find_client, list_clients, set_enabled, set_role
 from kms.console import OneLineFailure, cli_context, print_table
+from kms.grants.service import list_client_grants
 
 
 @click.group("clients", cls=AppGroup)
 def clients():
-    """Clients (service accounts): list, disable, enable, delete, unlock, change role."""
+    """Clients (service accounts): list, disable, enable, delete, unlock, change role, their grants."""
 
 
 def _client_id(ctx, client: str):
@@ -93,6 +94,23 @@ def role(client, role):
     with cli_context() as ctx:
         set_role(ctx, _client_id(ctx, client), role)
     click.echo(f"{client} is now {role}")
+
+
+@clients.command("grants")
+@click.argument("client")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of a table.")
+def grants(client, as_json):
+    """The live grants made by CLIENT (a name or id) on its keys, or to it."""
+    with cli_context() as ctx:
+        found = list_client_grants(ctx, _client_id(ctx, client))
+    if as_json:
+        for grant in found:
+            click.echo(json.dumps(grant, default=str))
+        return
+    print_table(["ID", "KEY", "GRANTEE", "OPERATIONS", "EXPIRES", "CONTEXT SUBSET"],
+                [[grant["id"], f"{grant['owner']}:{grant['keyReference']}", grant["grantee"],
+                  ",".join(grant["operations"]), grant["expiresAt"] or "never",
+                  json.dumps(grant["contextSubset"]) if grant["contextSubset"] else ""] for grant in found])
 
 
 COMMANDS = (clients,)

@@ -114,9 +114,9 @@ def delete_client(ctx: Context, client_id: uuid.UUID):
         if last_admin:
             raise Conflict(LAST_ADMIN, code="last_admin")
         _update(cur, ctx, target, status="deleted", name_hash=None, revoke_sessions=True)
-        schedule_owner_keys_deletion(cur, ctx, client_id)
-        end_client_grants(cur, ctx, client_id)
+        schedule_owner_keys_deletion(cur, ctx, client_id)  # its keys locked first: a grant made meanwhile is seen below
         record(cur, ctx, "client.delete", target=str(client_id))
+        end_client_grants(cur, ctx, client_id)  # each end an event of its own
 
 
 def purge_stale_records(ctx: Context) -> int:

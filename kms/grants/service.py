@@ -19,13 +19,16 @@ from kms import crypto, db
 from kms.access import authenticate, require_admin
 from kms.audit.service import public_event, record
 from kms.context import Context
-from kms.errors import BadRequest, Conflict, NotFound, StoredDataCorrupt
+from kms.audit.integrity import report_integrity_failure
+from kms.errors import BadRequest, Conflict, IntegrityFailure, NotFound, StoredDataCorrupt
 from kms.keys.address import NO_SUCH_KEY, OPERATIONS, caller_id, decode_context, hash_key_reference, own_address
 from kms.keys.service import lock_key
+from kms.operations.service import checked_context
 from kms.auth.service import hash_clientname
 from kms.rows import CLIENTS, GRANTS
 
 NO_SUCH_GRANT = "No such grant on that key."
+_REVISION_MAX = 2**31 - 1  # grants.revision is an integer
 NO_SUCH_CLIENT = "No active client with that name."
 
 
@@ -61,8 +64,21 @@ def _reference(ctx: Context, row) -> str:
         raise StoredDataCorrupt() from None
 
 
+def _believed(ctx: Context, rows) -> list:
+    """The rows of a listing whose MACs check out: one altered in the database is left out (it is
+    no grant) and reported, and the listing still answers."""
+    believed = []
+    for row in rows:
+        try:
+            _checked(ctx, row)
+        except IntegrityFailure as failure:
+            report_integrity_failure(failure.table, failure.row_id, rolled_back=failure.rolled_back)
+            continue
+        believed.append(row)
+    return believed
+
+
 def _public(ctx: Context, row, **more) -> dict:
-    _checked(ctx, row)
     return {"id": row.id, "grantee": _name(ctx, row.grantee_name_enc, row.grantee_id),
             "operations": list(row.operations), "expiresAt": row.expires_at,
             "contextSubset": decode_context(row.context_subset), "createdAt": row.created_at, **more}
@@ -76,11 +92,18 @@ def create_grant(ctx: Context, reference: str, grantee: str, operations: list[st
                  expires_at: datetime | None = None, context_subset: dict | None = None) -> dict:
     """The owner grants `grantee` `operations` on its key `reference`. 404 for no such key or no
     such active client, 400 for granting itself, 409 for `fetch` on a key that is not exportable or
-    when the grantee holds a live grant on the key already (revoke it first: a grant never changes)."""
+    when the grantee holds a live grant on the key already (revoke it first: a grant never changes;
+    one past its expiry is ended here)."""
     operations = sorted(set(operations))
+    if context_subset:  # a subset no context could hold would allow nothing, ever
+        checked_context(context_subset, "contextSubset", ctx.kms.settings)
     if not operations or any(name not in OPERATIONS for name in operations):
         raise BadRequest("operations: one or more of " + ", ".join(OPERATIONS) + ".", code="validation_failed",
                          fields={"operations": ["Unknown operation."]})
+    if "fetch" in operations and context_subset:
+        raise BadRequest("contextSubset: a grant with fetch hands over the DEK, which works under any context, so "
+                         "a subset would constrain nothing.", code="validation_failed",
+                         fields={"contextSubset": ["Not with fetch: the DEK works under any context."]})
     address = own_address(ctx, reference)
     with db.transaction(ctx.conn) as cur:
         owner = authenticate(cur, ctx)
@@ -99,6 +122,11 @@ def create_grant(ctx: Context, reference: str, grantee: str, operations: list[st
         if grantee_row.id == owner.id:
             raise BadRequest("A key's owner needs no grant on it.", code="validation_failed",
                              fields={"grantee": ["The key's owner."]})
+        cur.execute(db.sql.lock_expired_grant, {"key_id": key.id, "grantee_id": grantee_row.id})
+        expired = cur.fetchone()
+        if expired is not None:  # it allowed nothing since its expiry: its end is recorded now, not by the cron job
+            _end(cur, ctx, expired)
+            record(cur, ctx, "grant.expire", target=address.ref_hash.hex(), detail=_detail(expired.id))
         grant = {"id": uuid.uuid4(), "key_id": key.id, "grantee_id": grantee_row.id,
                  "operations": " ".join(operations), "expires_at": expires_at,
                  "context_subset": _canonical(context_subset), "revoked": False, "revision": 1}
@@ -119,7 +147,7 @@ def list_key_grants(ctx: Context, reference: str) -> list[dict]:
         authenticate(cur, ctx)
         key = lock_key(cur, ctx, address.owner_id, address.ref_hash, reference)
         cur.execute(db.sql.key_grants, {"key_id": key.id})
-        return [_public(ctx, row) for row in cur.fetchall()]
+        return [_public(ctx, row) for row in _believed(ctx, cur.fetchall())]
 
 
 def list_grants_to_me(ctx: Context) -> list[dict]:
@@ -128,7 +156,7 @@ def list_grants_to_me(ctx: Context) -> list[dict]:
         caller = authenticate(cur, ctx)
         cur.execute(db.sql.client_grants, {"to_client": caller.id, "by_client": None})
         return [_public(ctx, row, owner=_name(ctx, row.owner_name_enc, row.owner_id),
-                        keyReference=_reference(ctx, row)) for row in cur.fetchall()]
+                        keyReference=_reference(ctx, row)) for row in _believed(ctx, cur.fetchall())]
 
 
 def list_client_grants(ctx: Context, client_id: uuid.UUID) -> list[dict]:
@@ -141,7 +169,7 @@ def list_client_grants(ctx: Context, client_id: uuid.UUID) -> list[dict]:
             raise NotFound("No client with that id.")
         cur.execute(db.sql.client_grants, {"to_client": client_id, "by_client": client_id})
         return [_public(ctx, row, owner=_name(ctx, row.owner_name_enc, row.owner_id), keyReference=_reference(ctx, row))
-                for row in cur.fetchall()]
+                for row in _believed(ctx, cur.fetchall())]
 
 
 def revoke_grant(ctx: Context, reference: str, grant_id: uuid.UUID):
@@ -171,11 +199,11 @@ def revoke_grant_by_id(ctx: Context, grant_id: uuid.UUID):
 
 
 def _names_key(cur, ctx: Context, caller, reference: str, row) -> bool:
-    """Whether `reference` names the grant's key for this caller: its own key, or for an admin any
-    client's as `{owner}:{ref}` (or a key of its own)."""
+    """Whether `reference` names the grant's key for this caller: its own key (named alone or in
+    full), or for an admin any client's as `{owner}:{ref}`."""
     if ":" not in reference:
         return row.owner_id == caller.id and own_address(ctx, reference).ref_hash == bytes(row.ref_hash)
-    if not caller.is_admin:
+    if not (caller.is_admin or row.owner_id == caller.id):
         return False
     owner_name, ref = reference.split(":", 1)
     cur.execute(db.sql.client_for_login, {"name_hash": hash_clientname(ctx.kms, owner_name)})
@@ -185,21 +213,30 @@ def _names_key(cur, ctx: Context, caller, reference: str, row) -> bool:
 
 
 def _end(cur, ctx: Context, row):
-    """Revoke a locked grant row whose MAC checks out, at its next revision (the caller's audit
-    event records the change)."""
-    grant = _checked(ctx, row)
-    grant.update(revoked=True, revision=grant["revision"] + 1)
+    """Revoke a locked grant row at its next revision (the caller's audit event records the
+    change). A row altered in the database (or put back) allowed nothing: it is reported, and
+    ended all the same, so that nobody's revocation, deletion or cron job waits on its MAC. Its
+    end is signed past the revision stored, so that no copy of the grant, neither the one altered
+    nor the one from before the alteration, can be put back live."""
+    grant = _columns(row)
+    try:
+        GRANTS.check_values(ctx.kms, (*grant.values(), row.row_mac))
+    except IntegrityFailure as failure:  # ending it takes nothing away, whatever it says
+        report_integrity_failure(failure.table, failure.row_id, rolled_back=failure.rolled_back)
+    known = ctx.kms.revisions.newest("grants", row.id) or 1
+    grant.update(revoked=True, revision=min(max(grant["revision"], known), _REVISION_MAX - 1) + 1)
     cur.execute(db.sql.revoke_grant, {"id": row.id, "revision": grant["revision"],
                                       "row_mac": GRANTS.sign(cur, ctx.kms, **grant)})
 
 
 def end_client_grants(cur, ctx: Context, client_id: uuid.UUID) -> int:
     """In the caller's transaction (a client's deletion): every live grant to the client or on its
-    keys ends; the caller's audit event names each change."""
+    keys ends, each recorded as a revocation (its owner reads it in the grant's uses)."""
     cur.execute(db.sql.lock_client_grants, {"client_id": client_id})
     rows = cur.fetchall()
     for row in rows:
         _end(cur, ctx, row)
+        record(cur, ctx, "grant.revoke", target=bytes(row.ref_hash).hex(), detail=_detail(row.id))
     return len(rows)
 
 

@@ -348,7 +348,8 @@ def decrypt(ctx: Context, key: UsedKey, items: list[Item]) -> dict:
 
 def reencrypt(ctx: Context, key: UsedKey, items: list[Item]) -> dict:
     """Under the current version of this key or of `toKeyReference` (another key of the caller's,
-    or one granted it `encrypt`): the plaintext never leaves the server."""
+    or one granted it `encrypt`): the plaintext never leaves the server. Out of a shared key, only
+    into a key of the same owner unless the grant also gives `decrypt`."""
     targets: dict[str, UsedKey | ApiError] = {key.reference: key}
     into: dict[str, tuple[UsedKey, list[Item]]] = {}
     for item in items:
@@ -367,10 +368,14 @@ def reencrypt(ctx: Context, key: UsedKey, items: list[Item]) -> dict:
         if isinstance(target, ApiError):
             item.error = target
             continue
-        if target is not key:
-            _outside_grant(target, [item], "toContext")
-            if item.error is not None:
-                continue
+        if key.grant is not None and target.owner_id != key.owner_id and "decrypt" not in key.grant.operations:
+            # Out of a shared key into one its owner does not hold, the grantee could decrypt it
+            # there: that is `decrypt`, which this grant does not give (as no grant: 404).
+            item.error = NotFound(NO_SUCH_KEY)
+            continue
+        _outside_grant(target, [item], "toContext")  # into a shared key, this one too
+        if item.error is not None:
+            continue
         version, aead, dek_id = _current(ctx, target)
         item.result = {"ciphertext": _seal(version, aead, dek_id, plaintext, item.to_context), "version": version}
         if target is not key:
@@ -530,3 +535,7 @@ def _detail_json(items: int, failed: int, versions: tuple, errors: tuple | None,
 def _write_audit(ctx: Context, event: dict):
     with ctx.conn.cursor(cursor_factory=psycopg2.extensions.cursor) as cur:
         db.execute_prepared(cur, "insert_audit_event", event, prefix=_durability(ctx))
+
+
+# What grants use (kms.grants): a contextSubset is bounded as a context is.
+checked_context = _context

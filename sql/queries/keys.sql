@@ -15,9 +15,10 @@
 -- that nothing is recorded as served (kms.keys.kek_holders); 'not_exportable' for a key that
 -- gives no DEK (the server-side operations use it).
 -- A grantee's look-up (`shared`: `owner_id` is another client's, named `{owner}:{ref}`) also reads
--- the owner's client row (it must be active, under that name) and the caller's live grant on the
--- key, with what their MACs cover: without a grant for 'fetch', unexpired, it is 'not_found', as
--- for no key at all; 'grant_changed' when the grant is not the one `grant_id` expected (the
+-- the owner's client row (it must be active, under that name; read by the id the name was resolved
+-- to, key or no key, so that a key that does not exist costs what one without a grant does) and
+-- the caller's live grant on the key, with what their MACs cover: without a grant for 'fetch',
+-- unexpired, it is 'not_found', as for no key at all; 'grant_changed' when the grant is not the one `grant_id` expected (the
 -- service's audit record names it), so the service records nothing yet, learns it and asks again.
 -- Of the session and client rows, only the columns the WHERE clause does not pin already come back
 -- (the caller's ids are the token's, a live session is not revoked, an active client's epoch is
@@ -61,7 +62,7 @@ WITH caller AS (
                g.revision AS g_revision, g.row_mac AS g_mac
         FROM clients o
         LEFT JOIN grants g ON g.key_id = k.id AND g.grantee_id = caller.id AND g.revoked_at IS NULL
-        WHERE %(shared)s::boolean AND o.id = k.client_id AND o.name_hash = %(owner_name_hash)s::bytea
+        WHERE %(shared)s::boolean AND o.id = %(owner_id)s::uuid AND o.name_hash = %(owner_name_hash)s::bytea
     ) shared ON true
     LEFT JOIN key_versions cur ON cur.key_id = k.id AND cur.version = k.current_version
     LEFT JOIN key_versions nxt ON nxt.key_id = k.id AND nxt.version = k.current_version + 1
@@ -305,7 +306,7 @@ WITH caller AS (
                g.revision AS g_revision, g.row_mac AS g_mac
         FROM clients o
         LEFT JOIN grants g ON g.key_id = k.id AND g.grantee_id = caller.id AND g.revoked_at IS NULL
-        WHERE %(shared)s::boolean AND o.id = k.client_id AND o.name_hash = %(owner_name_hash)s::bytea
+        WHERE %(shared)s::boolean AND o.id = %(owner_id)s::uuid AND o.name_hash = %(owner_name_hash)s::bytea
     ) shared ON true
 ), audited AS (
     INSERT INTO audit_events (event_id, at, actor, action, target, version, outcome, request_id, source_ip, detail,

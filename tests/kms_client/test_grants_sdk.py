@@ -30,13 +30,13 @@ def test_one_service_encrypts_the_other_decrypts(owner, grantee):
     with pytest.raises(KmsError) as refused:
         grantee.decrypt("billing-sdk:ledger", blob, {"tenant": "acme"})
     assert refused.value.status == 404
-    grant = owner.grant("ledger", "reports-sdk", ["decrypt", "fetch"], context_subset={"tenant": "acme"})
+    grant = owner.grant("ledger", "reports-sdk", ["decrypt"], context_subset={"tenant": "acme"})
     assert [g["id"] for g in owner.list_grants("ledger")] == [grant["id"]]
     mine = grantee.list_grants()
     assert (mine[0]["owner"], mine[0]["keyReference"]) == ("billing-sdk", "ledger")
     assert grantee.decrypt("billing-sdk:ledger", blob, {"tenant": "acme"}) == b"entry 7"
     local = owner.encrypt("ledger", b"entry 8", {"tenant": "acme"}, local=True)  # the owner's own DEK, here
-    assert grantee.decrypt("billing-sdk:ledger", local, {"tenant": "acme"}, local=True) == b"entry 8"  # fetch
+    assert grantee.decrypt("billing-sdk:ledger", local, {"tenant": "acme"}) == b"entry 8"  # the same format
     with pytest.raises(KmsError) as outside:
         grantee.decrypt("billing-sdk:ledger", owner.encrypt("ledger", b"x", {"tenant": "globex"}), {"tenant": "globex"})
     assert outside.value.status == 403 and outside.value.code == "context_not_granted"
@@ -47,6 +47,9 @@ def test_one_service_encrypts_the_other_decrypts(owner, grantee):
     with pytest.raises(KmsError) as revoked:
         grantee.decrypt("billing-sdk:ledger", blob, {"tenant": "acme"})
     assert revoked.value.status == 404
+    fetch = owner.grant("ledger", "reports-sdk", ["fetch"])  # the DEK itself: decrypted here, under any context
+    assert grantee.decrypt("billing-sdk:ledger", local, {"tenant": "acme"}, local=True) == b"entry 8"
+    owner.revoke_grant("ledger", fetch["id"])
 
 
 def test_kms_client_grants_and_the_grantee_uses_it(live_server, owner, grantee):

@@ -81,11 +81,10 @@ def readme_walkthrough() -> list[tuple[str, str]]:
     block = text.split("## A walkthrough", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     calls = []
     for line in block.replace("\\\n", " ").splitlines():  # continuation lines joined
-        if "curl" not in line:
-            continue
-        path = re.search(r"\$B(/[^\s\"]*)", line).group(1)
-        method = re.search(r"-X (\w+)", line)
-        calls.append((method.group(1) if method else ("POST" if " -d " in line else "GET"), path))
+        for command in line.split("curl ")[1:]:  # one line may hold several, `;` apart
+            path = re.search(r"\$B(/[^\s\"]*)", command).group(1)
+            method = re.search(r"-X (\w+)", command)
+            calls.append((method.group(1) if method else ("POST" if " -d " in command else "GET"), path))
     return calls
 
 
@@ -121,12 +120,12 @@ def test_readme_walkthrough_does_what_its_comments_say_against_dev_mode(tmp_path
         assert old.headers["X-Key-Deprecated"] == "true"
         versions = call("GET", "/keys/invoices-db/versions", token).json()
         assert [v["state"] for v in versions["versions"]] == ["deprecated", "in-use"]
+        listed = call("GET", "/keys", token)
+        assert listed.status_code == 200 and "dek" not in listed.text
         assert call("POST", "/keys/invoices-db/actions/retire", token, json={"belowVersion": 2}).status_code == 200
         assert http.get(dev.base + "/keys/invoices-db/1", headers={"Authorization": f"Bearer {token}"}).status_code == 410
         assert call("POST", "/keys/invoices-db/actions/set-rotation-period", token,
                     json={"rotationPeriod": 2592000000}).status_code == 200
-        listed = call("GET", "/keys", token)
-        assert listed.status_code == 200 and "dek" not in listed.text
         assert call("DELETE", "/keys/invoices-db/actions/delete", token).status_code == 204
         assert http.get(dev.base + "/keys/invoices-db", headers={"Authorization": f"Bearer {token}"}).status_code == 404
         restored = call("POST", "/keys/invoices-db/actions/restore", token)
@@ -145,6 +144,22 @@ def test_readme_walkthrough_does_what_its_comments_say_against_dev_mode(tmp_path
                          json={"ciphertext": sealed, "context": {"customer": "43"}}).json()["error"] == "decryption_failed"
         data_key = call("POST", "/keys/cards/actions/generate-data-key", token, json={"context": {"file": "a.pdf"}})
         assert set(data_key.json()) == {"ciphertext", "plaintext", "version"}
+        # sharing "cards" with a second service, which decrypts (and nothing else), until revoked
+        reporting_token = subprocess.run([KMS, "--env-file", ".env.dev", "signup-token", "--name", "reporting-service"],
+                                         cwd=tmp_path, env=dev_env(tmp_path), capture_output=True, text=True,
+                                         timeout=60).stdout.strip()
+        report = call("POST", "/auth/signup", json={"token": reporting_token, "password": "Reporting-passw0rd!"}).json()
+        grant = call("POST", "/keys/cards/grants", token, json={"grantee": "reporting-service",
+                                                                "operations": ["decrypt"]}).json()
+        shared = call("POST", "/keys/billing-service:cards/actions/decrypt", report["token"],
+                      json={"ciphertext": sealed, "context": {"customer": "42"}})
+        assert shared.json() == {"plaintext": "Y2FyZCA0MTEx", "version": 1}
+        uses = call("GET", f"/keys/cards/grants/{grant['id']}/uses", token).json()["uses"]
+        assert [use["action"] for use in uses] == ["grant.create", "key.decrypt"]
+        assert call("DELETE", f"/keys/cards/grants/{grant['id']}", token).status_code == 204
+        assert http.post(dev.base + "/keys/billing-service:cards/actions/decrypt",
+                         headers={"Authorization": f"Bearer {report['token']}"},
+                         json={"ciphertext": sealed, "context": {"customer": "42"}}).status_code == 404
         assert call("POST", "/auth/logout", token).status_code == 204
         assert http.get(dev.base + "/keys", headers={"Authorization": f"Bearer {token}"}).status_code == 401
         clients = call("GET", "/clients", admin).json()["clients"]
@@ -173,7 +188,9 @@ def test_readme_walkthrough_does_what_its_comments_say_against_dev_mode(tmp_path
     finally:
         dev.stop()
     assert dev.process.returncode == 0
-    walked = [(method, re.sub(r"/clients/[0-9a-f-]{36}", "/clients/$BILLING", path)) for method, path in done]
+    walked = [(method, re.sub(r"/grants/[0-9a-f-]{36}", "/grants/$GRANT", re.sub(r"/clients/[0-9a-f-]{36}",
+                                                                                  "/clients/$BILLING", path)))
+              for method, path in done]
     assert walked == readme_walkthrough()
     assert wait_for_no_leftovers(tmp_path, dev.database_dir) == []
 
