@@ -35,6 +35,8 @@ from schemas.common import ErrorSchema
 log = logging.getLogger("kms")
 
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+# Content-Type headers that are JSON without parsing them (request.is_json parses every time)
+PLAIN_JSON = frozenset({"application/json", "application/json; charset=utf-8", "application/json;charset=utf-8"})
 BLUEPRINTS = (auth_bp, keys_bp, key_operations_bp, grants_bp, clients_bp, audit_bp, operations_bp)
 
 
@@ -131,8 +133,10 @@ def _check_request():
         raise ServiceUnavailable("Audit records cannot be sealed; retry later.", retry_after=10)
     if request.endpoint is not None and request.endpoint not in app.extensions["kms.public_endpoints"]:
         verify_bearer_first(kms, request._get_current_object())
-    if request.method in BODY_METHODS and (request.content_length or request.headers.get("Transfer-Encoding")):
-        if not request.is_json:
+    this_request = request._get_current_object()
+    if (this_request.method in BODY_METHODS and this_request.environ.get("CONTENT_TYPE") not in PLAIN_JSON
+            and (this_request.content_length or this_request.headers.get("Transfer-Encoding"))):
+        if not this_request.is_json:
             return envelope.error_response(415, "unsupported_media_type", envelope.HTTP_MESSAGES[415])
     return None
 

