@@ -24,6 +24,7 @@ What waitress does not bound by itself, and what this module adds:
   its next answer, without holding a server thread, instead of being refused hundreds or thousands
   of times a second (the login throttles and the flood shedder in kms.auth).
 """
+import heapq
 import logging
 import math
 import resource
@@ -143,6 +144,9 @@ class Channel(HTTPChannel):
 
     def __init__(self, server, sock, addr, adj, map=None):
         super().__init__(server, sock, addr, adj, map)
+        interest = server._interest
+        if interest is not None and self._fileno is not None:
+            interest.touched(self._fileno)  # asked what it waits for on the next turn
         limit = server.kms_per_source_limit
         if limit:
             source = addr[0] if isinstance(addr, tuple) else str(addr)
@@ -156,8 +160,10 @@ class Channel(HTTPChannel):
         if self.counted_source is not None:
             self.server.kms_sources.closed(self.counted_source)
             self.counted_source = None
+        fd, interest = self._fileno, self.server._interest
         super().del_channel(map)
-        self.server.changed_connections()
+        if interest is not None and fd is not None:
+            interest.forget(fd)  # (before the socket is closed, and its number given to another)
 
     def service(self):
         """A server thread serves this connection's request (see _Interest)."""
@@ -213,12 +219,15 @@ class Channel(HTTPChannel):
 
     def hold_reading(self, seconds: float):
         """Read nothing more from this connection for `seconds` (called from a server thread once
-        the answer is written; the event loop wakes when the hold ends: Server.poll)."""
-        self.read_again_at = time.monotonic() + seconds
+        the answer is written, or from the event loop's; the event loop wakes when the hold ends:
+        Server.poll)."""
+        self.read_again_at = until = time.monotonic() + seconds
+        interest, fd = self.server._interest, self._fileno
+        if interest is not None and fd is not None:
+            interest.hold(fd, self, until)
 
     def readable(self):
         if self.read_again_at and time.monotonic() < self.read_again_at:
-            self.server.wake_by(self.read_again_at)
             return False
         return super().readable()
 
@@ -239,26 +248,46 @@ class _Interest:
     wasyncore asks every object on every turn what it waits for (readable(), writable()), and a
     turn comes with almost every request. Here an object is asked again only when what it waits
     for may have changed:
-    - on the turn after an event on it (a request's bytes are read, its answer written, a close);
+    - when it is opened, and on the turn after an event on it (a request's bytes are read, its
+      answer written, a close);
     - on every turn while a server thread serves its request (`serving`; the thread may leave
       output for the loop to send, and waits for it when there is much), and on the turn after
       that thread is done (`done`: it marks the connection before it wakes the loop);
-    - on every turn while its reading is held (kms: after a 429);
-    - every object after a connection opened or closed, and after maintenance (once a second).
-    An idle keep-alive connection waiting for its next request, and one whose request waits for
-    a free server thread, are not asked: nothing but an event or a server thread changes them.
-    Objects other than connections (the listening socket, the trigger) are asked on every turn."""
+    - once its reading hold ends (kms: after a 429, or a refused unknown caller): a held connection
+      is polled for nothing and asked nothing meanwhile (`held`, a heap by time);
+    - every object after maintenance (once a second).
+    An idle keep-alive connection waiting for its next request, one whose request waits for a
+    free server thread, and a held one are not asked: nothing but an event, a server thread or the
+    clock changes them. Objects other than connections (the listening socket, the trigger) are
+    asked on every turn. The poll object is epoll where there is one: its cost per turn is the
+    connections with an event, not every open connection (hundreds of idle or held ones in a
+    flood)."""
 
     def __init__(self):
-        self.pollster = select.poll()
+        self.epoll = hasattr(select, "epoll")
+        self.pollster = select.epoll() if self.epoll else select.poll()
         self.registered: dict = {}  # fd -> (object, flags)
         self.ask_next: set = set()  # fds to ask on the next turn
         self.always: dict = {}  # fd -> object, asked on every turn
         self.serving: set = set()  # fds whose request a server thread is serving (added there)
         self.done: deque = deque()  # fds whose request a server thread finished (appended there)
+        self.newly_held: deque = deque()  # (until, fd, object) appended by whoever holds it
+        self.held: list = []  # heap of (until, sequence, fd, object)
+        self._held_sequence = 0
         self.ask_all = True
 
     def to_ask(self, socket_map: dict) -> list:
+        newly_held, held = self.newly_held, self.held
+        while newly_held:
+            until, fd, obj = newly_held.popleft()
+            self._held_sequence += 1
+            heapq.heappush(held, (until, self._held_sequence, fd, obj))
+        if held and held[0][0] <= time.monotonic():
+            now = time.monotonic()
+            while held and held[0][0] <= now:
+                _until, _sequence, fd, obj = heapq.heappop(held)
+                if socket_map.get(fd) is obj:
+                    self.ask_next.add(fd)
         if self.ask_all:
             self.ask_all = False
             for fd in [fd for fd, (obj, _) in self.registered.items() if socket_map.get(fd) is not obj]:
@@ -279,17 +308,26 @@ class _Interest:
                 asked.append((fd, obj))
         return asked
 
+    def next_hold_end(self) -> float:
+        return self.held[0][0] if self.held else math.inf
+
+    def hold(self, fd: int, obj, until: float):
+        self.newly_held.append((until, fd, obj))
+
     def set(self, fd: int, obj, flags: int):
         known = self.registered.get(fd)
         if known is None or known[0] is not obj or known[1] != flags:
             if flags:
-                self.pollster.register(fd, flags)  # (or modify)
+                if self.epoll:
+                    try:
+                        self.pollster.register(fd, flags)
+                    except FileExistsError:
+                        self.pollster.modify(fd, flags)
+                else:
+                    self.pollster.register(fd, flags)  # (or modify)
                 self.registered[fd] = (obj, flags)
             else:
                 self.forget(fd)
-        held = getattr(obj, "read_again_at", 0.0)
-        if held and held > time.monotonic():
-            self.ask_next.add(fd)
 
     def touched(self, fd: int):
         self.ask_next.add(fd)
@@ -300,6 +338,11 @@ class _Interest:
                 self.pollster.unregister(fd)
             except (KeyError, ValueError, OSError):
                 pass
+
+    def wait(self, timeout: float) -> list:
+        if self.epoll:
+            return self.pollster.poll(timeout)
+        return self.pollster.poll(math.ceil(timeout * 1000))
 
 
 class Server(TcpWSGIServer):
@@ -323,7 +366,7 @@ class Server(TcpWSGIServer):
 
     def poll(self, longest: float):
         """One turn of the event loop: wasyncore.poll2, except that
-        - it sleeps no longer than until a held connection may be read again, or, while the balance
+        - it sleeps no longer than until the first held connection may be read again, or, while the balance
           keeps this worker from accepting, BALANCE_RECHECK_S. With a fixed timeout, an idle worker
           that had stopped accepting slept through the other worker's connections filling up, and a
           new connection waited in the backlog that long (most visibly during a login flood, whose
@@ -331,7 +374,9 @@ class Server(TcpWSGIServer):
         - it asks a connection what it waits for (readable, writable) only when that may have
           changed, and keeps one poll object registered across turns (see _Interest). wasyncore
           asks every connection on every turn, and a turn comes with almost every request: with 64
-          keep-alive connections that was an eighth of a worker's CPU."""
+          keep-alive connections that was an eighth of a worker's CPU; during a flood whose
+          connections are held after their refusals, a fifth of the worker's time under the GIL
+          went to asking held connections and polling them."""
         self._wake_at = math.inf
         interest = self._interest
         if interest is None:
@@ -343,16 +388,16 @@ class Server(TcpWSGIServer):
             if obj.writable() and not obj.accepting:  # (accepting sockets are not writable)
                 flags |= select.POLLOUT
             interest.set(fd, obj, flags)
-        timeout = max(0.0, min(longest, self._wake_at - time.monotonic()))
-        for fd, flags in interest.pollster.poll(math.ceil(timeout * 1000)):
+        timeout = max(0.0, min(longest, self._wake_at - time.monotonic(),
+                               interest.next_hold_end() - time.monotonic()))
+        for fd, flags in interest.wait(timeout):
             obj = self._map.get(fd)
             if obj is not None:
                 interest.touched(fd)
                 readwrite(obj, flags)
 
     def changed_connections(self):
-        """A connection was opened or closed (or maintenance may have changed any of them): the
-        next turn asks every one of them again."""
+        """Maintenance may have changed any connection: the next turn asks every one of them again."""
         if self._interest is not None:
             self._interest.ask_all = True
 
@@ -379,7 +424,6 @@ class Server(TcpWSGIServer):
         for _ in range(ACCEPTS_PER_TURN):
             open_before = len(self._map)
             super().handle_accept()
-            self.changed_connections()
             if len(self._map) == open_before or not self.readable():  # none left, or no more now
                 return
 
