@@ -1,7 +1,9 @@
 """Key access survives floods: each flood runs here for real (bounded, loopback, from other
 127/8 addresses, in a process of its own) beside a client that holds a valid token, and that
 client must still be served, and served first."""
+import http.client
 import json
+import socket
 import os
 import statistics
 import subprocess
@@ -126,7 +128,7 @@ class _Task:
 
 def test_known_requests_go_first_and_sources_take_turns():
     log = []
-    dispatcher = PriorityDispatcher(lambda task: (task.known, task.source), unverified_limit=1)
+    dispatcher = PriorityDispatcher(lambda task: (task.known, task.source, None), unverified_limit=1)
     for _ in range(3):
         dispatcher.add_task(_Task(False, "flooder", log))
     dispatcher.add_task(_Task(False, "other", log))
@@ -305,3 +307,85 @@ def test_a_caller_re_sending_a_bad_token_is_read_once_a_second(flooded_kms):
         assert other.get("/healthz").status_code == 200
         assert time.monotonic() - started < 0.5  # a new connection is read at once
     assert held >= 1.8  # the second and third waited for the hold
+
+
+def _raw(base_url: str, method: str, path: str, headers: dict | None = None, version: str = "1.1",
+         source: str = "127.0.0.1"):
+    """One request on a connection of its own: (status, headers, body, whether the server closed it)."""
+    host, port = base_url.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10, source_address=(source, 0)) as sock:
+        sock.sendall(request_bytes(method, path, headers=headers).replace(b" HTTP/1.1\r\n", f" HTTP/{version}\r\n".encode(), 1))
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(65536)
+        head, body = received.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        answer_headers = dict(line.split(": ", 1) for line in lines[1:])
+        length = 0 if method == "HEAD" else int(answer_headers["Content-Length"])
+        while len(body) < length:
+            body += sock.recv(65536)
+        time.sleep(0.05)
+        return int(lines[0].split()[1]), answer_headers, body, closed_by_peer(sock)
+
+
+class _CountingApp:
+    """Stands in for the server's application: how many requests reached it."""
+
+    def __init__(self, app):
+        self.app, self.calls = app, 0
+
+    def __call__(self, environ, start_response):
+        self.calls += 1
+        return self.app(environ, start_response)
+
+
+def _envelope(body: bytes) -> dict:
+    answer = json.loads(body)
+    assert answer.pop("requestId")
+    return answer
+
+
+def test_refusals_known_from_the_headers_are_answered_by_the_event_loop_as_the_app_answers(flooded_kms):
+    """A token refused once, and tokenless requests over their source's rate, are answered without
+    a server thread or Flask: the same status, envelope and headers, Retry-After on the 429, the
+    connection held as after the application's answers (kms.serving.early)."""
+    _, server, base_url, _ = flooded_kms
+    counting = server.application = _CountingApp(server.application)
+    forged = bearer(FORGED_JWT)
+    status, headers, body, _ = _raw(base_url, "GET", "/keys/held-key", forged)  # refused by the app, remembered
+    assert (status, counting.calls) == (401, 1)
+    for version in ("1.1", "1.0"):
+        again, again_headers, again_body, closed = _raw(base_url, "GET", "/keys/held-key", forged, version=version)
+        assert again == 401 and _envelope(again_body) == _envelope(body)
+        assert {name for name in again_headers if name != "Connection"} == set(headers)
+        assert again_headers["Content-Type"] == "application/json"
+        assert closed == (version == "1.0")  # HTTP/1.0 without keep-alive closes, as waitress does
+    status, _, body, _ = _raw(base_url, "HEAD", "/keys/held-key", forged)
+    assert status == 401 and body == b""
+    status, _, _, closed = _raw(base_url, "GET", "/keys/held-key", {**forged, "Connection": "close"})
+    assert status == 401 and closed
+    assert _raw(base_url, "GET", "/healthz", forged)[0] == 200  # a public route ignores the header
+    assert _raw(base_url, "GET", "/no-such-route", forged)[0] == 404
+    assert counting.calls == 3  # only those two reached the application
+
+    source = "127.0.9.9"
+    statuses = [_raw(base_url, "GET", "/healthz", source=source) for _ in range(15)]  # burst: 2 s worth
+    refused = [answer for answer in statuses if answer[0] == 429]
+    assert refused and all(status == 200 for status, *_ in statuses[:10])
+    assert counting.calls == 3 + 15 - len(refused)
+    _, headers, body, closed = refused[0]
+    assert headers["Retry-After"] == "1" and not closed
+    assert _envelope(body)["error"] == "too_many_requests"
+
+    # The hold: the next request on a refused connection is read only after a second.
+    host, port = base_url.rsplit("/", 1)[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    started = time.monotonic()
+    for _ in range(2):
+        connection.request("GET", "/keys/held-key", headers=forged)
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 401
+    connection.close()
+    assert time.monotonic() - started >= 0.9
+    assert counting.calls == 3 + 15 - len(refused)

@@ -35,15 +35,18 @@ from collections import deque
 
 
 from waitress.adjustments import Adjustments
-from waitress.channel import HTTPChannel
+from waitress.channel import ClientDisconnected, HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
+from waitress.utilities import build_http_date
 from waitress.wasyncore import readwrite
 
 from kms.errors import ApiError
 from kms.ids import random_uuid
 from kms.serving.dispatch import PriorityDispatcher, SourceCounts, request_classifier
+from kms.serving.early import EarlyRefusals
+from kms.web.limits import UnverifiedRate
 from kms.web import CLAIMS, UNVERIFIED_SOURCE
 from kms.web.envelope import HTTP_CODES, envelope_json
 
@@ -178,6 +181,45 @@ class Channel(HTTPChannel):
             # connection; until the loop's next turn asks it, it is in `serving` or in `done`.
             interest.done.append(fd)
             interest.serving.discard(fd)
+
+    def answer_early(self, refusal):
+        """Answer this connection's first request with `refusal` (kms.serving.early) without a
+        server thread: the answer the application would write, then the hold after it. Called
+        where waitress hands the request to the dispatcher, holding requests_lock."""
+        started = time.perf_counter()
+        request = self.requests.pop(0)
+        request_id = random_uuid()
+        body = envelope_json(refusal.code, refusal.message, request_id)
+        connection = request.headers.get("CONNECTION", "").lower()
+        if request.version == "1.0":
+            close = connection != "keep-alive"
+        else:
+            close = connection == "close" or (self.server.kms_draining and self.nothing_after(request))
+        lines = [f"HTTP/{request.version} {refusal.status}", "Content-Type: application/json",
+                 f"Content-Length: {len(body)}"]
+        if refusal.retry_after is not None:
+            lines.append(f"Retry-After: {refusal.retry_after}")
+        lines.append(f"X-Request-Id: {request_id}")  # (as waitress writes header names)
+        if close:
+            lines.append("Connection: close")
+        elif request.version == "1.0":
+            lines.append("Connection: Keep-Alive")
+        lines += [f"Date: {build_http_date(time.time())}", f"Server: {self.adj.ident}", "", ""]
+        answer = "\r\n".join(lines).encode("latin-1") + (b"" if request.command == "HEAD" else body)
+        request.close()
+        try:
+            self.write_soon(answer)
+        except ClientDisconnected:
+            close = True
+        self.last_activity = time.time()
+        if close:
+            self.close_when_flushed = True
+            for pending in self.requests:
+                pending.close()
+            self.requests = []
+        elif refusal.hold_s:
+            self.hold_reading(refusal.hold_s)
+        self.server.kms_early.answered(refusal, request.command, started)
 
     def nothing_after(self, request) -> bool:
         """Whether `request` is the last one this connection has sent so far: none queued behind
@@ -530,9 +572,15 @@ def create_server(app, settings, *, host: str | None = None, port: int | None = 
     )
     _allow_descriptors(adj.connection_limit)
     kms = getattr(app, "extensions", {}).get("kms")
+    early = None
     if kms is not None:
         unverified = settings.server_unverified_threads or max(1, adj.threads // 4)
-        dispatcher = PriorityDispatcher(request_classifier(kms, settings.trusted_proxy_hops), min(unverified, adj.threads))
+        if "kms.observer" in app.extensions:  # (the whole application, not a test's bare one)
+            early = EarlyRefusals(app, kms, UnverifiedRate(settings.server_unverified_rate)
+                                  if settings.server_unverified_rate else None,
+                                  hold_unknown_refused=settings.server_unverified_rate > 0)
+        dispatcher = PriorityDispatcher(request_classifier(kms, settings.trusted_proxy_hops, early),
+                                        min(unverified, adj.threads))
     else:
         dispatcher = ThreadedTaskDispatcher()
     dispatcher.set_thread_count(adj.threads)
@@ -541,6 +589,7 @@ def create_server(app, settings, *, host: str | None = None, port: int | None = 
                        if sock is not None else {}))
     server.read_timeout_s = settings.request_read_timeout_ms / 1000
     server.kms_balance = balance
+    server.kms_early = early
     server.kms_metrics = kms.metrics if kms is not None else None
     server.kms_sources = SourceCounts()
     server.kms_hold_unknown_refused = settings.server_unverified_rate > 0
