@@ -310,15 +310,15 @@ def test_a_caller_re_sending_a_bad_token_is_read_once_a_second(flooded_kms):
 
 
 def _raw(base_url: str, method: str, path: str, headers: dict | None = None, version: str = "1.1",
-         source: str = "127.0.0.1"):
+         source: str = "127.0.0.1", body: bytes = b""):
     """One request on a connection of its own: (status, headers, body, whether the server closed it)."""
     host, port = base_url.rsplit("/", 1)[1].split(":")
     with socket.create_connection((host, int(port)), timeout=10, source_address=(source, 0)) as sock:
-        sock.sendall(request_bytes(method, path, headers=headers).replace(b" HTTP/1.1\r\n", f" HTTP/{version}\r\n".encode(), 1))
+        sock.sendall(request_bytes(method, path, body, headers=headers).replace(b" HTTP/1.1\r\n", f" HTTP/{version}\r\n".encode(), 1))
         received = b""
         while b"\r\n\r\n" not in received:
             received += sock.recv(65536)
-        head, body = received.split(b"\r\n\r\n", 1)
+        head, body = received.split(b"\r\n\r\n", 1)  # (the answer's body from here on)
         lines = head.decode("latin-1").split("\r\n")
         answer_headers = dict(line.split(": ", 1) for line in lines[1:])
         length = 0 if method == "HEAD" else int(answer_headers["Content-Length"])
@@ -389,3 +389,29 @@ def test_refusals_known_from_the_headers_are_answered_by_the_event_loop_as_the_a
     connection.close()
     assert time.monotonic() - started >= 0.9
     assert counting.calls == 3 + 15 - len(refused)
+
+
+def test_a_refused_signup_sent_again_is_answered_by_the_event_loop_and_still_audited(flooded_kms, db):
+    """The same bad signup again (a flood re-sends one request): the application refused it once,
+    the event loop answers the same 401 after that, without the database; each refusal is still
+    counted for the audit. Another body still reaches the application."""
+    app, server, base_url, _ = flooded_kms
+    kms = app.extensions["kms"]
+    counting = server.application = _CountingApp(server.application)
+    bad = json.dumps({"token": "kms_st_" + "z" * 43, "password": CLIENT_PASSWORD}).encode()
+    source = "127.0.9.10"
+    first = _raw(base_url, "POST", "/auth/signup", source=source, body=bad)
+    assert first[0] == 401 and counting.calls == 1
+    kms.refusals.take()
+    for _ in range(3):
+        again = _raw(base_url, "POST", "/auth/signup", source=source, body=bad)
+        assert again[0] == 401 and _envelope(again[2]) == _envelope(first[2]) == {
+            "error": "invalid_signup_token", "message": _envelope(first[2])["message"]}
+        assert set(again[1]) == set(first[1])
+    assert counting.calls == 1
+    assert kms.refusals.take() == {("signup", "denied", source): 3}  # audited as the service's refusals
+    other = json.dumps({"token": "kms_st_" + "w" * 43, "password": CLIENT_PASSWORD}).encode()
+    assert _raw(base_url, "POST", "/auth/signup", source=source, body=other)[0] == 401
+    assert counting.calls == 2
+    short = json.dumps({"token": "kms_st_" + "z" * 43, "password": "short"}).encode()
+    assert _raw(base_url, "POST", "/auth/signup", source=source, body=short)[0] == 400  # the app validates it

@@ -1,18 +1,22 @@
 """Refusals the event loop answers itself, before any server thread, environ or Flask.
 
-A flood is mostly requests whose answer is known from their first line and headers: a login from
+A flood is mostly requests whose answer is known before the application sees them: a login from
 a source whose login flood the hasher's admission refuses (kms.auth.flood), a request without a
 token over its source's rate (kms.web.limits), a bearer token this worker has already refused
-(kms.auth.tokens remembers refused tokens as it remembers verified ones). Handing each to a server
-thread cost a queue, a thread switch, a WSGI environ and the middleware, all under the GIL that key
-look-ups need; here the event loop writes the answer (the same status, envelope and Retry-After
-the application would give; counted in the metrics and summed up in the log like the
-application's refusals) and holds the connection's reading as after any such answer.
+(kms.auth.tokens remembers refused tokens as it remembers verified ones), a signup whose exact
+body (its content type and bytes) this worker refused 401 before (a signup token that was refused
+— unknown, used, expired, forged — never becomes usable, and the same bytes validate the same).
+Handing each to a server thread cost a queue, a thread switch, a WSGI environ and the middleware
+(and for the signup a database round trip), all under the GIL that key look-ups need; here the
+event loop writes the answer (the same status, envelope and Retry-After the application would
+give; counted in the metrics, summed up in the log and, for signups, counted for the audit like
+the application's refusals) and holds the connection's reading as after any such answer.
 
 What the application would answer differently is left to it: a route that does not exist or
 takes no token (public routes ignore the Authorization header), audited work refused while sealing
 is behind.
 """
+import hashlib
 import time
 from typing import NamedTuple
 
@@ -20,9 +24,12 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RequestRedirect
 
 from kms.auth.passwords import FLOOD_MESSAGE, FLOOD_RETRY_AFTER_S
+from kms.auth.service import SIGNUP_TOKEN_REFUSED
+from kms.expiring import ExpiringMap
 from kms.web.limits import MESSAGE as RATE_MESSAGE, UnverifiedRate
 
 HOLD_MAX_S = 1.0  # kms.serving.http.HOLD_AFTER_429_MAX_S
+REFUSED_SIGNUP_MEMORY_S = 60.0  # how long a refused signup's exact request is answered 401 again
 
 
 class Refusal(NamedTuple):
@@ -47,6 +54,9 @@ class EarlyRefusals:
         self.routes = app.url_map.bind("kms")
         login_rule = next(app.url_map.iter_rules("auth.login"))
         self.login_path, self.login_endpoint = login_rule.rule, login_rule.endpoint
+        signup_rule = next(app.url_map.iter_rules("auth.signup"))
+        self.signup_path, self.signup_endpoint = signup_rule.rule, signup_rule.endpoint
+        self._refused_signups = ExpiringMap(4096)  # sha256 of content type and body -> True
 
     def refusal(self, request, source: str, authorization: str | None) -> Refusal | None:
         """The early answer to `request` (waitress's parsed request, from `source`), or None: the
@@ -71,7 +81,25 @@ class EarlyRefusals:
         if self.rate is not None and not self.rate.allow(source):
             return Refusal("429 TOO MANY REQUESTS", "too_many_requests", RATE_MESSAGE, 1, None, "unverified",
                            HOLD_MAX_S)
+        if path == self.signup_path and method == "POST":
+            key = request.kms_signup_key = self._signup_key(request)
+            if self._refused_signups.get(key, time.monotonic()) and not self.kms.audit_behind:
+                self.kms.refusals.count("signup", "denied", source)  # audited as the service's refusals are
+                return Refusal("401 UNAUTHORIZED", "invalid_signup_token", SIGNUP_TOKEN_REFUSED, None,
+                               self.signup_endpoint, "token", HOLD_MAX_S if self.hold_unknown_refused else 0.0)
         return None
+
+    @staticmethod
+    def _signup_key(request) -> bytes:
+        body = request.body_rcv.getbuf().get(-1, skip=False) if request.body_rcv is not None else b""
+        return hashlib.sha256(request.headers.get("CONTENT_TYPE", "").encode("latin-1") + b"\0" + body).digest()
+
+    def signup_refused(self, request):
+        """The application answered this signup 401 (kms.serving.http): its exact request is
+        answered so again, here."""
+        key = getattr(request, "kms_signup_key", None)
+        if key is not None:
+            self._refused_signups.put(key, True, time.monotonic() + REFUSED_SIGNUP_MEMORY_S)
 
     def _endpoint(self, path: str, method: str) -> str | None:
         try:

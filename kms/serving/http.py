@@ -112,6 +112,8 @@ class ApplicationTask(WSGITask):
 
     def execute(self):
         super().execute()
+        if self.status.startswith("401") and getattr(self.request, "kms_signup_key", None) is not None:
+            self.channel.server.kms_early.signup_refused(self.request)  # (kms.serving.early)
         if self.status.startswith("429"):
             self.channel.hold_reading(min(_retry_after_s(self.response_headers), HOLD_AFTER_429_MAX_S))
         elif (self.status.startswith("401") and self.channel.server.kms_hold_unknown_refused
