@@ -5,7 +5,7 @@ What waitress does not bound by itself, and what this module adds:
   that sends one header byte every few seconds holds its connection for ever; about a hundred of
   them filled the default connection limit and took the service down. Here a request must arrive
   whole (headers and body) within `REQUEST_READ_TIMEOUT`, the connection limit is sized for
-  hundreds of idle sockets, and the event loop uses poll(), which has no 1,024-descriptor ceiling.
+  hundreds of idle sockets, and the event loop uses epoll, which has no 1,024-descriptor ceiling.
 - Bodies. waitress buffers up to 1 GiB of a request to disk before the application can say 413;
   here it stops reading at `MAX_BODY_BYTES` and closes the connection.
 - Request smuggling. A request with both Content-Length and Transfer-Encoding is refused with 400
@@ -542,7 +542,7 @@ class Server(TcpWSGIServer):
 
 
 def _allow_descriptors(connection_limit: int):
-    """poll() has no descriptor ceiling, the process limit does: raise the soft limit if needed."""
+    """epoll has no descriptor ceiling, the process limit does: raise the soft limit if needed."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = connection_limit + 256  # database connections, logs, the listening socket
     if soft != resource.RLIM_INFINITY and soft < wanted:
@@ -578,8 +578,10 @@ def create_server(app, settings, *, host: str | None = None, port: int | None = 
     if kms is not None:
         unverified = settings.server_unverified_threads or max(1, adj.threads // 4)
         if "kms.observer" in app.extensions:  # (the whole application, not a test's bare one)
-            early = EarlyRefusals(app, kms, UnverifiedRate(settings.server_unverified_rate)
-                                  if settings.server_unverified_rate else None,
+            # The rate is per source address across the server: each of its workers allows its
+            # part (a source's connections are spread over the workers by the balance).
+            rate = settings.server_unverified_rate / (len(balance[0]) if balance is not None else 1)
+            early = EarlyRefusals(app, kms, UnverifiedRate(rate) if rate else None,
                                   hold_unknown_refused=settings.server_unverified_rate > 0)
         dispatcher = PriorityDispatcher(request_classifier(kms, settings.trusted_proxy_hops, early),
                                         min(unverified, adj.threads))
