@@ -317,7 +317,8 @@ def _raw(base_url: str, method: str, path: str, headers: dict | None = None, ver
     """One request on a connection of its own: (status, headers, body, whether the server closed it)."""
     host, port = base_url.rsplit("/", 1)[1].split(":")
     with socket.create_connection((host, int(port)), timeout=10, source_address=(source, 0)) as sock:
-        sock.sendall(request_bytes(method, path, body, headers=headers).replace(b" HTTP/1.1\r\n", f" HTTP/{version}\r\n".encode(), 1))
+        request = request_bytes(method, path, body, headers=headers)
+        sock.sendall(request.replace(b" HTTP/1.1\r\n", f" HTTP/{version}\r\n".encode(), 1))
         received = b""
         while b"\r\n\r\n" not in received:
             received += sock.recv(65536)
