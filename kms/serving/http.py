@@ -46,9 +46,9 @@ from kms.errors import ApiError
 from kms.ids import random_uuid
 from kms.serving.dispatch import PriorityDispatcher, SourceCounts, request_classifier
 from kms.serving.early import EarlyRefusals
-from kms.web.limits import UnverifiedRate
 from kms.web import CLAIMS, UNVERIFIED_SOURCE
 from kms.web.envelope import HTTP_CODES, envelope_json
+from kms.web.limits import UnverifiedRate
 
 log = logging.getLogger("kms.http")
 
