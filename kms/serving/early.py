@@ -4,8 +4,9 @@ A flood is mostly requests whose answer is known before the application sees the
 a source whose login flood the hasher's admission refuses (kms.auth.flood), a request without a
 token over its source's rate (kms.web.limits), a bearer token this worker has already refused
 (kms.auth.tokens remembers refused tokens as it remembers verified ones), a signup whose exact
-body (its content type and bytes) this worker refused 401 before (a signup token that was refused
-— unknown, used, expired, forged — never becomes usable, and the same bytes validate the same).
+body (its content type and bytes) this worker refused 401 for its token before (a signup token
+refused as unknown, used, expired or forged never becomes usable, and the same bytes validate the
+same; a refusal for a row that fails its integrity check is not remembered).
 Handing each to a server thread cost a queue, a thread switch, a WSGI environ and the middleware
 (and for the signup a database round trip), all under the GIL that key look-ups need; here the
 event loop writes the answer (the same status, envelope and Retry-After the application would
@@ -95,8 +96,8 @@ class EarlyRefusals:
         return hashlib.sha256(request.headers.get("CONTENT_TYPE", "").encode("latin-1") + b"\0" + body).digest()
 
     def signup_refused(self, request):
-        """The application answered this signup 401 (kms.serving.http): its exact request is
-        answered so again, here."""
+        """The application refused this signup for its token (kms.serving.http): its exact request
+        is answered so again, here."""
         key = getattr(request, "kms_signup_key", None)
         if key is not None:
             self._refused_signups.put(key, True, time.monotonic() + REFUSED_SIGNUP_MEMORY_S)

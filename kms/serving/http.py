@@ -46,7 +46,7 @@ from kms.errors import ApiError
 from kms.ids import random_uuid
 from kms.serving.dispatch import PriorityDispatcher, SourceCounts, request_classifier
 from kms.serving.early import EarlyRefusals
-from kms.web import CLAIMS, UNVERIFIED_SOURCE
+from kms.web import CLAIMS, SIGNUP_TOKEN_REFUSED, UNVERIFIED_SOURCE
 from kms.web.envelope import HTTP_CODES, envelope_json
 from kms.web.limits import UnverifiedRate
 
@@ -112,7 +112,7 @@ class ApplicationTask(WSGITask):
 
     def execute(self):
         super().execute()
-        if self.status.startswith("401") and getattr(self.request, "kms_signup_key", None) is not None:
+        if (self.environ or {}).get(SIGNUP_TOKEN_REFUSED) and getattr(self.request, "kms_signup_key", None) is not None:
             self.channel.server.kms_early.signup_refused(self.request)  # (kms.serving.early)
         if self.status.startswith("429"):
             self.channel.hold_reading(min(_retry_after_s(self.response_headers), HOLD_AFTER_429_MAX_S))
