@@ -28,7 +28,6 @@ from kms.observability.routes import bp as operations_bp
 from kms.operations.routes import bp as key_operations_bp
 from kms.runtime import Kms
 from kms.web import envelope
-from kms.web.limits import UnverifiedLimiter
 from kms.web.routing import PATH_SEGMENTS, is_public
 from schemas.common import ErrorSchema
 
@@ -97,9 +96,8 @@ def create_app(env=None, *, settings: Settings | None = None, kms: Kms | None = 
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops, x_proto=settings.trusted_proxy_hops)
     login_rule = next(app.url_map.iter_rules("auth.login"))
     app.wsgi_app = LoginFloodShedder(app.wsgi_app, kms.passwords, login_rule, settings.trusted_proxy_hops)
-    if settings.server_unverified_rate:
-        app.wsgi_app = UnverifiedLimiter(app.wsgi_app, login_rule.rule, settings.server_unverified_rate)
     app.wsgi_app = RequestObserver(app.wsgi_app, kms.metrics, app.url_map, app.view_functions)
+    app.extensions["kms.observer"] = app.wsgi_app  # (it counts the server's own refusals too: kms.serving.early)
     kms.metrics.add_collector(database_collector(lambda: _database_gauges(kms)))
     log.info("kms ready", extra={"pid": os.getpid(), "dbPool": kms.pool.size})
     return app

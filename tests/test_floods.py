@@ -1,7 +1,9 @@
 """Key access survives floods: each flood runs here for real (bounded, loopback, from other
 127/8 addresses, in a process of its own) beside a client that holds a valid token, and that
 client must still be served, and served first."""
+import http.client
 import json
+import socket
 import os
 import statistics
 import subprocess
@@ -97,9 +99,12 @@ def test_a_token_holder_is_served_first_during_a_flood(flooded_kms, kind):
     assert statistics.median(seconds for _, seconds in answers) < 1.0, sorted(answers)[-5:]
 
 
-def test_unverified_work_never_takes_more_than_its_threads(flooded_kms):
+def test_unverified_work_never_takes_more_than_its_threads(flooded_kms, monkeypatch):
     """While the flood runs, at most SERVER_THREADS // 4 threads work on it."""
     _, server, base_url, token = flooded_kms
+    # Every signup reaches the application (as a flood of signups that differ would), none is
+    # answered by the event loop as a repeat (kms.serving.early).
+    monkeypatch.setattr(server.kms_early, "signup_refused", lambda request: None)
     dispatcher = server.task_dispatcher
     assert isinstance(dispatcher, PriorityDispatcher) and dispatcher.unverified_limit == 2
     flood = flood_in_a_process(base_url, FLOODS["bad signup tokens"][0], connections=100, sources=20, seconds=3)
@@ -126,7 +131,7 @@ class _Task:
 
 def test_known_requests_go_first_and_sources_take_turns():
     log = []
-    dispatcher = PriorityDispatcher(lambda task: (task.known, task.source), unverified_limit=1)
+    dispatcher = PriorityDispatcher(lambda task: (task.known, task.source, None), unverified_limit=1)
     for _ in range(3):
         dispatcher.add_task(_Task(False, "flooder", log))
     dispatcher.add_task(_Task(False, "other", log))
@@ -305,3 +310,112 @@ def test_a_caller_re_sending_a_bad_token_is_read_once_a_second(flooded_kms):
         assert other.get("/healthz").status_code == 200
         assert time.monotonic() - started < 0.5  # a new connection is read at once
     assert held >= 1.8  # the second and third waited for the hold
+
+
+def _raw(base_url: str, method: str, path: str, headers: dict | None = None, version: str = "1.1",
+         source: str = "127.0.0.1", body: bytes = b""):
+    """One request on a connection of its own: (status, headers, body, whether the server closed it)."""
+    host, port = base_url.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10, source_address=(source, 0)) as sock:
+        request = request_bytes(method, path, body, headers=headers)
+        sock.sendall(request.replace(b" HTTP/1.1\r\n", f" HTTP/{version}\r\n".encode(), 1))
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(65536)
+        head, body = received.split(b"\r\n\r\n", 1)  # (the answer's body from here on)
+        lines = head.decode("latin-1").split("\r\n")
+        answer_headers = dict(line.split(": ", 1) for line in lines[1:])
+        length = 0 if method == "HEAD" else int(answer_headers["Content-Length"])
+        while len(body) < length:
+            body += sock.recv(65536)
+        time.sleep(0.05)
+        return int(lines[0].split()[1]), answer_headers, body, closed_by_peer(sock)
+
+
+class _CountingApp:
+    """Stands in for the server's application: how many requests reached it."""
+
+    def __init__(self, app):
+        self.app, self.calls = app, 0
+
+    def __call__(self, environ, start_response):
+        self.calls += 1
+        return self.app(environ, start_response)
+
+
+def _envelope(body: bytes) -> dict:
+    answer = json.loads(body)
+    assert answer.pop("requestId")
+    return answer
+
+
+def test_refusals_known_from_the_headers_are_answered_by_the_event_loop_as_the_app_answers(flooded_kms):
+    """A token refused once, and tokenless requests over their source's rate, are answered without
+    a server thread or Flask: the same status, envelope and headers, Retry-After on the 429, the
+    connection held as after the application's answers (kms.serving.early)."""
+    _, server, base_url, _ = flooded_kms
+    counting = server.application = _CountingApp(server.application)
+    forged = bearer(FORGED_JWT)
+    status, headers, body, _ = _raw(base_url, "GET", "/keys/held-key", forged)  # refused by the app, remembered
+    assert (status, counting.calls) == (401, 1)
+    for version in ("1.1", "1.0"):
+        again, again_headers, again_body, closed = _raw(base_url, "GET", "/keys/held-key", forged, version=version)
+        assert again == 401 and _envelope(again_body) == _envelope(body)
+        assert {name for name in again_headers if name != "Connection"} == set(headers)
+        assert again_headers["Content-Type"] == "application/json"
+        assert closed == (version == "1.0")  # HTTP/1.0 without keep-alive closes, as waitress does
+    status, _, body, _ = _raw(base_url, "HEAD", "/keys/held-key", forged)
+    assert status == 401 and body == b""
+    status, _, _, closed = _raw(base_url, "GET", "/keys/held-key", {**forged, "Connection": "close"})
+    assert status == 401 and closed
+    assert _raw(base_url, "GET", "/healthz", forged)[0] == 200  # a public route ignores the header
+    assert _raw(base_url, "GET", "/no-such-route", forged)[0] == 404
+    assert counting.calls == 3  # only those two reached the application
+
+    source = "127.0.9.9"
+    statuses = [_raw(base_url, "GET", "/healthz", source=source) for _ in range(15)]  # burst: 2 s worth
+    refused = [answer for answer in statuses if answer[0] == 429]
+    assert refused and all(status == 200 for status, *_ in statuses[:10])
+    assert counting.calls == 3 + 15 - len(refused)
+    _, headers, body, closed = refused[0]
+    assert headers["Retry-After"] == "1" and not closed
+    assert _envelope(body)["error"] == "too_many_requests"
+
+    # The hold: the next request on a refused connection is read only after a second.
+    host, port = base_url.rsplit("/", 1)[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    started = time.monotonic()
+    for _ in range(2):
+        connection.request("GET", "/keys/held-key", headers=forged)
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 401
+    connection.close()
+    assert time.monotonic() - started >= 0.9
+    assert counting.calls == 3 + 15 - len(refused)
+
+
+def test_a_refused_signup_sent_again_is_answered_by_the_event_loop_and_still_audited(flooded_kms, db):
+    """The same bad signup again (a flood re-sends one request): the application refused it once,
+    the event loop answers the same 401 after that, without the database; each refusal is still
+    counted for the audit. Another body still reaches the application."""
+    app, server, base_url, _ = flooded_kms
+    kms = app.extensions["kms"]
+    counting = server.application = _CountingApp(server.application)
+    bad = json.dumps({"token": "kms_st_" + "z" * 43, "password": CLIENT_PASSWORD}).encode()
+    source = "127.0.9.10"
+    first = _raw(base_url, "POST", "/auth/signup", source=source, body=bad)
+    assert first[0] == 401 and counting.calls == 1
+    kms.refusals.take()
+    for _ in range(3):
+        again = _raw(base_url, "POST", "/auth/signup", source=source, body=bad)
+        assert again[0] == 401 and _envelope(again[2]) == _envelope(first[2]) == {
+            "error": "invalid_signup_token", "message": _envelope(first[2])["message"]}
+        assert set(again[1]) == set(first[1])
+    assert counting.calls == 1
+    assert kms.refusals.take() == {("signup", "denied", source): 3}  # audited as the service's refusals
+    other = json.dumps({"token": "kms_st_" + "w" * 43, "password": CLIENT_PASSWORD}).encode()
+    assert _raw(base_url, "POST", "/auth/signup", source=source, body=other)[0] == 401
+    assert counting.calls == 2
+    short = json.dumps({"token": "kms_st_" + "z" * 43, "password": "short"}).encode()
+    assert _raw(base_url, "POST", "/auth/signup", source=source, body=short)[0] == 400  # the app validates it

@@ -1,6 +1,10 @@
+from flask import request
+
 from kms.auth import service
 from kms.auth.tokens import mint_token
+from kms.errors import Unauthorized
 from kms.observability.metrics import counts_as
+from kms.web import SIGNUP_TOKEN_REFUSED
 from kms.web.routing import NO_STORE, Blueprint, context
 from schemas.auth import LoginRequest, SignupRequest, SignupTokenRequest, SignupTokenResponse, TokenResponse
 
@@ -22,7 +26,12 @@ def generate_signup_token(body):
 @bp.response(200, TokenResponse)
 def signup(body):
     """Register with a signup token; answers with an access token for the new client."""
-    grant = service.signup(context(authenticated=False), body["token"], body["password"])
+    try:
+        grant = service.signup(context(authenticated=False), body["token"], body["password"])
+    except Unauthorized as refused:
+        if refused.code == "invalid_signup_token":  # unknown, used, expired or forged: it stays so
+            request.environ[SIGNUP_TOKEN_REFUSED] = True  # (the server answers it again itself)
+        raise
     return mint_token(grant), NO_STORE
 
 

@@ -22,9 +22,20 @@ from kms.web import CLAIMS
 from kms.web.envelope import error_response
 
 
+REFUSED_MEMORY_S = 60.0  # how long a refused token is answered 401 without looking at it again
+
+
+NOT_OURS = "The token is not a KMS access token."
+
+
 class VerifiedTokenCache:
+    """Tokens verified (their claims, until they expire) and tokens refused (their 401 message, for
+    REFUSED_MEMORY_S): the server answers a refused token again before Flask (kms.serving.early).
+    What made a token fail (its signature, form, type or expiry) does not change with time."""
+
     def __init__(self, size: int = 4096):
         self._entries = ExpiringMap(size)
+        self._refused = ExpiringMap(size)
 
     @staticmethod
     def _key(token: str) -> bytes:
@@ -36,6 +47,13 @@ class VerifiedTokenCache:
     def put(self, token: str, claims, expires_at: float):
         self._entries.put(self._key(token), claims, expires_at)
 
+    def refused(self, token: str) -> str | None:
+        """The message `token` was refused with, if it was lately."""
+        return self._refused.get(self._key(token), time.monotonic())
+
+    def refuse(self, token: str, message: str):
+        self._refused.put(self._key(token), message, time.monotonic() + REFUSED_MEMORY_S)
+
 
 def bearer_claims(kms, header: str) -> TokenClaims:
     """Verify the bearer token (the Authorization header) once per token: its signature, expiry
@@ -45,15 +63,23 @@ def bearer_claims(kms, header: str) -> TokenClaims:
     cached = cache.get(header)
     if cached is not None:
         return cached
-    verify_jwt_in_request()
+    try:
+        verify_jwt_in_request()
+    except jwt.exceptions.ImmatureSignatureError:  # issued in the future (another server's clock): not yet
+        raise
+    except (flask_jwt_extended.exceptions.JWTExtendedException, jwt.exceptions.PyJWTError):
+        if header:
+            cache.refuse(header, Unauthorized.message)  # (the 401 the error handlers answer: _unauthorized)
+        raise
     claims = get_jwt()
     try:
         verified = TokenClaims(client_id=uuid.UUID(claims["sub"]), jti=uuid.UUID(claims["jti"]))
         expires = claims["exp"]
+        if not isinstance(expires, int) or isinstance(expires, bool):  # we never sign a token without exp
+            raise ValueError(expires)
     except (KeyError, TypeError, ValueError, AttributeError):
-        raise Unauthorized("The token is not a KMS access token.") from None
-    if not isinstance(expires, int) or isinstance(expires, bool):  # we never sign a token without exp
-        raise Unauthorized("The token is not a KMS access token.")
+        cache.refuse(header, NOT_OURS)
+        raise Unauthorized(NOT_OURS) from None
     cache.put(header, verified, expires)
     return verified
 

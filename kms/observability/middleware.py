@@ -51,6 +51,8 @@ class RequestObserver:
                                   "of one a request; kms_logins_total counts each)"),
             "unverified": _EverySecond("requests without a known token refused over their source's rate, before "
                                        "the application (one line a second; kms_http_requests_total counts each)"),
+            "token": _EverySecond("requests with a token this worker refused before, refused again before the "
+                                  "application (one line a second; kms_http_requests_total counts each)"),
         }
         self._by_endpoint: dict = {}  # endpoint -> (route template, what its route counts as)
 
@@ -61,6 +63,14 @@ class RequestObserver:
             template = re.sub(r"<\w+:(\w+)>", r"<\1>", rule.rule)  # /keys/<keyref:ref> -> /keys/<ref>
             found = self._by_endpoint[endpoint] = (template, counted_by(self._view_functions.get(endpoint)))
         return found
+
+    def refused_before_app(self, endpoint: str | None, method: str, status: int, seconds: float, shed: str):
+        """A request the server refused itself (kms.serving.early): counted as if it had passed
+        here, by the route it would have reached (`endpoint`; None: unmatched), and summed up in the
+        log."""
+        route, counts = self._route(endpoint) if endpoint is not None else UNMATCHED
+        self.metrics.observe(route, method, status, seconds, counts)
+        self._shed_summaries[shed].count(route, status)
 
     def __call__(self, environ, start_response):
         started = time.perf_counter()

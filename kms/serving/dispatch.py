@@ -22,7 +22,8 @@ from kms.web import caller_address
 
 class PriorityDispatcher(ThreadedTaskDispatcher):
     """waitress's dispatcher, with two queues instead of one (see the module's docstring).
-    `classify(channel) -> (known, source)` is asked once per request, on the event loop's thread."""
+    `classify(channel) -> (known, source, refusal)` is asked once per request; a request with a
+    refusal is answered at once by the channel itself (kms.serving.early), taking no thread."""
 
     def __init__(self, classify, unverified_limit: int):
         super().__init__()
@@ -34,7 +35,16 @@ class PriorityDispatcher(ThreadedTaskDispatcher):
         self.unverified_running = 0
 
     def add_task(self, task):
-        known, source = self.classify(task)
+        """`task`: a channel whose first request is complete (waitress calls this holding the
+        channel's requests_lock, from the event loop, or from a server thread for the request
+        behind the one it served)."""
+        while True:
+            known, source, refusal = self.classify(task)
+            if refusal is None:
+                break
+            task.answer_early(refusal)  # the event loop answers it (kms.serving.early): no thread
+            if not task.requests:
+                return
         with self.lock:
             if known:
                 self.known.append(task)
@@ -103,11 +113,12 @@ class PriorityDispatcher(ThreadedTaskDispatcher):
             return len(self.known) + self.unverified_waiting
 
 
-def request_classifier(kms, trusted_proxy_hops: int):
-    """classify(channel) for PriorityDispatcher: known when the request's bearer token is in this
-    process's verified-token cache; the source is the address the application will see (the
-    peer's, or with TRUSTED_PROXY_HOPS the one X-Forwarded-For names, as werkzeug's ProxyFix
-    reads it)."""
+def request_classifier(kms, trusted_proxy_hops: int, early=None):
+    """classify(channel) -> (known, source, refusal) for PriorityDispatcher: known when the
+    request's bearer token is in this process's verified-token cache; the source is the address
+    the application will see (the peer's, or with TRUSTED_PROXY_HOPS the one X-Forwarded-For
+    names, as werkzeug's ProxyFix reads it); the refusal, of an unverified request, the answer
+    the event loop gives itself (`early`: kms.serving.early.EarlyRefusals), or None."""
     tokens = kms.verified_tokens
 
     def classify(channel):
@@ -118,9 +129,9 @@ def request_classifier(kms, trusted_proxy_hops: int):
             claims = tokens.get(authorization)
             if claims is not None:
                 request.kms_claims = claims  # handed to the app (kms.serving.http): not looked up twice
-                return True, None
+                return True, None, None
         source = request.kms_unverified_source = source_of(channel, headers, trusted_proxy_hops)
-        return False, source
+        return False, source, early.refusal(request, source, authorization) if early is not None else None
 
     return classify
 

@@ -5,7 +5,7 @@ What waitress does not bound by itself, and what this module adds:
   that sends one header byte every few seconds holds its connection for ever; about a hundred of
   them filled the default connection limit and took the service down. Here a request must arrive
   whole (headers and body) within `REQUEST_READ_TIMEOUT`, the connection limit is sized for
-  hundreds of idle sockets, and the event loop uses poll(), which has no 1,024-descriptor ceiling.
+  hundreds of idle sockets, and the event loop uses epoll, which has no 1,024-descriptor ceiling.
 - Bodies. waitress buffers up to 1 GiB of a request to disk before the application can say 413;
   here it stops reading at `MAX_BODY_BYTES` and closes the connection.
 - Request smuggling. A request with both Content-Length and Transfer-Encoding is refused with 400
@@ -24,6 +24,7 @@ What waitress does not bound by itself, and what this module adds:
   its next answer, without holding a server thread, instead of being refused hundreds or thousands
   of times a second (the login throttles and the flood shedder in kms.auth).
 """
+import heapq
 import logging
 import math
 import resource
@@ -34,17 +35,20 @@ from collections import deque
 
 
 from waitress.adjustments import Adjustments
-from waitress.channel import HTTPChannel
+from waitress.channel import ClientDisconnected, HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
+from waitress.utilities import build_http_date
 from waitress.wasyncore import readwrite
 
 from kms.errors import ApiError
 from kms.ids import random_uuid
 from kms.serving.dispatch import PriorityDispatcher, SourceCounts, request_classifier
-from kms.web import CLAIMS, UNVERIFIED_SOURCE
+from kms.serving.early import EarlyRefusals
+from kms.web import CLAIMS, SIGNUP_TOKEN_REFUSED, UNVERIFIED_SOURCE
 from kms.web.envelope import HTTP_CODES, envelope_json
+from kms.web.limits import UnverifiedRate
 
 log = logging.getLogger("kms.http")
 
@@ -108,6 +112,8 @@ class ApplicationTask(WSGITask):
 
     def execute(self):
         super().execute()
+        if (self.environ or {}).get(SIGNUP_TOKEN_REFUSED) and getattr(self.request, "kms_signup_key", None) is not None:
+            self.channel.server.kms_early.signup_refused(self.request)  # (kms.serving.early)
         if self.status.startswith("429"):
             self.channel.hold_reading(min(_retry_after_s(self.response_headers), HOLD_AFTER_429_MAX_S))
         elif (self.status.startswith("401") and self.channel.server.kms_hold_unknown_refused
@@ -143,6 +149,9 @@ class Channel(HTTPChannel):
 
     def __init__(self, server, sock, addr, adj, map=None):
         super().__init__(server, sock, addr, adj, map)
+        interest = server._interest
+        if interest is not None and self._fileno is not None:
+            interest.touched(self._fileno)  # asked what it waits for on the next turn
         limit = server.kms_per_source_limit
         if limit:
             source = addr[0] if isinstance(addr, tuple) else str(addr)
@@ -156,8 +165,10 @@ class Channel(HTTPChannel):
         if self.counted_source is not None:
             self.server.kms_sources.closed(self.counted_source)
             self.counted_source = None
+        fd, interest = self._fileno, self.server._interest
         super().del_channel(map)
-        self.server.changed_connections()
+        if interest is not None and fd is not None:
+            interest.forget(fd)  # (before the socket is closed, and its number given to another)
 
     def service(self):
         """A server thread serves this connection's request (see _Interest)."""
@@ -172,6 +183,45 @@ class Channel(HTTPChannel):
             # connection; until the loop's next turn asks it, it is in `serving` or in `done`.
             interest.done.append(fd)
             interest.serving.discard(fd)
+
+    def answer_early(self, refusal):
+        """Answer this connection's first request with `refusal` (kms.serving.early) without a
+        server thread: the answer the application would write, then the hold after it. Called
+        where waitress hands the request to the dispatcher, holding requests_lock."""
+        started = time.perf_counter()
+        request = self.requests.pop(0)
+        request_id = random_uuid()
+        body = envelope_json(refusal.code, refusal.message, request_id)
+        connection = request.headers.get("CONNECTION", "").lower()
+        if request.version == "1.0":
+            close = connection != "keep-alive"
+        else:
+            close = connection == "close" or (self.server.kms_draining and self.nothing_after(request))
+        lines = [f"HTTP/{request.version} {refusal.status}", "Content-Type: application/json",
+                 f"Content-Length: {len(body)}"]
+        if refusal.retry_after is not None:
+            lines.append(f"Retry-After: {refusal.retry_after}")
+        lines.append(f"X-Request-Id: {request_id}")  # (as waitress writes header names)
+        if close:
+            lines.append("Connection: close")
+        elif request.version == "1.0":
+            lines.append("Connection: Keep-Alive")
+        lines += [f"Date: {build_http_date(time.time())}", f"Server: {self.adj.ident}", "", ""]
+        answer = "\r\n".join(lines).encode("latin-1") + (b"" if request.command == "HEAD" else body)
+        request.close()
+        try:
+            self.write_soon(answer)
+        except ClientDisconnected:
+            close = True
+        self.last_activity = time.time()
+        if close:
+            self.close_when_flushed = True
+            for pending in self.requests:
+                pending.close()
+            self.requests = []
+        elif refusal.hold_s:
+            self.hold_reading(refusal.hold_s)
+        self.server.kms_early.answered(refusal, request.command, started)
 
     def nothing_after(self, request) -> bool:
         """Whether `request` is the last one this connection has sent so far: none queued behind
@@ -213,12 +263,15 @@ class Channel(HTTPChannel):
 
     def hold_reading(self, seconds: float):
         """Read nothing more from this connection for `seconds` (called from a server thread once
-        the answer is written; the event loop wakes when the hold ends: Server.poll)."""
-        self.read_again_at = time.monotonic() + seconds
+        the answer is written, or from the event loop's; the event loop wakes when the hold ends:
+        Server.poll)."""
+        self.read_again_at = until = time.monotonic() + seconds
+        interest, fd = self.server._interest, self._fileno
+        if interest is not None and fd is not None:
+            interest.hold(fd, self, until)
 
     def readable(self):
         if self.read_again_at and time.monotonic() < self.read_again_at:
-            self.server.wake_by(self.read_again_at)
             return False
         return super().readable()
 
@@ -239,26 +292,46 @@ class _Interest:
     wasyncore asks every object on every turn what it waits for (readable(), writable()), and a
     turn comes with almost every request. Here an object is asked again only when what it waits
     for may have changed:
-    - on the turn after an event on it (a request's bytes are read, its answer written, a close);
+    - when it is opened, and on the turn after an event on it (a request's bytes are read, its
+      answer written, a close);
     - on every turn while a server thread serves its request (`serving`; the thread may leave
       output for the loop to send, and waits for it when there is much), and on the turn after
       that thread is done (`done`: it marks the connection before it wakes the loop);
-    - on every turn while its reading is held (kms: after a 429);
-    - every object after a connection opened or closed, and after maintenance (once a second).
-    An idle keep-alive connection waiting for its next request, and one whose request waits for
-    a free server thread, are not asked: nothing but an event or a server thread changes them.
-    Objects other than connections (the listening socket, the trigger) are asked on every turn."""
+    - once its reading hold ends (kms: after a 429, or a refused unknown caller): a held connection
+      is polled for nothing and asked nothing meanwhile (`held`, a heap by time);
+    - every object after maintenance (once a second).
+    An idle keep-alive connection waiting for its next request, one whose request waits for a
+    free server thread, and a held one are not asked: nothing but an event, a server thread or the
+    clock changes them. Objects other than connections (the listening socket, the trigger) are
+    asked on every turn. The poll object is epoll where there is one: its cost per turn is the
+    connections with an event, not every open connection (hundreds of idle or held ones in a
+    flood)."""
 
     def __init__(self):
-        self.pollster = select.poll()
+        self.epoll = hasattr(select, "epoll")
+        self.pollster = select.epoll() if self.epoll else select.poll()
         self.registered: dict = {}  # fd -> (object, flags)
         self.ask_next: set = set()  # fds to ask on the next turn
         self.always: dict = {}  # fd -> object, asked on every turn
         self.serving: set = set()  # fds whose request a server thread is serving (added there)
         self.done: deque = deque()  # fds whose request a server thread finished (appended there)
+        self.newly_held: deque = deque()  # (until, fd, object) appended by whoever holds it
+        self.held: list = []  # heap of (until, sequence, fd, object)
+        self._held_sequence = 0
         self.ask_all = True
 
     def to_ask(self, socket_map: dict) -> list:
+        newly_held, held = self.newly_held, self.held
+        while newly_held:
+            until, fd, obj = newly_held.popleft()
+            self._held_sequence += 1
+            heapq.heappush(held, (until, self._held_sequence, fd, obj))
+        if held and held[0][0] <= time.monotonic():
+            now = time.monotonic()
+            while held and held[0][0] <= now:
+                _until, _sequence, fd, obj = heapq.heappop(held)
+                if socket_map.get(fd) is obj:
+                    self.ask_next.add(fd)
         if self.ask_all:
             self.ask_all = False
             for fd in [fd for fd, (obj, _) in self.registered.items() if socket_map.get(fd) is not obj]:
@@ -279,17 +352,26 @@ class _Interest:
                 asked.append((fd, obj))
         return asked
 
+    def next_hold_end(self) -> float:
+        return self.held[0][0] if self.held else math.inf
+
+    def hold(self, fd: int, obj, until: float):
+        self.newly_held.append((until, fd, obj))
+
     def set(self, fd: int, obj, flags: int):
         known = self.registered.get(fd)
         if known is None or known[0] is not obj or known[1] != flags:
             if flags:
-                self.pollster.register(fd, flags)  # (or modify)
+                if self.epoll:
+                    try:
+                        self.pollster.register(fd, flags)
+                    except FileExistsError:
+                        self.pollster.modify(fd, flags)
+                else:
+                    self.pollster.register(fd, flags)  # (or modify)
                 self.registered[fd] = (obj, flags)
             else:
                 self.forget(fd)
-        held = getattr(obj, "read_again_at", 0.0)
-        if held and held > time.monotonic():
-            self.ask_next.add(fd)
 
     def touched(self, fd: int):
         self.ask_next.add(fd)
@@ -300,6 +382,11 @@ class _Interest:
                 self.pollster.unregister(fd)
             except (KeyError, ValueError, OSError):
                 pass
+
+    def wait(self, timeout: float) -> list:
+        if self.epoll:
+            return self.pollster.poll(timeout)
+        return self.pollster.poll(math.ceil(timeout * 1000))
 
 
 class Server(TcpWSGIServer):
@@ -323,7 +410,7 @@ class Server(TcpWSGIServer):
 
     def poll(self, longest: float):
         """One turn of the event loop: wasyncore.poll2, except that
-        - it sleeps no longer than until a held connection may be read again, or, while the balance
+        - it sleeps no longer than until the first held connection may be read again, or, while the balance
           keeps this worker from accepting, BALANCE_RECHECK_S. With a fixed timeout, an idle worker
           that had stopped accepting slept through the other worker's connections filling up, and a
           new connection waited in the backlog that long (most visibly during a login flood, whose
@@ -331,7 +418,9 @@ class Server(TcpWSGIServer):
         - it asks a connection what it waits for (readable, writable) only when that may have
           changed, and keeps one poll object registered across turns (see _Interest). wasyncore
           asks every connection on every turn, and a turn comes with almost every request: with 64
-          keep-alive connections that was an eighth of a worker's CPU."""
+          keep-alive connections that was an eighth of a worker's CPU; during a flood whose
+          connections are held after their refusals, a fifth of the worker's time under the GIL
+          went to asking held connections and polling them."""
         self._wake_at = math.inf
         interest = self._interest
         if interest is None:
@@ -343,16 +432,16 @@ class Server(TcpWSGIServer):
             if obj.writable() and not obj.accepting:  # (accepting sockets are not writable)
                 flags |= select.POLLOUT
             interest.set(fd, obj, flags)
-        timeout = max(0.0, min(longest, self._wake_at - time.monotonic()))
-        for fd, flags in interest.pollster.poll(math.ceil(timeout * 1000)):
+        timeout = max(0.0, min(longest, self._wake_at - time.monotonic(),
+                               interest.next_hold_end() - time.monotonic()))
+        for fd, flags in interest.wait(timeout):
             obj = self._map.get(fd)
             if obj is not None:
                 interest.touched(fd)
                 readwrite(obj, flags)
 
     def changed_connections(self):
-        """A connection was opened or closed (or maintenance may have changed any of them): the
-        next turn asks every one of them again."""
+        """Maintenance may have changed any connection: the next turn asks every one of them again."""
         if self._interest is not None:
             self._interest.ask_all = True
 
@@ -379,7 +468,6 @@ class Server(TcpWSGIServer):
         for _ in range(ACCEPTS_PER_TURN):
             open_before = len(self._map)
             super().handle_accept()
-            self.changed_connections()
             if len(self._map) == open_before or not self.readable():  # none left, or no more now
                 return
 
@@ -454,7 +542,7 @@ class Server(TcpWSGIServer):
 
 
 def _allow_descriptors(connection_limit: int):
-    """poll() has no descriptor ceiling, the process limit does: raise the soft limit if needed."""
+    """epoll has no descriptor ceiling, the process limit does: raise the soft limit if needed."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = connection_limit + 256  # database connections, logs, the listening socket
     if soft != resource.RLIM_INFINITY and soft < wanted:
@@ -486,9 +574,17 @@ def create_server(app, settings, *, host: str | None = None, port: int | None = 
     )
     _allow_descriptors(adj.connection_limit)
     kms = getattr(app, "extensions", {}).get("kms")
+    early = None
     if kms is not None:
         unverified = settings.server_unverified_threads or max(1, adj.threads // 4)
-        dispatcher = PriorityDispatcher(request_classifier(kms, settings.trusted_proxy_hops), min(unverified, adj.threads))
+        if "kms.observer" in app.extensions:  # (the whole application, not a test's bare one)
+            # The rate is per source address across the server: each of its workers allows its
+            # part (a source's connections are spread over the workers by the balance).
+            rate = settings.server_unverified_rate / (len(balance[0]) if balance is not None else 1)
+            early = EarlyRefusals(app, kms, UnverifiedRate(rate) if rate else None,
+                                  hold_unknown_refused=settings.server_unverified_rate > 0)
+        dispatcher = PriorityDispatcher(request_classifier(kms, settings.trusted_proxy_hops, early),
+                                        min(unverified, adj.threads))
     else:
         dispatcher = ThreadedTaskDispatcher()
     dispatcher.set_thread_count(adj.threads)
@@ -497,6 +593,7 @@ def create_server(app, settings, *, host: str | None = None, port: int | None = 
                        if sock is not None else {}))
     server.read_timeout_s = settings.request_read_timeout_ms / 1000
     server.kms_balance = balance
+    server.kms_early = early
     server.kms_metrics = kms.metrics if kms is not None else None
     server.kms_sources = SourceCounts()
     server.kms_hold_unknown_refused = settings.server_unverified_rate > 0

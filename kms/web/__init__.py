@@ -8,6 +8,7 @@ CLAIMS = "kms.claims"  # the request's verified bearer-token claims (kms.auth.to
 ANSWERED_ENDPOINT = "kms.endpoint"  # the endpoint of a request answered before Flask (its route)
 SHED = "kms.shed"  # a request refused in a flood before Flask ("login" or "unverified"): summed up in the log
 UNVERIFIED_SOURCE = "kms.unverified_source"  # a request without a token the worker knows: its source
+SIGNUP_TOKEN_REFUSED = "kms.signup_token_refused"  # a signup refused for its token (never usable): kms.serving.early
 
 
 def caller_address(peer: str, x_forwarded_for: str | None, trusted_proxy_hops: int) -> str:
