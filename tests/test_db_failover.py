@@ -2,11 +2,14 @@
 same binaries the other tests use), the KMS pointed at both with libpq's multi-host URL. Under
 load the primary is stopped as `pg_ctl stop -m immediate` does and the standby promoted; the KMS
 must answer again on its own, and nothing it acknowledged may be missing."""
+import shutil
+import string
 import subprocess
 import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -256,3 +259,92 @@ def test_a_session_on_a_standby_is_refused_not_used_for_writes(cluster):
     conn = db.connect(both + "?target_session_attrs=read-write")
     assert conn.info.port == primary.port
     conn.close()
+
+
+@pytest.mark.skipif(not (shutil.which("haproxy") and shutil.which("openssl")), reason="needs haproxy and openssl")
+def test_look_ups_through_the_ha_proxy_ride_out_a_window_without_a_primary(cluster, tmp_path):
+    """deploy/ha/haproxy.cfg (the drill's proxy) in front of a KMS whose database has no primary for
+    4 s, as in a planned switchover: the old primary stopped as Patroni's demotion stops it, the
+    standby promoted 4 s later. Meanwhile the KMS's /readyz says 503 and haproxy takes it out of
+    rotation; no other KMS being ready, haproxy must still hand it the look-ups (which wait for the
+    new primary) rather than answer 503 itself. Every look-up is answered 200, by the KMS."""
+    primary, standby = cluster
+    port, tls_port = _free_port(), _free_port()
+    url = (f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/kms"
+           "?target_session_attrs=read-write")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "kms.key"),
+                    "-out", str(tmp_path / "kms.crt")], check=True, capture_output=True)
+    (tmp_path / "kms.pem").write_bytes((tmp_path / "kms.crt").read_bytes() + (tmp_path / "kms.key").read_bytes())
+    template = (Path(__file__).resolve().parent.parent / "deploy" / "ha" / "haproxy.cfg").read_text()
+    # One KMS stands for both; the PostgreSQL endpoint (Patroni's checks) is unused here.
+    (tmp_path / "haproxy.cfg").write_text(string.Template(template).substitute(
+        work_dir=tmp_path, tls_port=tls_port, kms1_port=port, kms2_port=port, pg_write_port=_free_port(),
+        pg1_port=primary.port, pg2_port=standby.port, rest1_port=_free_port(), rest2_port=_free_port()))
+    env = bare_env()
+    env.update({name: generate_secret() for name in SECRET_VARIABLES})
+    env.update(DATABASE_URL=url, SERVER_PORT=str(port), SERVER_THREADS="8", TRUSTED_PROXY_HOPS="1",
+               MASTER_ADMIN_USERNAME=ADMIN[0], MASTER_ADMIN_PASSWORD=ADMIN[1])
+    base, ca = f"https://127.0.0.1:{tls_port}", str(tmp_path / "kms.crt")
+    log = open(tmp_path / "kms.log", "w")
+    server = subprocess.Popen([KMS, "serve"], env=env, stdout=log, stderr=log)
+    proxy = subprocess.Popen(["haproxy", "-db", "-f", str(tmp_path / "haproxy.cfg")], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(base + "/readyz", verify=ca, timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert server.poll() is None and proxy.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        admin = requests.post(base + "/auth/login", json={"clientname": ADMIN[0], "password": ADMIN[1]},
+                              verify=ca).json()["token"]
+        issued = requests.post(base + "/auth/signup/generate", json={"clientname": "owner-svc"}, verify=ca,
+                               headers={"Authorization": f"Bearer {admin}"}).json()["token"]
+        owner = requests.post(base + "/auth/signup", json={"token": issued, "password": PASSWORD},
+                              verify=ca).json()["token"]
+        headers = {"Authorization": f"Bearer {owner}"}
+        assert requests.post(base + "/keys/actions/generate", json={"keyReference": "k"}, headers=headers,
+                             verify=ca).status_code == 200
+
+        stop, answers = threading.Event(), []
+
+        def look_up():
+            with requests.Session() as session:
+                while not stop.is_set():
+                    started = time.monotonic()
+                    try:
+                        answer = session.get(base + "/keys/k", headers=headers, verify=ca, timeout=30)
+                        status, by_kms = answer.status_code, "X-Request-ID" in answer.headers
+                    except requests.RequestException:
+                        status, by_kms = 0, False
+                    answers.append((started, status, by_kms))
+                    time.sleep(0.02)
+
+        threads = [threading.Thread(target=look_up) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1)
+        stopped_at = time.monotonic()
+        primary.stop()  # a fast shutdown, as Patroni demotes the old primary
+        time.sleep(4)
+        readiness = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code
+        standby.promote()
+        time.sleep(2)
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=30)
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    assert readiness == 503  # the KMS was out of rotation meanwhile, as far as /readyz goes
+    during = [answer for answer in answers if stopped_at < answer[0] < stopped_at + 4]
+    assert len(during) >= 3  # the window saw look-ups (each waits for the new primary)
+    statuses = Counter((status, by_kms) for _, status, by_kms in answers)
+    assert statuses == {(200, True): len(answers)}, statuses

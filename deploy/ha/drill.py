@@ -34,6 +34,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -115,7 +116,7 @@ class Stack:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
 
-    def stop_all(self):
+    def stop_all(self, keep_logs: bool = False):
         for name in reversed(list(self.processes)):
             self.kill(name, signal.SIGTERM if name.startswith("kms") else signal.SIGKILL)
         for node in ("node1", "node2"):  # PostgreSQL outlives a killed Patroni: stop it by its pid file
@@ -128,6 +129,14 @@ class Stack:
         time.sleep(1)
         for log in self.logs:
             log.close()
+        if keep_logs:  # what a failed run needs explained outlives the run
+            kept = Path(tempfile.mkdtemp(prefix="kms-ha-drill-logs-", dir="/tmp"))
+            for log in self.work.glob("*.log"):
+                shutil.copy(log, kept)
+            for node in ("node1", "node2"):
+                for log in (self.work / node / "log").glob("*") if (self.work / node / "log").is_dir() else []:
+                    shutil.copy(log, kept / f"{node}-{log.name}")
+            say(f"logs kept in {kept}")
         shutil.rmtree(self.work, ignore_errors=True)
 
     def render(self, template: str, target: str, **values):
@@ -141,7 +150,12 @@ def http_json(url: str, timeout: float = 2.0):
         return json.loads(response.read() or b"null")
 
 
+class DrillFailed(Exception):
+    """A step did not go as it must; the message says what did not happen."""
+
+
 def wait_until(check, timeout: float, what: str):
+    """Wait for `what` (worded as what is awaited: "Patroni to promote the standby")."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -150,7 +164,7 @@ def wait_until(check, timeout: float, what: str):
         except Exception:  # noqa: BLE001 - not up yet, whatever the way it says so
             pass
         time.sleep(0.25)
-    raise SystemExit(f"DRILL FAILED: waited {timeout:.0f} s for this, and it did not happen: {what}")
+    raise DrillFailed(f"gave up after {timeout:.0f} s waiting for {what}")
 
 
 def cluster(stack) -> list[dict]:
@@ -173,26 +187,49 @@ def healthy(stack) -> bool:
 
 
 def standby_caught_up(stack) -> bool:
-    """The leader's PostgreSQL has a synchronous standby streaming, less than 1 MB behind: only then
-    can Patroni promote it when the leader is lost (after a restart of the leader's PostgreSQL the
-    standby must first reconnect; Patroni's member list says "sync_standby" meanwhile)."""
+    """Patroni names a synchronous standby (its /sync key: only that member may be promoted when the
+    leader is lost) and the leader's PostgreSQL has that standby streaming as synchronous, less
+    than 1 MB behind. Both, at once: after a restart of the leader's PostgreSQL, Patroni first
+    clears its /sync key and names the standby again seconds after PostgreSQL already reports it
+    synchronous; a leader lost in between is never replaced ("not the healthiest node")."""
     import psycopg2
-    current = leader(stack)
-    if current is None:
+    members = cluster(stack)
+    current = next((m["name"] for m in members if m["role"] == "leader" and m["state"] == "running"), None)
+    named = {m["name"] for m in members if m["role"] == "sync_standby"}
+    if current is None or not named:
         return False
     conn = psycopg2.connect(host="127.0.0.1", port=stack.ports[f"pg{current[-1]}"], user="postgres",
                             dbname="postgres", connect_timeout=2)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND sync_state = 'sync' "
-                        "AND pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn) < 1048576")
-            return cur.fetchone()[0] > 0
+            cur.execute("SELECT application_name FROM pg_stat_replication WHERE state = 'streaming' "
+                        "AND sync_state = 'sync' AND pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn) < 1048576")
+            streaming = {row[0] for row in cur.fetchall()}
     finally:
         conn.close()
+    return bool(named & streaming) and leader(stack) == current
 
 
-def failure_causes(stack) -> dict:
-    """The KMS processes' logged failure causes, counted: what a failed step needs explained."""
+def steadily(check, seconds: float):
+    """`check`, made to hold for `seconds` on end (Patroni acts once per loop_wait, 2 s)."""
+    since = [None]
+
+    def held() -> bool:
+        try:
+            holds = check()
+        except Exception:  # noqa: BLE001 - does not hold, whatever the way it says so
+            holds = False
+        if not holds:
+            since[0] = None
+            return False
+        since[0] = since[0] or time.monotonic()
+        return time.monotonic() - since[0] >= seconds
+    return held
+
+
+def failure_causes(stack, since: str = "") -> dict:
+    """The KMS processes' logged failure causes from `since` (an ISO time, UTC) on, counted: what a
+    failed step needs explained."""
     causes = Counter()
     for name in ("kms1", "kms2"):
         for line in (stack.work / f"{name}.log").read_text(errors="replace").splitlines():
@@ -200,7 +237,8 @@ def failure_causes(stack) -> dict:
                 entry = json.loads(line)
             except ValueError:
                 continue
-            if entry.get("level") in ("warning", "error") and entry.get("logger") != "kms.access":
+            if (entry.get("level") in ("warning", "error") and entry.get("logger") != "kms.access"
+                    and entry.get("ts", "") >= since):
                 causes[f"{entry.get('msg')}: {entry.get('cause') or entry.get('error_code')}"] += 1
     return dict(causes.most_common(8))
 
@@ -214,8 +252,13 @@ class Load:
         self.base, self.ca, self.admin, self.owner = base, ca, admin, owner
         self.stop = threading.Event()
         self.lock = threading.Lock()
-        self.answers = []  # (phase, started, operation, status, request id)
+        self.answers = []  # (phase, started, ended, operation, status, request id: None from haproxy itself)
         self.phase = "steady"
+        self.began = {}  # phase -> when it began, as the KMS logs write time
+
+    def begin(self, phase: str):
+        self.began[phase] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        self.phase = phase
 
     def _call(self, operation, method, path, token=None, json_body=None):
         started = time.monotonic()
@@ -268,7 +311,10 @@ class Load:
             thread.join(120)
 
 
-def report(load: Load, phase: str, event_at: float):
+def report(stack: Stack, load: Load, phase: str, event_at: float) -> list[str]:
+    """Print what the step did to the load; return what went wrong in it (nothing: it passed).
+    Every step: each request answered, 2xx or 503 (never a 500, never a dropped connection).
+    The planned switchover: every look-up answered 200, too."""
     rows = [a for a in load.answers if a[0] == phase]
     # The longest stretch without a successful write, from the last one before the event on.
     writes = sorted(end for _, _, end, op, status, _ in load.answers
@@ -281,9 +327,20 @@ def report(load: Load, phase: str, event_at: float):
     lookup_errors = Counter(status for _, _, _, op, status, _ in rows if op == "lookup" and status != 200)
     write_errors = Counter(status for _, _, _, op, status, _ in rows
                            if op != "lookup" and not (status and status < 300))
-    say(f"{phase}: {gap:.1f} s without a successful write; answers by status {dict(sorted(by_status.items()))}; "
+    from_proxy = sum(1 for *_, status, request_id in rows if status == 503 and request_id is None)
+    say(f"{phase}: {gap:.1f} s without a successful write; answers by status {dict(sorted(by_status.items()))}"
+        f"{f' ({from_proxy} of the 503s from haproxy itself)' if from_proxy else ''}; "
         f"look-ups not 200: {dict(lookup_errors) or 'none'}; other requests not 2xx: {dict(write_errors) or 'none'}")
-    return gap, lookup_errors, write_errors
+    problems = []
+    odd = {status or "no answer": count for status, count in by_status.items() if not (200 <= status < 300 or status == 503)}
+    if odd:
+        problems.append(f"{phase}: answers other than 2xx and 503: {odd}")
+    if phase == "switchover" and lookup_errors:
+        by_kms = sum(1 for _, _, _, op, status, rid in rows if op == "lookup" and status != 200 and rid is not None)
+        problems.append(f"{phase}: {sum(lookup_errors.values())} look-ups not answered 200 ({by_kms} answered so by "
+                        f"the KMS, {sum(lookup_errors.values()) - by_kms} by haproxy or unanswered); "
+                        f"the KMS logged {failure_causes(stack, load.began[phase]) or 'no failure'}")
+    return problems
 
 
 def main() -> int:
@@ -296,6 +353,8 @@ def main() -> int:
     stack = Stack()
     ports = stack.ports
     load = None
+    passed = False
+    step = "setting up the stack"
     say(f"working in {stack.work}; ports {ports}")
     try:
         stack.start("etcd", ["etcd", "--name", "drill", "--data-dir", str(stack.work / "etcd"),
@@ -370,45 +429,52 @@ def main() -> int:
         load = Load(base, ca, admin, owner)
         load.start()
         time.sleep(SECONDS)
+        problems = []
 
         # 0. The leader's PostgreSQL crashes (SIGKILL), its Patroni lives: Patroni restarts it in
         #    place (crash recovery), keeping the leader lock: no failover.
-        load.phase = "postgres crash"
+        step = "step 0 (postgres crash: the leader's PostgreSQL killed, restarted in place by Patroni)"
+        load.begin("postgres crash")
         crashed = leader(stack)
         pid = int((stack.work / crashed / "postmaster.pid").read_text().split()[0])
         crashed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         say(f"postgres crash: killed {crashed}'s PostgreSQL (SIGKILL); its Patroni restarts it")
-        wait_until(lambda: healthy(stack) and leader(stack) == crashed, 120, "the leader's PostgreSQL back")
+        wait_until(lambda: healthy(stack) and leader(stack) == crashed, 120,
+                   f"{crashed}'s PostgreSQL to be back as the leader, with a synchronous standby")
         time.sleep(SECONDS)
-        report(load, "postgres crash", crashed_at)
+        problems += report(stack, load, "postgres crash", crashed_at)
 
         # 1. Failover: the leader node is lost.
-        wait_until(lambda: standby_caught_up(stack), 120, "the synchronous standby streaming again, caught up")
+        step = "step 1 (failover: the leader node killed, Patroni promotes the standby)"
+        wait_until(steadily(lambda: standby_caught_up(stack), 3), 120,
+                   "Patroni to name the standby synchronous again while it streams, caught up")
         lost = leader(stack)
-        load.phase = "failover"
+        load.begin("failover")
         pid = int((stack.work / lost / "postmaster.pid").read_text().split()[0])
         failed_at = time.monotonic()
         stack.kill(f"patroni-{lost}")
         os.kill(pid, signal.SIGKILL)
         say(f"failover: killed {lost} (Patroni and PostgreSQL, SIGKILL)")
-        wait_until(lambda: leader(stack) not in (None, lost), 60, "Patroni promoted the standby")
+        wait_until(lambda: leader(stack) not in (None, lost), 60, "Patroni to promote the standby")
         say(f"failover: Patroni promoted {leader(stack)} {time.monotonic() - failed_at:.1f} s after the kill")
         time.sleep(SECONDS)
-        gap1, _, _ = report(load, "failover", failed_at)
+        problems += report(stack, load, "failover", failed_at)
 
         # The lost node comes back, as a standby (pg_rewind).
-        load.phase = "rejoin"
+        step = "the rejoin (the lost node back as the synchronous standby)"
+        load.begin("rejoin")
         for leftover in ("postmaster.pid",):
             (stack.work / lost / leftover).unlink(missing_ok=True)
         stack.start(f"patroni-{lost}", ["patroni", str(stack.work / f"{lost}.yml")], as_postgres=True)
-        wait_until(lambda: healthy(stack), 180, f"{lost} back as the synchronous standby")
+        wait_until(lambda: healthy(stack), 180, f"{lost} to be back as the synchronous standby")
         say(f"rejoin: {[(m['name'], m['role'], m['state']) for m in cluster(stack)]}")
-        time.sleep(2)
 
         # 2. Switchover, planned.
-        wait_until(lambda: standby_caught_up(stack), 120, "the synchronous standby streaming, caught up")
-        load.phase = "switchover"
+        step = "step 2 (switchover: planned, by patronictl)"
+        wait_until(steadily(lambda: standby_caught_up(stack), 3), 120,
+                   "Patroni to name the standby synchronous while it streams, caught up")
+        load.begin("switchover")
         current = leader(stack)
         candidate = next(m["name"] for m in cluster(stack) if m["name"] != current)
         time.sleep(SECONDS / 2)
@@ -417,12 +483,20 @@ def main() -> int:
                                  "--leader", current, "--candidate", candidate, "--force"],
                                 capture_output=True, text=True, timeout=120)
         say(f"switchover: patronictl exit {result.returncode}; {current} -> {candidate}")
-        wait_until(lambda: leader(stack) == candidate, 60, "the switchover finished")
+        if result.returncode != 0:
+            raise DrillFailed(f"patronictl switchover exited {result.returncode}: "
+                              f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+        wait_until(lambda: leader(stack) == candidate, 60, f"{candidate} to lead (the switchover to finish)")
         time.sleep(SECONDS)
         load.finish()
-        gap2, lookup_errors, write_errors = report(load, "switchover", switched_at)
+        problems += report(stack, load, "switchover", switched_at)
+        odd = Counter(status for phase, *_, status, _ in load.answers if phase in ("steady", "rejoin")
+                      and not (200 <= status < 300 or status == 503))
+        if odd:
+            problems.append(f"before the events or during the rejoin: answers other than 2xx and 503: {dict(odd)}")
 
         # What was acknowledged is on the final leader.
+        step = "the final checks (acknowledged writes on the final leader, the audit chain)"
         acknowledged = {}
         for _, _, _, op, status, request_id in load.answers:
             if status and status < 300 and request_id:
@@ -439,25 +513,40 @@ def main() -> int:
         say(f"acknowledged: { {op: len(ids) for op, ids in sorted(acknowledged.items())} }")
         say(f"acknowledged writes lost: {sum(lost_writes.values())} {lost_writes}")
         say(f"look-up audit records lost: {lost_lookups} of {len(lookups)}")
+        if sum(lost_writes.values()):
+            problems.append(f"acknowledged writes lost: {lost_writes}")
         verified = subprocess.run([KMS, "audit", "verify"], env={**env, "SERVER_PORT": str(ports["kms1"])},
                                   capture_output=True, text=True, timeout=300)
         say(f"kms audit verify: exit {verified.returncode}: {(verified.stdout or verified.stderr).strip()}")
-        ok = (sum(lost_writes.values()) == 0 and verified.returncode == 0 and not lookup_errors
-              and set(write_errors) <= {503})
-        if not ok:
-            say(f"why the KMS answered 503 (causes from its logs): {failure_causes(stack)}")
-        say("DRILL PASSED" if ok else "DRILL FAILED")
-        return 0 if ok else 1
+        if verified.returncode != 0:
+            problems.append(f"kms audit verify exited {verified.returncode}")
+        for problem in problems:
+            say(f"FAILED: {problem}")
+        passed = not problems
+        say("DRILL PASSED" if passed else f"DRILL FAILED: {len(problems)} check(s) above")
+        return 0 if passed else 1
+    except DrillFailed as failure:
+        tails(stack)
+        say(f"DRILL FAILED in {step}: {failure}")
+        return 1
+    except KeyboardInterrupt:
+        say(f"drill interrupted in {step}")
+        return 130
     except BaseException:
-        for log in sorted(stack.work.glob("*.log")):
-            tail = log.read_text(errors="replace").splitlines()[-5:]
-            print(f"--- {log.name}\n" + "\n".join(tail), file=sys.stderr)
+        tails(stack)
+        say(f"DRILL FAILED in {step}: the drill itself broke (traceback below)")
         raise
     finally:
         if load is not None:  # before the files it uses go
             load.finish()
-        stack.stop_all()
+        stack.stop_all(keep_logs=not passed)
         say("stopped everything the drill started and removed its files")
+
+
+def tails(stack: Stack):
+    for log in sorted(stack.work.glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-5:]
+        print(f"--- {log.name}\n" + "\n".join(tail), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
