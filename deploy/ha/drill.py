@@ -346,6 +346,10 @@ def report(stack: Stack, load: Load, phase: str, event_at: float) -> list[str]:
 def main() -> int:
     if os.geteuid() != 0:
         sys.exit("run the drill as root: Patroni runs PostgreSQL as the user postgres")
+    # Stopped by Ctrl-C or a signal, even started in the background (where SIGINT is ignored), it
+    # stops what it started and removes its files.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     import psycopg2
     import requests
     from kms.config import SECRET_VARIABLES, generate_secret
@@ -407,7 +411,9 @@ def main() -> int:
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
         env.update({name: generate_secret() for name in SECRET_VARIABLES})
         env.update(DATABASE_URL=write_url + "/kms", SERVER_THREADS="8", TRUSTED_PROXY_HOPS="1",
-                   AUDIT_SEAL_INTERVAL="500", MASTER_ADMIN_USERNAME=ADMIN[0], MASTER_ADMIN_PASSWORD=ADMIN[1])
+                   AUDIT_SEAL_INTERVAL="500", MASTER_ADMIN_USERNAME=ADMIN[0], MASTER_ADMIN_PASSWORD=ADMIN[1],
+                   # every signup of the load comes from one address, faster than the default 5 a second
+                   SERVER_UNVERIFIED_RATE="100")
         for number in (1, 2):
             stack.start(f"kms{number}", [KMS, "serve"], env={**env, "SERVER_PORT": str(ports[f"kms{number}"])})
             wait_until(lambda: http_json(f"http://127.0.0.1:{ports[f'kms{number}']}/readyz")["status"] == "ready",
