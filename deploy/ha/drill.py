@@ -1,8 +1,9 @@
 """A failover drill on a real HA stack, on this machine, on 127.0.0.1 only:
 
     etcd  ->  two PostgreSQL nodes under Patroni (synchronous mode)
-    haproxy: TLS for two KMS processes (health: /readyz); one PostgreSQL endpoint that leads to
-             Patroni's leader (health: Patroni's REST /primary)
+    haproxy: TLS for two KMS processes (health: /readyz; while none is ready, every one that
+             accepts connections); one PostgreSQL endpoint that leads to Patroni's leader
+             (health: Patroni's REST /primary)
     two `kms serve` processes, their DATABASE_URL pointing at haproxy's PostgreSQL endpoint
 
 Under a bounded mixed load (look-ups, generates, rotations, signups, logins, logouts) it
@@ -12,7 +13,8 @@ Under a bounded mixed load (look-ups, generates, rotations, signups, logins, log
    Patroni to promote the standby, brings the old node back as a standby, and
 2. runs `patronictl switchover` (a planned one), where look-ups must see no error at all;
 then prints seconds without a successful write, answers by status, acknowledged writes lost (must
-be 0), look-up audit records lost, and `kms audit verify`'s result. It installs what it needs with
+be 0), look-up audit records lost, and `kms audit verify`'s result. A failed run says which step
+failed and why, and keeps its logs (the directory is printed). It installs what it needs with
 apt-get when missing (Debian packages patroni, etcd-server, haproxy) and removes everything it
 started. Run it as root (Patroni runs PostgreSQL as the user postgres):
 
