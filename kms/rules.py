@@ -12,6 +12,8 @@ KEY_REFERENCE_PROBLEM = "Must be %d-%d characters of A-Z a-z 0-9 -." % KEY_REFER
 KEY_ADDRESS_PATTERN = "^(?:[A-Za-z0-9-]{%d,%d}:)?" % CLIENTNAME_LENGTH + KEY_REFERENCE_PATTERN[1:]
 KEY_ADDRESS_PROBLEM = (KEY_REFERENCE_PROBLEM.removesuffix(".") + ", or OWNER:REFERENCE with an owner's clientname of "
                        "%d-%d of those characters." % CLIENTNAME_LENGTH)  # no braces: marshmallow formats it
+# What a grant can name (kms.grants): `fetch` is the DEK routes; the rest, the server-side operations.
+GRANT_OPERATIONS = ("decrypt", "encrypt", "fetch", "generate-data-key", "reencrypt")
 MAX_VERSION = 2**31 - 1  # key versions are PostgreSQL integers
 
 MINUTE_MS = 60 * 1000

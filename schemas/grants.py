@@ -3,7 +3,7 @@ from datetime import datetime, timezone
 from marshmallow import ValidationError, fields, validate, validates
 
 from kms.config import DEFAULT
-from kms.keys.address import OPERATIONS
+from kms.rules import GRANT_OPERATIONS as OPERATIONS
 from schemas.audit import AuditEvent, AuditQuery
 from schemas.common import CLIENTNAME, Schema, StrictSchema, Timestamp
 from schemas.keys import KeyReferencePath

@@ -20,10 +20,9 @@ from kms.context import Context
 from kms.errors import NotFound, Unauthorized
 from kms.expiring import ExpiringMap
 from kms.rows import CLIENTS, GRANTS
+from kms.rules import GRANT_OPERATIONS as OPERATIONS
 
 NO_SUCH_KEY = "No key with that reference."
-# Operations a grant can name (API.md, "Grants"): `fetch` is the DEK routes.
-OPERATIONS = ("decrypt", "encrypt", "fetch", "generate-data-key", "reencrypt")
 REMEMBERED_FOR_S = 60.0
 
 
