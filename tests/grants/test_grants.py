@@ -290,3 +290,18 @@ def test_the_command_line_lists_and_revokes_grants(pair, runner):
     again = runner.invoke(args=["kms", "grants", "revoke", grant["id"]])
     assert again.exit_code != 0 and "Traceback" not in again.output and "No such grant" in again.output
     assert runner.invoke(args=["kms", "clients", "grants", "nobody-here"]).exit_code != 0
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"grantee": "reporting", "operations": ["decrypt"], "contextSubset": ' + b'[' * 1000 + b']' * 1000 + b'}',
+    b'{"grantee": "reporting", "operations": ["decrypt"], "expiresAt": ' + b'9' * 5000 + b'}',
+    b'{"grantee": "\\ud800", "operations": ["decrypt"]}',
+    b'{"grantee": "reporting", "operations": ["\\ud800"], "contextSubset": {"\\ud800": "x"}}',
+    b'{"grantee": ["reporting"], "operations": "decrypt", "contextSubset": "x"}',
+    b'{"grantee": "reporting", "operations": ["decrypt"], "pad": "' + b'x' * (2 * 1024 * 1024) + b'"}',
+])
+def test_hostile_grant_bodies_are_a_4xx_envelope(pair, client, raw):
+    response = client.post("/keys/invoices/grants", data=raw,
+                           headers={**bearer(pair.owner), "Content-Type": "application/json"})
+    assert 400 <= response.status_code < 500, response.text
+    envelope(response, response.status_code)
